@@ -1,0 +1,131 @@
+"""The attention function types and their registry.
+
+Every type is an ``nn.Module`` built as ``cls(d_model, n_heads, dropout, **kwargs)`` whose
+``forward(queries (B, N, d_model), keys (B, M, d_model), values (B, M, d_model))`` returns
+``(B, N, d_model)``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch.nn as nn
+
+from canvas_engineering.attention.backbone import CogVideoXAttention
+from canvas_engineering.attention.compression import CopyAttention, PerceiverAttention, PoolingAttention
+from canvas_engineering.attention.dot_product import (
+    CosineAttention,
+    CrossAttention,
+    LinearAttention,
+    SigmoidAttention,
+)
+from canvas_engineering.attention.gating import GatedAttention
+from canvas_engineering.attention.meta import MixtureAttention, NoneAttention, RandomFixedAttention
+from canvas_engineering.attention.recurrence import HyenaAttention, MambaAttention, RWKVAttention
+from canvas_engineering.attention.sparse import LocalAttention, SparseAttention
+
+BUILTIN_ATTENTION: Dict[str, Type[nn.Module]] = {
+    "cross_attention": CrossAttention,
+    "self_attention": CrossAttention,
+    "linear_attention": LinearAttention,
+    "cosine_attention": CosineAttention,
+    "sigmoid_attention": SigmoidAttention,
+    "gated": GatedAttention,
+    "perceiver": PerceiverAttention,
+    "pooling": PoolingAttention,
+    "copy": CopyAttention,
+    "sparse_attention": SparseAttention,
+    "local_attention": LocalAttention,
+    "random_fixed": RandomFixedAttention,
+    "mixture": MixtureAttention,
+    "mamba": MambaAttention,
+    "rwkv": RWKVAttention,
+    "hyena": HyenaAttention,
+    "cogvideox": CogVideoXAttention,
+    "none": NoneAttention,
+}
+"""The 18 built-in names (17 types and the alias ``self_attention``)."""
+
+ATTENTION_REGISTRY: Dict[str, Type[nn.Module]] = dict(BUILTIN_ATTENTION)
+"""Every registered name, built-in or added with :func:`register_attention`."""
+
+
+def unknown_attention_message(name: object) -> str:
+    """The error text for a name that is not registered, listing the known names."""
+    return f"unknown attention type {name!r}; registered types: {sorted(ATTENTION_REGISTRY)}"
+
+
+def create_attention(fn_name: str, d_model: int, n_heads: int = 4, dropout: float = 0.0, **kwargs) -> nn.Module:
+    """Build the registered attention module ``fn_name``.
+
+    Args:
+        fn_name: a name in :data:`ATTENTION_REGISTRY`.
+        d_model: model width.
+        n_heads: number of heads.
+        dropout: dropout on attention weights.
+        **kwargs: type-specific options (``top_k``, ``window_size``, ``n_latents``, ...).
+
+    Raises:
+        ValueError: for an unknown name (listing the known ones) or a bad option value.
+    """
+    if fn_name not in ATTENTION_REGISTRY:
+        raise ValueError(unknown_attention_message(fn_name))
+    return ATTENTION_REGISTRY[fn_name](d_model, n_heads, dropout, **kwargs)
+
+
+def register_attention(name: str, cls: Type[nn.Module], *, replace: bool = False) -> None:
+    """Register a custom attention type under ``name``.
+
+    Args:
+        name: a non-empty string without ``.``.
+        cls: an ``nn.Module`` subclass built as ``cls(d_model, n_heads, dropout)`` with
+            ``forward(queries, keys, values)``.
+        replace: allow replacing a name that is already registered with another class
+            (built-in names included). Registering the same class again is a no-op.
+
+    Raises:
+        ValueError: for an empty name or one with ``.``, or a taken name without ``replace=True``.
+        TypeError: when ``name`` is not a string or ``cls`` not an ``nn.Module`` subclass.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"register_attention: name must be a string, got {type(name).__name__}")
+    if not name or "." in name:
+        raise ValueError(
+            f"register_attention: name must be a non-empty string without '.', got {name!r} "
+            f"(it becomes a submodule key of the dispatcher)"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_attention: cls must be an nn.Module subclass, got {cls!r}")
+    registered = ATTENTION_REGISTRY.get(name)
+    if registered is not None and registered is not cls and not replace:
+        kind = "built-in" if name in BUILTIN_ATTENTION else "registered"
+        raise ValueError(
+            f"register_attention: {name!r} is already a {kind} type ({registered.__name__}); "
+            f"pass replace=True to replace it"
+        )
+    ATTENTION_REGISTRY[name] = cls
+
+
+__all__ = [
+    "ATTENTION_REGISTRY",
+    "BUILTIN_ATTENTION",
+    "create_attention",
+    "register_attention",
+    "CrossAttention",
+    "LinearAttention",
+    "CosineAttention",
+    "SigmoidAttention",
+    "GatedAttention",
+    "PerceiverAttention",
+    "PoolingAttention",
+    "CopyAttention",
+    "SparseAttention",
+    "LocalAttention",
+    "RandomFixedAttention",
+    "MixtureAttention",
+    "MambaAttention",
+    "RWKVAttention",
+    "HyenaAttention",
+    "CogVideoXAttention",
+    "NoneAttention",
+]

@@ -1,0 +1,28 @@
+"""The gating family: Flamingo-style gated cross-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from canvas_engineering.attention.dot_product import CrossAttention
+
+
+class GatedAttention(nn.Module):
+    """Cross-attention scaled by ``sigmoid(gate)``, a learned scalar initialised to 0
+    (so a new gated edge starts at half strength and learns how much context to take).
+
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: number of heads.
+        dropout: dropout on attention weights.
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.cross_attn = CrossAttention(d_model, n_heads, dropout)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
+        return torch.sigmoid(self.gate) * self.cross_attn(queries, keys, values)

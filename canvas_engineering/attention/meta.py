@@ -1,0 +1,165 @@
+"""Meta and experimental types: disabled edges, fixed random patterns, expert routing."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from canvas_engineering.attention.dot_product import CrossAttention, ProjectedAttention
+from canvas_engineering.attention.validation import check_positive
+
+
+class NoneAttention(nn.Module):
+    """A declared but disabled edge: returns zeros shaped like the queries. O(0).
+
+    ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries ``(B, N, d_model)`` -> zeros ``(B, N, d_model)``."""
+        return torch.zeros_like(queries)
+
+
+def sample_key_subsets(n_rows: int, n_keys: int, n_chosen: int, generator: torch.Generator) -> torch.Tensor:
+    """For each row, ``n_chosen`` distinct keys out of ``n_keys``, uniformly (Floyd's method).
+
+    Runs in O(n_rows * n_chosen**2) time and O(n_rows * n_chosen) memory.
+
+    Returns:
+        ``(n_rows, n_chosen)`` int64, each row ascending.
+    """
+    chosen = torch.empty(n_rows, n_chosen, dtype=torch.long)
+    for step, candidate_bound in enumerate(range(n_keys - n_chosen, n_keys)):
+        draw = torch.randint(0, candidate_bound + 1, (n_rows,), generator=generator)
+        taken = (chosen[:, :step] == draw.unsqueeze(1)).any(dim=1)
+        chosen[:, step] = torch.where(taken, torch.full_like(draw, candidate_bound), draw)
+    return chosen.sort(dim=1).values
+
+
+def _mix_seed(seed: int, n_queries: int, n_keys: int) -> int:
+    """A generator seed that depends on the module's seed and the (N, M) shape."""
+    mask = (1 << 63) - 1
+    return (seed * 0x9E3779B97F4A7C15 + n_queries * 0xBF58476D1CE4E5B9 + n_keys * 0x94D049BB133111EB) & mask
+
+
+class RandomFixedAttention(ProjectedAttention):
+    """Each query attends (softmax) to ``n_random`` keys chosen at random, fixed for good.
+
+    The pattern for an (N, M) pair is a pure function of ``pattern_seed`` (a buffer, saved
+    in the state_dict) and of N and M: it is the same on every call, on every device and
+    after a reload, and is held as an ``(N, K)`` index table, never an N x M mask. When
+    no seed is given, one is drawn from torch's global generator without advancing it.
+    A state_dict without ``pattern_seed`` (as canvas-engineering 0.5.0 saves) loads and
+    keeps the module's own seed. O(N*K).
+
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: number of heads.
+        dropout: dropout on attention weights.
+        n_random: keys per query K (>= 1); min(K, M) are used.
+        seed: the pattern seed, or None to draw one.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        dropout: float = 0.0,
+        n_random: int = 8,
+        seed: Optional[int] = None,
+    ):
+        super().__init__(d_model, n_heads, dropout)
+        check_positive("RandomFixedAttention", n_random=n_random)
+        self.n_random = n_random
+        if seed is None:
+            with torch.random.fork_rng(devices=[]):
+                seed = int(torch.randint(0, 2**62, ()).item())
+        self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
+        self._patterns: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def pattern(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        """The keys each query reads: ``(N, min(n_random, M))`` int64, rows ascending."""
+        cache_key = (n_queries, n_keys, torch.device(device))
+        if cache_key not in self._patterns:
+            generator = torch.Generator().manual_seed(_mix_seed(int(self.pattern_seed), n_queries, n_keys))
+            subsets = sample_key_subsets(n_queries, n_keys, min(self.n_random, n_keys), generator)
+            self._patterns[cache_key] = subsets.to(device)
+        return self._patterns[cache_key]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "pattern_seed" in missing_keys:
+            missing_keys.remove(prefix + "pattern_seed")
+        self._patterns.clear()
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
+        q, k, v = self.project_heads(queries, keys, values)
+        chosen = self.pattern(q.shape[-2], k.shape[-2], q.device)
+        k_chosen, v_chosen = k[:, :, chosen], v[:, :, chosen]
+        logits = torch.einsum("bhnd,bhnkd->bhnk", q, k_chosen) * self.scale
+        weights = self.dropout(F.softmax(logits, dim=-1))
+        return self.merge_heads(torch.einsum("bhnk,bhnkd->bhnd", weights, v_chosen))
+
+
+class MixtureAttention(nn.Module):
+    """Mixture of experts over key slices.
+
+    dst is cut into ``n_experts`` consecutive slices of ``max(1, M // n_experts)`` keys
+    (the last takes the rest; slices past the end are empty and give zeros). Each expert is
+    a cross-attention over its slice; a learned router picks each query's
+    ``top_k_experts`` experts and mixes their outputs with the softmax of their scores.
+
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: number of heads.
+        dropout: dropout on attention weights.
+        n_experts: number of experts (>= 1).
+        top_k_experts: experts per query (>= 1; at most ``n_experts`` are used).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        dropout: float = 0.0,
+        n_experts: int = 4,
+        top_k_experts: int = 2,
+    ):
+        super().__init__()
+        check_positive("MixtureAttention", n_experts=n_experts, top_k_experts=top_k_experts)
+        self.n_experts = n_experts
+        self.top_k_experts = min(top_k_experts, n_experts)
+        self.experts = nn.ModuleList([CrossAttention(d_model, n_heads, dropout) for _ in range(n_experts)])
+        self.router = nn.Linear(d_model, n_experts)
+
+    def expert_slices(self, n_keys: int) -> List[Tuple[int, int]]:
+        """``[(start, end), ...]``: the key range of each expert."""
+        width = max(1, n_keys // self.n_experts)
+        starts = [e * width for e in range(self.n_experts)]
+        ends = [min(s + width, n_keys) for s in starts[:-1]] + [n_keys]
+        return list(zip(starts, ends))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
+        scores, chosen = self.router(queries).topk(self.top_k_experts, dim=-1)
+        routing = scores.new_zeros(scores.shape[:-1] + (self.n_experts,))
+        routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
+        expert_outputs = torch.stack(
+            [
+                expert(queries, keys[:, start:end], values[:, start:end])
+                for expert, (start, end) in zip(self.experts, self.expert_slices(keys.shape[1]))
+            ],
+            dim=2,
+        )
+        return torch.einsum("bne,bned->bnd", routing, expert_outputs)

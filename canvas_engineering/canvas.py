@@ -1,0 +1,306 @@
+"""Canvas geometry: regions of a (T, *spatial_shape) token grid.
+
+Pure declarations: nothing here holds tensors or module state. A canvas is a grid of
+``T * prod(spatial_shape)`` positions, flattened row-major over ``(t, s0, s1, ...)``.
+Each named region is a box in that grid, given as flat bounds
+``(t0, t1, s0_lo, s0_hi, s1_lo, s1_hi, ...)`` with half-open ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import product
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import torch
+
+
+ATTENTION_TYPES: Dict[str, str] = {
+    "cross_attention": "Standard scaled dot-product QKV attention with softmax. The default. O(N*M).",
+    "linear_attention": "No softmax: kernel trick with elu+1 (or ReLU) features. O(N+M).",
+    "cosine_attention": "Cosine similarity of normalised queries and keys, scaled by a learned "
+    "temperature, then softmax. O(N*M).",
+    "sigmoid_attention": "Sigmoid instead of softmax: each query gates each key independently. O(N*M).",
+    "gated": "Flamingo-style gated cross-attention: a learned sigmoid gate (zero-initialised) "
+    "scales the attended context. O(N*M).",
+    "perceiver": "Cross-attend through K learned latents: the latents read dst, src reads the "
+    "latents. O(N*K + M*K).",
+    "pooling": "Mean-pool dst into one vector, project it, broadcast to every src position. O(N+M).",
+    "copy": "Direct transfer of dst rows to src rows (truncated or zero-padded), no parameters. O(N).",
+    "mamba": "Selective state-space scan (S6) over dst, read out by each query through scaled "
+    "dot-product attention. O(M) scan.",
+    "rwkv": "Linear attention with learned per-channel exponential decay (the WKV recurrence). O(M).",
+    "hyena": "Data-gated long convolutions computed with the FFT. O(N log N).",
+    "sparse_attention": "Top-k attention: only the k largest logits of each row survive the "
+    "softmax. O(N*K) kept entries.",
+    "local_attention": "Windowed attention: query i sees the keys whose scaled position lies "
+    "within W//2 of i. O(N*W).",
+    "none": "The edge is declared but disabled: it contributes zeros. O(0).",
+    "random_fixed": "Each query attends to K keys chosen at random once, from a stored seed. O(N*K).",
+    "mixture": "Mixture of experts: dst is split into slices, each query is routed to its "
+    "top-k expert slices by a learned router. O(N*M) over the chosen experts.",
+    "cogvideox": "CogVideoX-native attention; inside the dispatcher it is standard cross-attention. O(N*M).",
+}
+"""The 17 declared attention function types and what each computes (``self_attention`` is
+a registered alias of ``cross_attention``, see ``canvas_engineering.attention``)."""
+
+
+Bounds = Tuple[int, ...]
+
+
+def check_bounds(bounds: Sequence[int], where: str) -> Bounds:
+    """Validate flat region bounds on their own and return them as a tuple of ints.
+
+    Args:
+        bounds: ``(t0, t1, s0_lo, s0_hi, ...)``: an even number (at least 4) of integers,
+            each range non-empty (``lo < hi``) and non-negative.
+        where: what the bounds belong to, for the error message.
+
+    Raises:
+        ValueError: naming ``where``, the bad bounds and what was expected.
+    """
+    if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence):
+        raise ValueError(
+            f"{where}: bounds must be a tuple (t0, t1, s0_lo, s0_hi, ...), got {bounds!r}"
+        )
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
+        raise ValueError(f"{where}: bounds must be integers, got {tuple(bounds)!r}")
+    if len(bounds) < 4 or len(bounds) % 2:
+        raise ValueError(
+            f"{where}: bounds must have 2 + 2*n_spatial_dims entries (at least 4), "
+            f"got {len(bounds)}: {tuple(bounds)!r}"
+        )
+    for axis in range(len(bounds) // 2):
+        lo, hi = bounds[2 * axis], bounds[2 * axis + 1]
+        axis_name = "t" if axis == 0 else f"s{axis - 1}"
+        if lo < 0 or hi <= lo:
+            raise ValueError(
+                f"{where}: bounds {tuple(bounds)!r} give an empty or negative range on axis "
+                f"{axis_name}: [{lo}, {hi}); expected 0 <= lo < hi"
+            )
+    return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Declaration of one canvas region.
+
+    Args:
+        bounds: ``(t0, t1, s0_lo, s0_hi, ...)``, half-open ranges; length ``2 + 2 * n_spatial_dims``.
+        period: canvas frames per real-world update (1 = every frame). Canvas frame ``t``
+            of the region is real time ``t * period``.
+        is_output: whether the region takes part in the diffusion loss.
+        loss_weight: relative loss weight of the region's positions.
+        semantic_type: human-readable description of the modality.
+        semantic_embedding: frozen embedding of ``semantic_type``.
+        embedding_model: the model that produced ``semantic_embedding``.
+        default_attn: attention type of this region's outgoing connections, unless a
+            connection names its own ``fn``.
+        carrier: dynamics carrier ("deterministic", "diffusive", "filter", "memory", "residual").
+    """
+
+    bounds: Bounds
+    period: int = 1
+    is_output: bool = True
+    loss_weight: float = 1.0
+    semantic_type: Optional[str] = None
+    semantic_embedding: Optional[Tuple[float, ...]] = None
+    embedding_model: str = "openai/text-embedding-3-small"
+    default_attn: str = "cross_attention"
+    carrier: str = "deterministic"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bounds", check_bounds(self.bounds, "RegionSpec"))
+        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+            raise ValueError(f"RegionSpec: period must be a positive integer, got {self.period!r}")
+        if not isinstance(self.default_attn, str) or not self.default_attn:
+            raise ValueError(
+                f"RegionSpec: default_attn must be a non-empty attention type name, "
+                f"got {self.default_attn!r}"
+            )
+
+
+@dataclass
+class CanvasLayout:
+    """Canvas geometry and named regions.
+
+    The canvas is a ``(T, *spatial_shape)`` grid of ``d_model``-dimensional vectors; a
+    hidden state over it has shape ``(B, num_positions, d_model)``. ``H`` and ``W`` are the
+    two-dimensional shorthand for ``spatial_shape=(H, W)``.
+
+    Args:
+        T: number of canvas frames.
+        d_model: width of each position's vector.
+        spatial_shape: sizes of the spatial axes (any number of them, at least one).
+        regions: name to :class:`RegionSpec` or raw bounds tuple.
+        t_current: first frame that is a diffusion output.
+
+    Raises:
+        ValueError: for a non-positive size, or a region whose bounds have the wrong
+            length, are empty, or leave the canvas.
+    """
+
+    T: int
+    d_model: int
+    spatial_shape: Tuple[int, ...] = ()
+    regions: Dict[str, Union[Bounds, RegionSpec]] = field(default_factory=dict)
+    t_current: int = 0
+    H: Optional[int] = field(default=None, repr=False)
+    W: Optional[int] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.H is not None or self.W is not None:
+            if self.spatial_shape != ():
+                raise ValueError(
+                    f"CanvasLayout: give either spatial_shape or H/W, got spatial_shape="
+                    f"{self.spatial_shape!r} and H={self.H!r}, W={self.W!r}"
+                )
+            self.spatial_shape = (
+                self.H if self.H is not None else 1,
+                self.W if self.W is not None else 1,
+            )
+        self.spatial_shape = tuple(self.spatial_shape)
+        if not self.spatial_shape:
+            raise ValueError("CanvasLayout: spatial_shape (or H and W) is required")
+        self.H = self.spatial_shape[0]
+        self.W = self.spatial_shape[1] if len(self.spatial_shape) >= 2 else None
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the geometry and every region against it.
+
+        Raises:
+            ValueError: naming the bad value and what was expected.
+        """
+        for label, value in (("T", self.T), ("d_model", self.d_model)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CanvasLayout: {label} must be a positive integer, got {value!r}")
+        for axis, size in enumerate(self.spatial_shape):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(
+                    f"CanvasLayout: spatial_shape must hold positive integers, got "
+                    f"{self.spatial_shape!r} (axis {axis})"
+                )
+        extents = (self.T,) + self.spatial_shape
+        for name in self.regions:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"CanvasLayout: region names must be non-empty strings, got {name!r}")
+            bounds = check_bounds(self._raw_bounds(name), f"region {name!r}")
+            if len(bounds) != 2 * len(extents):
+                raise ValueError(
+                    f"region {name!r}: bounds {bounds!r} have {len(bounds)} entries; a canvas "
+                    f"with {self.n_spatial_dims} spatial dims expects {2 * len(extents)} "
+                    f"(t0, t1, then lo, hi per spatial axis)"
+                )
+            for axis, extent in enumerate(extents):
+                if bounds[2 * axis + 1] > extent:
+                    axis_name = "T" if axis == 0 else f"spatial axis {axis - 1}"
+                    raise ValueError(
+                        f"region {name!r}: bounds {bounds!r} leave the canvas on {axis_name} "
+                        f"(upper bound {bounds[2 * axis + 1]} > size {extent})"
+                    )
+
+    @property
+    def n_spatial_dims(self) -> int:
+        """Number of spatial axes."""
+        return len(self.spatial_shape)
+
+    @property
+    def spatial_volume(self) -> int:
+        """Positions per frame: ``prod(spatial_shape)``."""
+        return math.prod(self.spatial_shape)
+
+    @property
+    def num_positions(self) -> int:
+        """All canvas positions: ``T * prod(spatial_shape)``."""
+        return self.T * self.spatial_volume
+
+    @property
+    def _strides(self) -> Tuple[int, ...]:
+        """Row-major strides of ``(t, s0, s1, ...)``; the last is 1."""
+        strides = [1]
+        for size in reversed(self.spatial_shape):
+            strides.append(strides[-1] * size)
+        return tuple(reversed(strides))
+
+    def flat_index(self, t: int, *spatial_coords: int) -> int:
+        """Flat position of coordinates ``(t, s0, s1, ...)``."""
+        return sum(c * s for c, s in zip((t,) + spatial_coords, self._strides))
+
+    def _raw_bounds(self, name: str) -> Bounds:
+        region = self.regions[name]
+        return region.bounds if isinstance(region, RegionSpec) else tuple(region)
+
+    def region_spec(self, name: str) -> RegionSpec:
+        """The region's :class:`RegionSpec` (raw bounds get the defaults). KeyError if unknown."""
+        region = self.regions[name]
+        return region if isinstance(region, RegionSpec) else RegionSpec(bounds=tuple(region))
+
+    def region_size(self, name: str) -> Tuple[int, ...]:
+        """Extent of the region along ``(t, s0, s1, ...)``."""
+        bounds = self._raw_bounds(name)
+        return tuple(bounds[i + 1] - bounds[i] for i in range(0, len(bounds), 2))
+
+    def region_numel(self, name: str) -> int:
+        """Number of positions in the region."""
+        return math.prod(self.region_size(name))
+
+    def _frame_offsets(self, name: str) -> List[int]:
+        """Flat offsets of the region's positions within one frame, row-major."""
+        bounds = self._raw_bounds(name)
+        axes = [range(bounds[i], bounds[i + 1]) for i in range(2, len(bounds), 2)]
+        strides = self._strides[1:]
+        return [sum(c * s for c, s in zip(coords, strides)) for coords in product(*axes)]
+
+    def region_indices(self, name: str) -> List[int]:
+        """Flat positions of the region, frame by frame, row-major within a frame."""
+        offsets = self._frame_offsets(name)
+        frame = self._strides[0]
+        return [t * frame + o for t in self.region_timesteps(name) for o in offsets]
+
+    def region_indices_at_t(self, name: str, t_abs: int) -> List[int]:
+        """Flat positions of the region at absolute frame ``t_abs`` (empty if outside it)."""
+        if t_abs not in self.region_timesteps(name):
+            return []
+        base = t_abs * self._strides[0]
+        return [base + o for o in self._frame_offsets(name)]
+
+    def region_timesteps(self, name: str) -> List[int]:
+        """Absolute canvas frames the region covers."""
+        bounds = self._raw_bounds(name)
+        return list(range(bounds[0], bounds[1]))
+
+    def output_mask(self) -> List[int]:
+        """Flat positions of the frames at or after ``t_current``."""
+        frame = self._strides[0]
+        return list(range(self.t_current * frame, self.T * frame))
+
+    def loss_weight_mask(self, device: Union[str, "torch.device"] = "cpu") -> "torch.Tensor":
+        """Per-position loss weights, shape ``(num_positions,)``.
+
+        Output regions add their ``loss_weight`` to their positions (overlaps add up);
+        other positions get 0.
+        """
+        import torch
+
+        weights = torch.zeros(self.num_positions, device=device)
+        for name in self.regions:
+            spec = self.region_spec(name)
+            if spec.is_output:
+                idx = torch.tensor(self.region_indices(name), dtype=torch.long, device=device)
+                weights.index_add_(0, idx, torch.full(idx.shape, float(spec.loss_weight), device=device))
+        return weights
+
+    def real_frame(self, name: str, canvas_t: int) -> int:
+        """Real-world frame of the region's canvas frame ``canvas_t``: ``canvas_t * period``."""
+        return canvas_t * self.region_spec(name).period
+
+    def canvas_frame(self, name: str, real_t: int) -> Optional[int]:
+        """The region's canvas frame (relative to its start) at real frame ``real_t``, or None
+        when ``real_t`` is not on the region's period grid or outside its extent."""
+        frame, remainder = divmod(real_t, self.region_spec(name).period)
+        if remainder or not 0 <= frame < self.region_size(name)[0]:
+            return None
+        return frame

@@ -1,0 +1,150 @@
+"""AttentionDispatcher: run each connection of a topology with its own attention type."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+import torch
+import torch.nn as nn
+
+from canvas_engineering.attention import create_attention
+from canvas_engineering.attention.validation import check_heads
+from canvas_engineering.canvas import CanvasLayout
+from canvas_engineering.connectivity import CanvasTopology
+from canvas_engineering.plan import Segment, compile_segments
+
+
+class AttentionDispatcher(nn.Module):
+    """One attention layer over a canvas, with a per-connection attention type.
+
+    Every connection's src positions (queries) read its dst positions (keys and values)
+    through the connection's resolved type (``connection.fn``, else the src region's
+    ``default_attn``, else ``"cross_attention"``). All connections of one type share one
+    module. Each position's result is the weighted average of the outputs of the
+    connections into it (weights from the connections, or from the temporal fill);
+    positions that no active connection writes pass through unchanged.
+
+    Args:
+        topology: the connections.
+        layout: the canvas geometry; its regions must include every region a connection names.
+        d_model: width of the hidden states; must be divisible by ``n_heads``.
+        n_heads: heads of the multi-head types.
+        dropout: dropout on attention weights.
+        skip_temporal: ignore ``t_src``/``t_dst`` and run every connection dense in time.
+        strict: raise for a connection naming a region the layout lacks; with False such
+            edges are skipped with a warning.
+
+    Raises:
+        ValueError: at construction, for bad geometry, a missing region (strict), an unknown
+            attention type (the message lists the registered ones) or bad sizes.
+    """
+
+    def __init__(
+        self,
+        topology: CanvasTopology,
+        layout: CanvasLayout,
+        d_model: int,
+        n_heads: int = 4,
+        dropout: float = 0.0,
+        skip_temporal: bool = False,
+        *,
+        strict: bool = True,
+    ):
+        super().__init__()
+        check_heads("AttentionDispatcher", d_model, n_heads)
+        if not isinstance(topology, CanvasTopology):
+            raise TypeError(f"AttentionDispatcher: topology must be a CanvasTopology, got {type(topology).__name__}")
+        if not isinstance(layout, CanvasLayout):
+            raise TypeError(f"AttentionDispatcher: layout must be a CanvasLayout, got {type(layout).__name__}")
+        layout.validate()
+        self.topology = topology
+        self.layout = layout
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.skip_temporal = skip_temporal
+        self.segments: List[Segment] = compile_segments(topology, layout, skip_temporal, strict)
+        modules: Dict[str, nn.Module] = {}
+        for segment in self.segments:
+            if segment.fn not in modules:
+                modules[segment.fn] = create_attention(segment.fn, d_model, n_heads, dropout)
+        self.fn_modules = nn.ModuleDict(modules)
+        self._cpu_positions = [
+            (torch.tensor(s.query_positions, dtype=torch.long), torch.tensor(s.key_positions, dtype=torch.long))
+            for s in self.segments
+        ]
+        self._positions_by_device: Dict[torch.device, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _positions(self, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The (query, key) position tensors of every segment, on ``device`` (cached)."""
+        if device not in self._positions_by_device:
+            self._positions_by_device[device] = [(q.to(device), k.to(device)) for q, k in self._cpu_positions]
+        return self._positions_by_device[device]
+
+    def check_input(self, x: torch.Tensor, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
+        """Validate a forward's arguments; returns ``active_regions`` as a set.
+
+        Raises:
+            TypeError: when x is not a floating-point tensor.
+            ValueError: for a shape other than ``(B, num_positions, d_model)``, a device or
+                dtype other than the parameters', or an unknown region in ``active_regions``.
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"AttentionDispatcher: x must be a floating-point tensor of shape (B, "
+                f"{self.layout.num_positions}, {self.d_model}), got "
+                f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        expected = ("B", self.layout.num_positions, self.d_model)
+        if x.dim() != 3 or tuple(x.shape[1:]) != expected[1:]:
+            raise ValueError(f"AttentionDispatcher: expected x of shape {expected}, got {tuple(x.shape)}")
+        parameter = next(self.parameters(), None)
+        if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
+            raise ValueError(
+                f"AttentionDispatcher: x is {x.dtype} on {x.device} but the parameters are "
+                f"{parameter.dtype} on {parameter.device}; move one to match (e.g. "
+                f"dispatcher.to(x.device, x.dtype))"
+            )
+        if active_regions is None:
+            return None
+        active = set(active_regions)
+        unknown = sorted(active - set(self.layout.regions))
+        if unknown:
+            raise ValueError(
+                f"AttentionDispatcher: active_regions names unknown region(s) {unknown}; "
+                f"layout regions: {sorted(self.layout.regions)}"
+            )
+        return active
+
+    def forward(self, x: torch.Tensor, active_regions: Optional[Iterable[str]] = None) -> torch.Tensor:
+        """Run every active connection and combine.
+
+        Args:
+            x: ``(B, num_positions, d_model)`` hidden states over the canvas.
+            active_regions: if given, only connections whose src is in it run; the other
+                positions pass through.
+
+        Returns:
+            ``(B, num_positions, d_model)``: per position, the weighted average of the
+            outputs written to it, or ``x`` where nothing was written.
+        """
+        active = self.check_input(x, active_regions)
+        accumulator_dtype = torch.promote_types(x.dtype, torch.float32)
+        output = torch.zeros(x.shape, dtype=accumulator_dtype, device=x.device)
+        weight_sum = torch.zeros(x.shape[1], dtype=accumulator_dtype, device=x.device)
+        for segment, (queries, keys) in zip(self.segments, self._positions(x.device)):
+            if active is not None and segment.src not in active:
+                continue
+            context = x[:, keys]
+            attended = self.fn_modules[segment.fn](x[:, queries], context, context)
+            output = output.index_add(1, queries, attended.to(accumulator_dtype), alpha=segment.weight)
+            weight_sum.index_add_(0, queries, weight_sum.new_full(queries.shape, segment.weight))
+        written = (weight_sum > 0).view(1, -1, 1)
+        normalised = output / torch.where(written, weight_sum.view(1, -1, 1), torch.ones_like(weight_sum).view(1, -1, 1))
+        return torch.where(written, normalised.to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        counts: Dict[str, int] = {}
+        for segment in self.segments:
+            counts[segment.fn] = counts.get(segment.fn, 0) + 1
+        summary = ", ".join(f"{fn}={n}" for fn, n in sorted(counts.items()))
+        return f"{len(self.segments)} segments, {len(self.fn_modules)} fn types: {summary}"
