@@ -7,6 +7,7 @@ with :class:`AttentionDispatcher`.
 
 from canvas_engineering.attention import (
     ATTENTION_REGISTRY,
+    BUILTIN_ATTENTION,
     CogVideoXAttention,
     CopyAttention,
     CosineAttention,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_REGISTRY",
     "ATTENTION_TYPES",
+    "BUILTIN_ATTENTION",
     "AttentionDispatcher",
     "CanvasLayout",
     "CanvasTopology",

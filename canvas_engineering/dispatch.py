@@ -11,7 +11,7 @@ from canvas_engineering.attention import create_attention
 from canvas_engineering.attention.validation import check_heads
 from canvas_engineering.canvas import CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology
-from canvas_engineering.plan import Segment, compile_segments
+from canvas_engineering.plan import Segment, compile_segments, resolve_connections
 
 
 class AttentionDispatcher(nn.Module):
@@ -62,11 +62,12 @@ class AttentionDispatcher(nn.Module):
         self.d_model = d_model
         self.n_heads = n_heads
         self.skip_temporal = skip_temporal
-        self.segments: List[Segment] = compile_segments(topology, layout, skip_temporal, strict)
+        connections = resolve_connections(topology, layout, strict)
+        self.segments: List[Segment] = compile_segments(connections, layout, skip_temporal)
         modules: Dict[str, nn.Module] = {}
-        for segment in self.segments:
-            if segment.fn not in modules:
-                modules[segment.fn] = create_attention(segment.fn, d_model, n_heads, dropout)
+        for _, _, fn in connections:
+            if fn not in modules:
+                modules[fn] = create_attention(fn, d_model, n_heads, dropout)
         self.fn_modules = nn.ModuleDict(modules)
         self._cpu_positions = [
             (torch.tensor(s.query_positions, dtype=torch.long), torch.tensor(s.key_positions, dtype=torch.long))

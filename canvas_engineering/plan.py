@@ -74,9 +74,10 @@ def resolve_connections(
 
 
 def compile_segments(
-    topology: CanvasTopology, layout: CanvasLayout, skip_temporal: bool = False, strict: bool = True
+    connections: List[Tuple[int, Connection, str]], layout: CanvasLayout, skip_temporal: bool = False
 ) -> List[Segment]:
-    """Expand every connection into its segments, in declaration order.
+    """Expand resolved connections (from :func:`resolve_connections`) into their segments,
+    in declaration order.
 
     A temporal connection (``t_src`` or ``t_dst`` set, unless ``skip_temporal``) is
     expanded over the reference frames ``ref`` in ``range(layout.T)``: its queries are the
@@ -84,10 +85,7 @@ def compile_segments(
     frame is skipped when src lacks it) and its keys are the dst positions at the real
     time ``(ref + t_dst) * period(src)`` (period 1 when ``t_src`` is None), resolved by the
     connection's temporal fill; all dst positions when ``t_dst`` is None. Each connection
-    uses its own offsets.
-
-    Raises:
-        ValueError: as :func:`resolve_connections`.
+    uses its own offsets. A connection may yield no segment (every frame dropped).
     """
     frame_positions = {name: {t: tuple(layout.region_indices_at_t(name, t)) for t in layout.region_timesteps(name)} for name in layout.regions}
     all_positions = {name: tuple(layout.region_indices(name)) for name in layout.regions}
@@ -98,7 +96,7 @@ def compile_segments(
     real_horizon = max([layout.T] + [max(frames) + 1 for frames in real_positions.values()])
 
     segments = []
-    for index, connection, fn in resolve_connections(topology, layout, strict):
+    for index, connection, fn in connections:
         src, dst = connection.src, connection.dst
 
         def add(queries: Tuple[int, ...], keys: Tuple[int, ...], weight: float) -> None:

@@ -27,8 +27,6 @@ def softmax_attention(
     Returns:
         ``(B, H, N, d)``; rows are zero when ``M == 0``.
     """
-    if k.shape[-2] == 0:
-        return q.new_zeros(q.shape[:-1] + v.shape[-1:])
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
@@ -112,9 +110,9 @@ class CosineAttention(ProjectedAttention):
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
         q, k, v = self.project_heads(queries, keys, values)
-        q = F.normalize(q, dim=-1) * self.temperature
-        k = F.normalize(k, dim=-1)
-        return self.merge_heads(softmax_attention(q, k, v, 1.0, self.attention_dropout))
+        similarity = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        weights = self.dropout(F.softmax(similarity * self.temperature, dim=-1))
+        return self.merge_heads(weights @ v)
 
 
 class SigmoidAttention(ProjectedAttention):

@@ -1,0 +1,1 @@
+"""Naive oracles: direct transcriptions of the semantics, loops allowed, for tests only."""
