@@ -231,7 +231,7 @@ class CanvasLayout:
 
     def _raw_bounds(self, name: str) -> Bounds:
         region = self.regions[name]
-        return region.bounds if isinstance(region, RegionSpec) else tuple(region)
+        return region.bounds if isinstance(region, RegionSpec) else region
 
     def region_spec(self, name: str) -> RegionSpec:
         """The region's :class:`RegionSpec` (raw bounds get the defaults). KeyError if unknown."""

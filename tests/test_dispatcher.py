@@ -1,0 +1,229 @@
+"""AttentionDispatcher: the compiled segments against the edge-by-edge oracle, the
+deviations from canvas-engineering 0.5.0, and the errors for bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from canvas_engineering import (
+    ATTENTION_REGISTRY,
+    BUILTIN_ATTENTION,
+    AttentionDispatcher,
+    CanvasLayout,
+    CanvasTopology,
+    Connection,
+    RegionSpec,
+    TemporalFill,
+)
+from canvas_engineering.recipes import RECIPES
+from conftest import relative_error
+from reference.dispatcher import reference_forward
+
+FNS = sorted(BUILTIN_ATTENTION)
+
+
+def assert_matches_reference(dispatcher, x, active_regions=None, tolerance=1e-12):
+    """Output and the gradients of x and of every parameter equal the oracle's (float64)."""
+    cotangent = torch.randn_like(x)
+    x_plan = x.clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    plan_out = dispatcher(x_plan, active_regions)
+    plan_grads = torch.autograd.grad(plan_out, [x_plan, *dispatcher.parameters()], cotangent, allow_unused=True)
+    ref_out = reference_forward(dispatcher, x_ref, active_regions)
+    ref_grads = torch.autograd.grad(ref_out, [x_ref, *dispatcher.parameters()], cotangent, allow_unused=True)
+    assert relative_error(plan_out, ref_out) < tolerance
+    for (name, _), plan_grad, ref_grad in zip([("x", None), *dispatcher.named_parameters()], plan_grads, ref_grads):
+        assert relative_error(plan_grad, ref_grad) < tolerance, name
+
+
+@st.composite
+def canvases(draw):
+    """A random canvas: regions with random boxes and periods, edges with random fns,
+    weights, offsets and fill modes."""
+    T = draw(st.integers(1, 4))
+    height, width = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    names = [f"r{i}" for i in range(draw(st.integers(1, 4)))]
+    regions = {}
+    for name in names:
+        t0 = draw(st.integers(0, T - 1))
+        h0, w0 = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+        regions[name] = RegionSpec(
+            (t0, draw(st.integers(t0 + 1, T)), h0, draw(st.integers(h0 + 1, height)), w0, draw(st.integers(w0 + 1, width))),
+            period=draw(st.integers(1, 3)),
+            default_attn=draw(st.sampled_from(FNS)),
+        )
+    offsets = st.one_of(st.none(), st.integers(-2, 1))
+    connections = [
+        Connection(
+            draw(st.sampled_from(names)),
+            draw(st.sampled_from(names)),
+            weight=draw(st.sampled_from([0.0, 0.25, 1.0, 2.5])),
+            t_src=draw(offsets),
+            t_dst=draw(offsets),
+            fn=draw(st.one_of(st.none(), st.sampled_from(FNS))),
+            temporal_fill=draw(st.sampled_from(list(TemporalFill))),
+            interpolation_order=draw(st.integers(1, 3)),
+        )
+        for _ in range(draw(st.integers(1, 6)))
+    ]
+    layout = CanvasLayout(T=T, spatial_shape=(height, width), d_model=8, regions=regions)
+    active = draw(st.one_of(st.none(), st.sets(st.sampled_from(names))))
+    return CanvasTopology(connections), layout, draw(st.booleans()), active
+
+
+@settings(max_examples=40, deadline=None)
+@given(canvases())
+def test_random_canvases_match_the_oracle(canvas):
+    topology, layout, skip_temporal, active = canvas
+    torch.manual_seed(0)
+    dispatcher = AttentionDispatcher(topology, layout, d_model=8, n_heads=2, skip_temporal=skip_temporal).double()
+    x = torch.randn(2, layout.num_positions, 8, dtype=torch.float64)
+    assert_matches_reference(dispatcher, x, active)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipes_match_the_oracle(recipe):
+    topology, layout = RECIPES[recipe](T=2, grid=4, d_model=16)
+    torch.manual_seed(0)
+    dispatcher = AttentionDispatcher(topology, layout, d_model=16, n_heads=4).double()
+    assert_matches_reference(dispatcher, torch.randn(2, layout.num_positions, 16, dtype=torch.float64))
+
+
+def single_region(T=3, fn="cross_attention"):
+    return CanvasLayout(T=T, spatial_shape=(2,), d_model=8, regions={"r": RegionSpec((0, T, 0, 2), default_attn=fn)})
+
+
+def test_each_connection_uses_its_own_offsets():
+    """Deviation 1: causal_temporal's previous-frame self edge reads the previous frame
+    (the peer runs it as a second same-frame edge, so frame t never sees frame t-1)."""
+    layout = single_region()
+    dispatcher = AttentionDispatcher(CanvasTopology.causal_temporal(["r"]), layout, d_model=8, n_heads=2)
+    x = torch.randn(1, 6, 8, requires_grad=True)
+    output = dispatcher(x)
+    (grad,) = torch.autograd.grad(output[0, 2:4].sum(), x)
+    assert grad[0, 0:2].abs().sum() > 0, "frame 1 must read frame 0"
+    assert grad[0, 4:6].abs().sum() == 0, "frame 1 must not read frame 2"
+    same_frame_only = AttentionDispatcher(
+        CanvasTopology([Connection("r", "r", t_src=0, t_dst=0), Connection("r", "r", t_src=0, t_dst=0)]), layout, 8, 2
+    )
+    same_frame_only.load_state_dict(dispatcher.state_dict())
+    assert not torch.allclose(same_frame_only(x), output)
+
+
+@pytest.mark.parametrize("fn", ["local_attention", "sparse_attention", "random_fixed"])
+def test_query_without_keys_gets_zeros_not_nan(fn):
+    """Deviation 2: with N > M a local window can be empty; the attended value is then 0,
+    so the module returns out_proj's bias for that row."""
+    torch.manual_seed(0)
+    layout = CanvasLayout(T=1, spatial_shape=(40,), d_model=8, regions={"big": (0, 1, 0, 36), "small": (0, 1, 36, 40)})
+    dispatcher = AttentionDispatcher(CanvasTopology([Connection("big", "small", fn=fn)]), layout, 8, 2)
+    x = torch.randn(2, 40, 8, requires_grad=True)
+    output = dispatcher(x)
+    output.sum().backward()
+    assert torch.isfinite(output).all() and torch.isfinite(x.grad).all()
+    if fn == "local_attention":
+        module = dispatcher.fn_modules["local_attention"]
+        from canvas_engineering.attention.sparse import window_keep
+
+        empty_rows = (~window_keep(36, 4, module.window_size, x.device)).all(dim=1)
+        assert empty_rows.any()
+        assert torch.allclose(output[:, :36][:, empty_rows], module.out_proj.bias.expand(2, int(empty_rows.sum()), 8))
+
+
+def test_missing_region_is_an_error_unless_not_strict():
+    """Deviation 4: the peer drops such an edge silently."""
+    layout = single_region()
+    topology = CanvasTopology([Connection("r", "r"), Connection("r", "ghost")])
+    with pytest.raises(ValueError, match=r"connection 1 \('r' -> 'ghost'\) names region\(s\) \['ghost'\]"):
+        AttentionDispatcher(topology, layout, 8, 2)
+    with pytest.warns(UserWarning, match="ghost.*skipped"):
+        lenient = AttentionDispatcher(topology, layout, 8, 2, strict=False)
+    plain = AttentionDispatcher(CanvasTopology([Connection("r", "r")]), layout, 8, 2)
+    plain.load_state_dict(lenient.state_dict())
+    x = torch.randn(2, 6, 8)
+    assert torch.equal(lenient(x), plain(x))
+
+
+def test_unattended_positions_pass_through():
+    layout = CanvasLayout(T=1, spatial_shape=(5,), d_model=8, regions={"a": (0, 1, 0, 2), "b": (0, 1, 2, 4)})
+    dispatcher = AttentionDispatcher(CanvasTopology([Connection("a", "b")]), layout, 8, 2)
+    x = torch.randn(3, 5, 8)
+    output = dispatcher(x)
+    assert torch.equal(output[:, 2:], x[:, 2:])
+    assert not torch.allclose(output[:, :2], x[:, :2])
+    assert torch.equal(dispatcher(x, active_regions={"b"}), x)
+
+
+def test_custom_registered_type_runs_in_a_dispatcher():
+    class Negate(nn.Module):
+        def __init__(self, d_model, n_heads=4, dropout=0.0):
+            super().__init__()
+
+        def forward(self, queries, keys, values):
+            return -values.mean(dim=1, keepdim=True).expand_as(queries)
+
+    ATTENTION_REGISTRY["negate_mean"] = Negate
+    try:
+        layout = CanvasLayout(T=1, spatial_shape=(4,), d_model=8, regions={"a": (0, 1, 0, 2), "b": (0, 1, 2, 4)})
+        dispatcher = AttentionDispatcher(CanvasTopology([Connection("a", "b", fn="negate_mean")]), layout, 8, 2)
+        x = torch.randn(2, 4, 8)
+        assert torch.allclose(dispatcher(x)[:, :2], -x[:, 2:].mean(dim=1, keepdim=True).expand(2, 2, 8))
+    finally:
+        del ATTENTION_REGISTRY["negate_mean"]
+
+
+def test_unknown_fn_lists_known_names():
+    layout = single_region()
+    with pytest.raises(ValueError, match=r"connection 0 \('r' -> 'r'\): unknown attention type 'flash'.*'cross_attention'"):
+        AttentionDispatcher(CanvasTopology([Connection("r", "r", fn="flash")]), layout, 8, 2)
+    with pytest.raises(ValueError, match="unknown attention type 'sparse'"):
+        AttentionDispatcher(CanvasTopology([Connection("r", "r")]), single_region(fn="sparse"), 8, 2)
+
+
+def test_heads_must_divide_d_model():
+    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=4"):
+        AttentionDispatcher(CanvasTopology([Connection("r", "r")]), single_region(), 10, 4)
+
+
+def test_bounds_checked_again_at_construction():
+    layout = single_region()
+    layout.regions["late"] = (0, 9, 0, 2)
+    with pytest.raises(ValueError, match="region 'late'.*leave the canvas on T"):
+        AttentionDispatcher(CanvasTopology([Connection("r", "r")]), layout, 8, 2)
+
+
+def test_bad_forward_input_names_both_shapes():
+    dispatcher = AttentionDispatcher(CanvasTopology([Connection("r", "r")]), single_region(), 8, 2)
+    with pytest.raises(ValueError, match=r"expected x of shape \('B', 6, 8\), got \(2, 5, 8\)"):
+        dispatcher(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"expected x of shape \('B', 6, 8\), got \(6, 8\)"):
+        dispatcher(torch.randn(6, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        dispatcher(torch.ones(2, 6, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="x is torch.float64 on cpu but the parameters are torch.float32 on cpu"):
+        dispatcher(torch.randn(2, 6, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x is torch.float32 on meta but the parameters are torch.float32 on cpu"):
+        dispatcher(torch.randn(2, 6, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"active_regions names unknown region\(s\) \['ghost'\]"):
+        dispatcher(torch.randn(2, 6, 8), active_regions={"ghost"})
+
+
+def test_zero_batch_runs():
+    dispatcher = AttentionDispatcher(CanvasTopology([Connection("r", "r")]), single_region(), 8, 2)
+    assert dispatcher(torch.randn(0, 6, 8)).shape == (0, 6, 8)
+
+
+def test_modules_exist_for_edges_that_never_run():
+    """An edge whose every frame is dropped still owns its module, so state_dicts match."""
+    layout = CanvasLayout(T=2, spatial_shape=(2,), d_model=8, regions={"a": (0, 2, 0, 1), "b": (0, 1, 1, 2)})
+    topology = CanvasTopology([Connection("a", "b", t_src=0, t_dst=5, temporal_fill="drop", fn="rwkv")])
+    dispatcher = AttentionDispatcher(topology, layout, 8, 2)
+    assert list(dispatcher.fn_modules) == ["rwkv"] and dispatcher.segments == []
+    x = torch.randn(1, 4, 8)
+    assert torch.equal(dispatcher(x), x)
