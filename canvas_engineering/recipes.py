@@ -21,20 +21,25 @@ def _check_grid(grid: int) -> None:
         raise ValueError(f"recipes need an even grid of at least 4, got {grid}")
 
 
-def robot_manipulation(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
-    """Visual field (cross), proprioception (linear), actions (cross); actions read the
-    visual field, and the proprioceptive state is injected into the actions by pooling."""
+def _field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str], left: Tuple[str, str], right: Tuple[str, str]) -> CanvasLayout:
+    """A layout with a large field (all rows but the last two) and the last two rows split
+    into a left and a right strip; each region is given as ``(name, default_attn)``."""
     _check_grid(grid)
     half = grid // 2
-    layout = CanvasLayout(
+    boxes = [(0, grid - 2, 0, grid), (grid - 2, grid, 0, half), (grid - 2, grid, half, grid)]
+    return CanvasLayout(
         T=T,
         spatial_shape=(grid, grid),
         d_model=d_model,
-        regions={
-            "visual": RegionSpec((0, T, 0, grid - 2, 0, grid), default_attn="cross_attention"),
-            "proprio": RegionSpec((0, T, grid - 2, grid, 0, half), default_attn="linear_attention"),
-            "action": RegionSpec((0, T, grid - 2, grid, half, grid), default_attn="cross_attention"),
-        },
+        regions={name: RegionSpec((0, T) + box, default_attn=fn) for (name, fn), box in zip((field, left, right), boxes)},
+    )
+
+
+def robot_manipulation(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
+    """Visual field (cross), proprioception (linear), actions (cross); actions read the
+    visual field, and the proprioceptive state is injected into the actions by pooling."""
+    layout = _field_and_two_strips(
+        T, grid, d_model, ("visual", "cross_attention"), ("proprio", "linear_attention"), ("action", "cross_attention")
     )
     topology = CanvasTopology(
         [
@@ -52,17 +57,8 @@ def embodied_agent(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
     """Perception (cross), memory (mamba), policy (cross); perception retrieves memory
     through a gate, memory compresses perception through perceiver latents, and the
     policy reads both."""
-    _check_grid(grid)
-    half = grid // 2
-    layout = CanvasLayout(
-        T=T,
-        spatial_shape=(grid, grid),
-        d_model=d_model,
-        regions={
-            "perception": RegionSpec((0, T, 0, grid - 2, 0, grid), default_attn="cross_attention"),
-            "memory": RegionSpec((0, T, grid - 2, grid, 0, half), default_attn="mamba"),
-            "policy": RegionSpec((0, T, grid - 2, grid, half, grid), default_attn="cross_attention"),
-        },
+    layout = _field_and_two_strips(
+        T, grid, d_model, ("perception", "cross_attention"), ("memory", "mamba"), ("policy", "cross_attention")
     )
     topology = CanvasTopology(
         [
