@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from canvas_engineering.attention import create_attention
+from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads
-from canvas_engineering.canvas import CanvasLayout
+from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology
-from canvas_engineering.plan import Segment, compile_segments, resolve_connections
+from canvas_engineering.ops.segments import SegmentIndex
+from canvas_engineering.plan import ExecutionPlan, Segment, compile_segments, resolve_connections
+
+
+def run_segment_by_segment(
+    module: nn.Module, query_rows: torch.Tensor, key_rows: torch.Tensor, index: SegmentIndex
+) -> torch.Tensor:
+    """The grouped call for a type without ``forward_segments`` (a custom registered one):
+    its ``forward(queries, keys, values)`` once per segment, outputs packed ``(B, Tq, D)``."""
+    outputs = []
+    query_start = 0
+    key_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+    for (n, m), keyset in zip(index.shapes, index.keyset_of):
+        queries = query_rows[:, index.query_source[query_start : query_start + n]]
+        keys = key_rows[:, index.key_source[key_starts[keyset] : key_starts[keyset] + m]]
+        outputs.append(module(queries, keys, keys))
+        query_start += n
+    return torch.cat(outputs, dim=1) if outputs else query_rows[:, :0]
 
 
 class AttentionDispatcher(nn.Module):
@@ -23,6 +41,10 @@ class AttentionDispatcher(nn.Module):
     module. Each position's result is the weighted average of the outputs of the
     connections into it (weights from the connections, or from the temporal fill);
     positions that no active connection writes pass through unchanged.
+
+    The topology is compiled once into an :class:`ExecutionPlan`: a forward runs each
+    attention type once, over all of its edges, frames and fill anchors together
+    (``explain()`` shows the plan).
 
     Args:
         topology: the connections.
@@ -69,17 +91,25 @@ class AttentionDispatcher(nn.Module):
             if fn not in modules:
                 modules[fn] = create_attention(fn, d_model, n_heads, dropout)
         self.fn_modules = nn.ModuleDict(modules)
-        self._cpu_positions = [
-            (torch.tensor(s.query_positions, dtype=torch.long), torch.tensor(s.key_positions, dtype=torch.long))
-            for s in self.segments
-        ]
-        self._positions_by_device: Dict[torch.device, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._plans: Dict[Tuple[Optional[FrozenSet[str]], torch.device], ExecutionPlan] = {
+            (None, torch.device("cpu")): ExecutionPlan.build(self.segments, layout.num_positions)
+        }
 
-    def _positions(self, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """The (query, key) position tensors of every segment, on ``device`` (cached)."""
-        if device not in self._positions_by_device:
-            self._positions_by_device[device] = [(q.to(device), k.to(device)) for q, k in self._cpu_positions]
-        return self._positions_by_device[device]
+    def plan(self, active_regions: Optional[FrozenSet[str]] = None, device: torch.device = torch.device("cpu")) -> ExecutionPlan:
+        """The execution plan for an active-region set on a device (compiled once, cached)."""
+        key = (active_regions, torch.device(device))
+        if key not in self._plans:
+            cpu_key = (active_regions, torch.device("cpu"))
+            if cpu_key not in self._plans:
+                self._plans[cpu_key] = ExecutionPlan.build(self.segments, self.layout.num_positions, active_regions)
+            self._plans[key] = self._plans[cpu_key].to(device)
+        return self._plans[key]
+
+    def explain(self, active_regions: Optional[Iterable[str]] = None) -> str:
+        """A readable table of what a forward runs: per attention type its segments, key
+        sets, packed rows, padded batches and query-key pairs."""
+        active = None if active_regions is None else frozenset(active_regions)
+        return self.plan(active).explain(ATTENTION_TYPES)
 
     def check_input(self, x: torch.Tensor, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
         """Validate a forward's arguments; returns ``active_regions`` as a set.
@@ -129,19 +159,20 @@ class AttentionDispatcher(nn.Module):
             outputs written to it, or ``x`` where nothing was written.
         """
         active = self.check_input(x, active_regions)
+        plan = self.plan(None if active is None else frozenset(active), x.device)
         accumulator_dtype = torch.promote_types(x.dtype, torch.float32)
         output = torch.zeros(x.shape, dtype=accumulator_dtype, device=x.device)
-        weight_sum = torch.zeros(x.shape[1], dtype=accumulator_dtype, device=x.device)
-        for segment, (queries, keys) in zip(self.segments, self._positions(x.device)):
-            if active is not None and segment.src not in active:
-                continue
-            context = x[:, keys]
-            attended = self.fn_modules[segment.fn](x[:, queries], context, context)
-            output = output.index_add(1, queries, attended.to(accumulator_dtype), alpha=segment.weight)
-            weight_sum.index_add_(0, queries, weight_sum.new_full(queries.shape, segment.weight))
-        written = (weight_sum > 0).view(1, -1, 1)
-        normalised = output / torch.where(written, weight_sum.view(1, -1, 1), torch.ones_like(weight_sum).view(1, -1, 1))
-        return torch.where(written, normalised.to(x.dtype), x)
+        for group in plan.groups:
+            module = self.fn_modules[group.fn]
+            query_rows, key_rows = x[:, group.query_positions], x[:, group.key_positions]
+            if isinstance(module, SegmentAttention):
+                attended = module.forward_segments(query_rows, key_rows, key_rows, group.index)
+            else:
+                attended = run_segment_by_segment(module, query_rows, key_rows, group.index)
+            weights = group.row_weights.to(accumulator_dtype).view(1, -1, 1)
+            output = output.index_add(1, group.row_positions, attended.to(accumulator_dtype) * weights)
+        normalised = (output * plan.inverse_weight.to(accumulator_dtype).view(1, -1, 1)).to(x.dtype)
+        return torch.where(plan.written.view(1, -1, 1), normalised, x)
 
     def extra_repr(self) -> str:
         counts: Dict[str, int] = {}

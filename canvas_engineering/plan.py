@@ -1,22 +1,30 @@
-"""Compile (topology, layout) into the static list of attention segments a forward runs.
+"""Compile (topology, layout) into the ExecutionPlan a dispatcher's forward runs.
 
-A segment is one call of an attention function: a set of query positions (from the src
-region), a set of key/value positions (from the dst region) and the weight of its output.
-A connection without frame offsets is one segment. A temporal connection becomes one
-segment per reference frame and per fill anchor (HOLD and exact frames give one anchor,
-INTERPOLATE up to ``order + 1``). Everything here is decided at construction; a forward
-only runs the segments.
+A segment is one application of an attention function: a set of query positions (from
+the src region), a set of key/value positions (from the dst region) and the weight of its
+output. A connection without frame offsets is one segment. A temporal connection becomes
+one segment per reference frame and per fill anchor (HOLD and exact frames give one
+anchor, INTERPOLATE up to ``order + 1``).
+
+The plan groups the segments by attention type. Per group it holds the canvas positions
+whose rows the type projects (each once), a :class:`SegmentIndex` over packed rows
+(segments reading the same dst rows share one key set), and the weight of every packed
+query row; and for the whole canvas the normalisation ``1 / sum of weights`` per
+position. Everything is decided at construction; a forward only runs the groups.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import torch
 
 from canvas_engineering.attention import ATTENTION_REGISTRY, unknown_attention_message
 from canvas_engineering.canvas import CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology, Connection, fill_anchors
+from canvas_engineering.ops.segments import SegmentIndex
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,118 @@ def compile_segments(
             for real_frame, weight in fill_anchors(connection, sorted(real_positions[dst]), target_real, real_horizon):
                 add(queries, real_positions[dst][real_frame], weight)
     return segments
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    """All segments of one attention type, packed.
+
+    Attributes:
+        fn: the attention type.
+        segments: the group's segments, in declaration order.
+        query_positions: ``(Uq,)`` canvas positions of the query rows the type reads (each once).
+        key_positions: ``(Uk,)`` canvas positions of the key/value rows (each once).
+        index: packed segments over those rows (``query_source`` indexes ``query_positions``,
+            ``key_source`` indexes ``key_positions``).
+        row_positions: ``(Tq,)`` canvas position each packed query row writes.
+        row_weights: ``(Tq,)`` float64 weight of each packed query row (its segment's).
+    """
+
+    fn: str
+    segments: List[Segment]
+    query_positions: torch.Tensor
+    key_positions: torch.Tensor
+    index: SegmentIndex
+    row_positions: torch.Tensor
+    row_weights: torch.Tensor
+
+    @staticmethod
+    def build(fn: str, segments: List[Segment]) -> "GroupPlan":
+        query_positions = sorted({p for s in segments for p in s.query_positions})
+        key_positions = sorted({p for s in segments for p in s.key_positions})
+        query_row = {p: i for i, p in enumerate(query_positions)}
+        key_row = {p: i for i, p in enumerate(key_positions)}
+        keysets: Dict[Tuple[int, ...], int] = {}
+        for segment in segments:
+            keysets.setdefault(segment.key_positions, len(keysets))
+        index = SegmentIndex.build(
+            [len(s.query_positions) for s in segments],
+            [keysets[s.key_positions] for s in segments],
+            [len(keys) for keys in keysets],
+            query_source=[query_row[p] for s in segments for p in s.query_positions],
+            key_source=[key_row[p] for keys in keysets for p in keys],
+        )
+        long = lambda values: torch.tensor(values, dtype=torch.long).reshape(-1)  # noqa: E731
+        return GroupPlan(
+            fn=fn,
+            segments=segments,
+            query_positions=long(query_positions),
+            key_positions=long(key_positions),
+            index=index,
+            row_positions=long([p for s in segments for p in s.query_positions]),
+            row_weights=torch.tensor([s.weight for s in segments for _ in s.query_positions], dtype=torch.float64),
+        )
+
+    def to(self, device: torch.device) -> "GroupPlan":
+        """A copy with every tensor on ``device``."""
+        return replace(
+            self,
+            query_positions=self.query_positions.to(device),
+            key_positions=self.key_positions.to(device),
+            index=self.index.to(device),
+            row_positions=self.row_positions.to(device),
+            row_weights=self.row_weights.to(device),
+        )
+
+
+@dataclass(eq=False)
+class ExecutionPlan:
+    """What one forward runs: one :class:`GroupPlan` per attention type, then the
+    normalisation.
+
+    Attributes:
+        groups: in order of each type's first connection.
+        inverse_weight: ``(P,)`` float64, ``1 / sum of the weights written`` at each canvas
+            position (0 where nothing is written).
+        written: ``(P,)`` bool, positions with a positive weight sum (the rest pass through).
+    """
+
+    groups: List[GroupPlan]
+    inverse_weight: torch.Tensor
+    written: torch.Tensor
+
+    @staticmethod
+    def build(segments: List[Segment], num_positions: int, active: Optional[FrozenSet[str]] = None) -> "ExecutionPlan":
+        """The plan of the segments whose src is in ``active`` (all when None)."""
+        running = [s for s in segments if active is None or s.src in active]
+        by_fn: Dict[str, List[Segment]] = {}
+        for segment in running:
+            by_fn.setdefault(segment.fn, []).append(segment)
+        weight_sum = torch.zeros(num_positions, dtype=torch.float64)
+        for segment in running:
+            weight_sum[list(segment.query_positions)] += segment.weight
+        written = weight_sum > 0
+        inverse = torch.where(written, 1.0 / torch.where(written, weight_sum, 1.0), 0.0)
+        return ExecutionPlan([GroupPlan.build(fn, group) for fn, group in by_fn.items()], inverse, written)
+
+    def to(self, device: torch.device) -> "ExecutionPlan":
+        """A copy with every tensor on ``device``."""
+        return ExecutionPlan([g.to(device) for g in self.groups], self.inverse_weight.to(device), self.written.to(device))
+
+    def explain(self, types: Dict[str, str]) -> str:
+        """A table of the groups: segments, key sets, packed rows, padded batches and the
+        number of (query, key) pairs each reads, with the complexity ``types`` claims."""
+        header = ["fn", "segments", "key sets", "query rows", "key rows", "batches", "query-key pairs", "complexity"]
+        rows = []
+        for group in self.groups:
+            index = group.index
+            pairs = sum(n * m for n, m in index.shapes)
+            complexity = types.get(group.fn, "custom (runs segment by segment)")
+            complexity = complexity[complexity.rfind("O(") :].rstrip(".") if "O(" in complexity else complexity
+            rows.append([group.fn, len(group.segments), len(index.keyset_sizes), index.n_queries, index.n_keys,
+                         len(index.segment_buckets), pairs, complexity])
+        widths = [max(len(str(v)) for v in column) for column in zip(header, *rows)]
+        line = lambda values: "  ".join(str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
+        written = int(self.written.sum())
+        footer = f"{len(self.groups)} groups; {written} of {self.written.numel()} positions written, the rest pass through"
+        return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), footer])

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from canvas_engineering.attention.dot_product import CrossAttention
-from canvas_engineering.attention.validation import check_positive, check_qkv
+from canvas_engineering.attention.dot_product import CrossAttention, SegmentAttention
+from canvas_engineering.attention.validation import check_positive
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
-class PerceiverAttention(nn.Module):
+class PerceiverAttention(SegmentAttention):
     """Read dst through ``n_latents`` learned latents: the latents cross-attend to dst
     (``compress``), then the queries cross-attend to the latents (``readout``). O(N*K + M*K).
+    Each key set is compressed once, whatever number of segments read it.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -24,18 +27,36 @@ class PerceiverAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, n_latents: int = 8):
         super().__init__()
         check_positive("PerceiverAttention", n_latents=n_latents)
+        self.d_model = d_model
         self.latents = nn.Parameter(torch.randn(1, n_latents, d_model) * 0.02)
         self.compress = CrossAttention(d_model, n_heads, dropout)
         self.readout = CrossAttention(d_model, n_heads, dropout)
+        self._stages = PerIndexCache()
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        latents = self.latents.expand(queries.shape[0], -1, -1)
-        compressed = self.compress(latents, keys, values)
-        return self.readout(queries, compressed, compressed)
+    def _stage_indexes(self, index: SegmentIndex) -> Tuple[SegmentIndex, SegmentIndex]:
+        """(latents reading each key set, queries reading their key set's latents)."""
+        n_latents, n_keysets = self.latents.shape[1], len(index.keyset_sizes)
+        compress = SegmentIndex.build(
+            [n_latents] * n_keysets, list(range(n_keysets)), index.keyset_sizes,
+            query_source=list(range(n_latents)) * n_keysets, key_source=index.key_source.tolist(),
+        )
+        readout = SegmentIndex.build(
+            [n for n, _ in index.shapes], index.keyset_of, [n_latents] * n_keysets,
+            query_source=index.query_source.tolist(),
+        )
+        device = index.query_source.device
+        return compress.to(device), readout.to(device)
+
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        compress_index, readout_index = self._stages.get(index, lambda: self._stage_indexes(index))
+        latents = self.latents.expand(query_rows.shape[0], -1, -1)
+        compressed = self.compress.forward_segments(latents, key_rows, value_rows, compress_index)
+        return self.readout.forward_segments(query_rows, compressed, compressed, readout_index)
 
 
-class PoolingAttention(nn.Module):
+class PoolingAttention(SegmentAttention):
     """Mean of the values, projected, broadcast to every query. O(N + M).
 
     Args:
@@ -49,13 +70,16 @@ class PoolingAttention(nn.Module):
         self.d_model = d_model
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, values ``(B, M, d_model)``, M >= 1 -> ``(B, N, d_model)``."""
-        check_qkv("PoolingAttention", queries, keys, values, self.d_model)
-        return self.proj(values.mean(dim=1, keepdim=True)).expand_as(queries)
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        values = value_rows[:, index.key_source]
+        sums = values.new_zeros(values.shape[0], len(index.keyset_sizes), values.shape[2])
+        means = sums.index_add(1, index.key_keyset, values) / index.keyset_length.view(1, -1, 1).to(values.dtype)
+        return index.broadcast_keysets(self.proj(means))
 
 
-class CopyAttention(nn.Module):
+class CopyAttention(SegmentAttention):
     """The first N value rows, zero-padded when M < N. No parameters. O(N).
 
     ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
@@ -65,8 +89,11 @@ class CopyAttention(nn.Module):
         super().__init__()
         self.d_model = d_model
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        check_qkv("CopyAttention", queries, keys, values, self.d_model)
-        n_queries = queries.shape[1]
-        return F.pad(values[:, :n_queries], (0, 0, 0, max(0, n_queries - values.shape[1])))
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        if index.n_keys == 0:
+            return value_rows.new_zeros(value_rows.shape[0], index.n_queries, value_rows.shape[2])
+        source = index.key_source[(index.query_key_start + index.query_offset).clamp(max=index.n_keys - 1)]
+        present = (index.query_offset < index.query_key_length).view(1, -1, 1)
+        return torch.where(present, value_rows[:, source], 0.0)

@@ -1,7 +1,8 @@
 """The dot-product family: cross (softmax), linear, cosine and sigmoid attention.
 
 Every module here maps ``queries (B, N, d_model)``, ``keys (B, M, d_model)`` and
-``values (B, M, d_model)`` to ``(B, N, d_model)``.
+``values (B, M, d_model)`` to ``(B, N, d_model)`` with ``forward``, and runs many segments
+at once with ``forward_segments`` (see :class:`canvas_engineering.ops.segments.SegmentIndex`).
 """
 
 from __future__ import annotations
@@ -12,25 +13,38 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from canvas_engineering.attention.validation import check_heads, check_qkv
+from canvas_engineering.ops.linear import segment_linear_attention
+from canvas_engineering.ops.segment_attention import (
+    segment_masked_attention,
+    segment_sigmoid_attention,
+    segment_softmax_attention,
+)
+from canvas_engineering.ops.segments import SegmentIndex, single_segment
 
 
-def softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Softmax attention over all keys.
+class SegmentAttention(nn.Module):
+    """Base of the built-in types: ``forward`` is ``forward_segments`` on one segment.
 
-    Args:
-        q: ``(B, H, N, d)``; k, v: ``(B, H, M, d)``.
-        scale: multiplies the logits ``q @ k^T``.
-        dropout_p: dropout on the attention weights.
-
-    Returns:
-        ``(B, H, N, d)``; rows are zero when ``M == 0``.
+    ``forward_segments(query_rows (B, Rq, D), key_rows (B, Rk, D), value_rows (B, Rk, D), index)``
+    returns the outputs of the index's packed query rows, ``(B, Tq, D)``; row-wise work
+    (projections) is done once per input row, before the rows are packed.
     """
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+    d_model: int
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
+        check_qkv(type(self).__name__, queries, keys, values, self.d_model)
+        index = single_segment(queries.shape[1], keys.shape[1], queries.device)
+        return self.forward_segments(queries, keys, values, index)
+
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class ProjectedAttention(nn.Module):
+class ProjectedAttention(SegmentAttention):
     """Shared parts of the multi-head types: the q/k/v/out projections and the head split.
 
     Args:
@@ -58,28 +72,34 @@ class ProjectedAttention(nn.Module):
         return self.dropout.p if self.training else 0.0
 
     def project_heads(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and split heads: ``(B, N|M, d_model)`` to ``(B, H, N|M, head_dim)`` each."""
-        check_qkv(type(self).__name__, queries, keys, values, self.d_model)
-        split = "b n (h d) -> b h n d"
-        q = rearrange(self.q_proj(queries), split, h=self.n_heads)
-        k = rearrange(self.k_proj(keys), split, h=self.n_heads)
-        v = rearrange(self.v_proj(values), split, h=self.n_heads)
+        """Project each input row once, split heads and pack: q ``(B, Tq, H, d)``, k, v ``(B, Tk, H, d)``."""
+        split = "b t (h d) -> b t h d"
+        q = rearrange(self.q_proj(query_rows), split, h=self.n_heads)[:, index.query_source]
+        k = rearrange(self.k_proj(key_rows), split, h=self.n_heads)[:, index.key_source]
+        v = rearrange(self.v_proj(value_rows), split, h=self.n_heads)[:, index.key_source]
         return q, k, v
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """``(B, H, N, head_dim)`` to the projected output ``(B, N, d_model)``."""
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        """``(B, Tq, H, head_dim)`` to the projected output ``(B, Tq, d_model)``."""
+        return self.out_proj(rearrange(out, "b t h d -> b t (h d)"))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        """The type's mixing of packed heads: ``(B, Tq, H, d)`` from q and the key sets."""
+        raise NotImplementedError
+
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        return self.merge_heads(self.attend(*self.project_heads(query_rows, key_rows, value_rows, index), index))
 
 
 class CrossAttention(ProjectedAttention):
     """Standard multi-head scaled dot-product attention with softmax. O(N*M)."""
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        return self.merge_heads(softmax_attention(q, k, v, self.scale, self.attention_dropout))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        return segment_softmax_attention(q, k, v, index, self.scale, self.attention_dropout)
 
 
 class LinearAttention(ProjectedAttention):
@@ -90,13 +110,8 @@ class LinearAttention(ProjectedAttention):
 
     eps = 1e-6
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        q, k = F.elu(q) + 1, F.elu(k) + 1
-        state = torch.einsum("bhmd,bhme->bhde", k, v)
-        normaliser = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).unsqueeze(-1)
-        return self.merge_heads(torch.einsum("bhnd,bhde->bhne", q, state) / (normaliser + self.eps))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        return segment_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, index, self.eps)
 
 
 class CosineAttention(ProjectedAttention):
@@ -107,19 +122,13 @@ class CosineAttention(ProjectedAttention):
         super().__init__(d_model, n_heads, dropout)
         self.temperature = nn.Parameter(torch.tensor(10.0))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        similarity = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        weights = self.dropout(F.softmax(similarity * self.temperature, dim=-1))
-        return self.merge_heads(weights @ v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return segment_masked_attention(q, k, v, index, self.temperature, dropout=self.dropout)
 
 
 class SigmoidAttention(ProjectedAttention):
     """Each query gates each key independently: ``sigmoid(q k^T * scale) v``. O(N*M)."""
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        gates = self.dropout(torch.sigmoid(q @ k.transpose(-2, -1) * self.scale))
-        return self.merge_heads(gates @ v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        return segment_sigmoid_attention(q, k, v, index, self.scale, dropout=self.dropout)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from canvas_engineering.attention.dot_product import CrossAttention
+from canvas_engineering.attention.dot_product import CrossAttention, SegmentAttention
+from canvas_engineering.ops.segments import SegmentIndex
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(SegmentAttention):
     """Cross-attention scaled by ``sigmoid(gate)``, a learned scalar initialised to 0
     (so a new gated edge starts at half strength and learns how much context to take).
 
@@ -22,7 +23,9 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.cross_attn = CrossAttention(d_model, n_heads, dropout)
         self.gate = nn.Parameter(torch.zeros(1))
+        self.d_model = d_model
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        return torch.sigmoid(self.gate) * self.cross_attn(queries, keys, values)
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        return torch.sigmoid(self.gate) * self.cross_attn.forward_segments(query_rows, key_rows, value_rows, index)

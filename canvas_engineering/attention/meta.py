@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from canvas_engineering.attention.dot_product import CrossAttention, ProjectedAttention
+from canvas_engineering.attention.dot_product import CrossAttention, ProjectedAttention, SegmentAttention
 from canvas_engineering.attention.validation import check_positive
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
-class NoneAttention(nn.Module):
+class NoneAttention(SegmentAttention):
     """A declared but disabled edge: returns zeros shaped like the queries. O(0).
 
     ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
@@ -20,10 +21,12 @@ class NoneAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()
+        self.d_model = d_model
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)`` -> zeros ``(B, N, d_model)``."""
-        return torch.zeros_like(queries)
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        return query_rows.new_zeros(query_rows.shape[0], index.n_queries, query_rows.shape[2])
 
 
 def sample_key_subsets(n_rows: int, n_keys: int, n_chosen: int, generator: torch.Generator) -> torch.Tensor:
@@ -81,16 +84,27 @@ class RandomFixedAttention(ProjectedAttention):
             with torch.random.fork_rng(devices=[]):
                 seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
-        self._patterns: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+        self._patterns: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._row_tables = PerIndexCache()
 
     def pattern(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """The keys each query reads: ``(N, min(n_random, M))`` int64, rows ascending."""
-        cache_key = (n_queries, n_keys, torch.device(device))
-        if cache_key not in self._patterns:
+        if (n_queries, n_keys) not in self._patterns:
             generator = torch.Generator().manual_seed(_mix_seed(int(self.pattern_seed), n_queries, n_keys))
-            subsets = sample_key_subsets(n_queries, n_keys, min(self.n_random, n_keys), generator)
-            self._patterns[cache_key] = subsets.to(device)
-        return self._patterns[cache_key]
+            self._patterns[(n_queries, n_keys)] = sample_key_subsets(n_queries, n_keys, min(self.n_random, n_keys), generator)
+        return self._patterns[(n_queries, n_keys)].to(device)
+
+    def _row_table(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(packed key row read by each packed query row and slot ``(Tq, K)``, slot validity)."""
+        width = min(self.n_random, max((m for _, m in index.shapes), default=0))
+        tables, valids = [], []
+        for (n, m), keyset in zip(index.shapes, index.keyset_of):
+            start = sum(index.keyset_sizes[:keyset])
+            chosen = self.pattern(n, m, torch.device("cpu"))
+            tables.append(F.pad(chosen + start, (0, width - chosen.shape[1])))
+            valids.append(F.pad(torch.ones_like(chosen, dtype=torch.bool), (0, width - chosen.shape[1])))
+        device = index.query_source.device
+        return torch.cat(tables).to(device), torch.cat(valids).to(device)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -101,18 +115,17 @@ class RandomFixedAttention(ProjectedAttention):
         if prefix + "pattern_seed" in missing_keys:
             missing_keys.remove(prefix + "pattern_seed")
         self._patterns.clear()
+        self._row_tables.clear()
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        chosen = self.pattern(q.shape[-2], k.shape[-2], q.device)
-        k_chosen, v_chosen = k[:, :, chosen], v[:, :, chosen]
-        logits = torch.einsum("bhnd,bhnkd->bhnk", q, k_chosen) * self.scale
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        table, valid = self._row_tables.get(index, lambda: self._row_table(index))
+        logits = torch.einsum("bthd,btkhd->bthk", q, k[:, table]) * self.scale
+        logits = logits.masked_fill(~valid.unsqueeze(0).unsqueeze(2), float("-inf"))
         weights = self.dropout(F.softmax(logits, dim=-1))
-        return self.merge_heads(torch.einsum("bhnk,bhnkd->bhnd", weights, v_chosen))
+        return torch.einsum("bthk,btkhd->bthd", weights, v[:, table])
 
 
-class MixtureAttention(nn.Module):
+class MixtureAttention(SegmentAttention):
     """Mixture of experts over key slices.
 
     dst is cut into ``n_experts`` consecutive slices of ``max(1, M // n_experts)`` keys
@@ -138,10 +151,12 @@ class MixtureAttention(nn.Module):
     ):
         super().__init__()
         check_positive("MixtureAttention", n_experts=n_experts, top_k_experts=top_k_experts)
+        self.d_model = d_model
         self.n_experts = n_experts
         self.top_k_experts = min(top_k_experts, n_experts)
         self.experts = nn.ModuleList([CrossAttention(d_model, n_heads, dropout) for _ in range(n_experts)])
         self.router = nn.Linear(d_model, n_experts)
+        self._expert_indexes = PerIndexCache()
 
     def expert_slices(self, n_keys: int) -> List[Tuple[int, int]]:
         """``[(start, end), ...]``: the key range of each expert."""
@@ -150,16 +165,32 @@ class MixtureAttention(nn.Module):
         ends = [min(s + width, n_keys) for s in starts[:-1]] + [n_keys]
         return list(zip(starts, ends))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        scores, chosen = self.router(queries).topk(self.top_k_experts, dim=-1)
+    def _slice_indexes(self, index: SegmentIndex) -> List[SegmentIndex]:
+        """Per expert: the index whose key sets are that expert's slice of each key set."""
+        key_source = index.key_source.tolist()
+        starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+        slices = [self.expert_slices(m) for m in index.keyset_sizes]
+        indexes = []
+        for expert in range(self.n_experts):
+            ranges = [(start + s[expert][0], start + max(s[expert])) for start, s in zip(starts, slices)]
+            indexes.append(
+                SegmentIndex.build(
+                    [n for n, _ in index.shapes], index.keyset_of, [max(0, b - a) for a, b in ranges],
+                    query_source=index.query_source.tolist(),
+                    key_source=[key_source[row] for a, b in ranges for row in range(a, b)],
+                ).to(index.query_source.device)
+            )
+        return indexes
+
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        scores, chosen = self.router(query_rows)[:, index.query_source].topk(self.top_k_experts, dim=-1)
         routing = scores.new_zeros(scores.shape[:-1] + (self.n_experts,))
         routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
+        expert_indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))
         expert_outputs = torch.stack(
-            [
-                expert(queries, keys[:, start:end], values[:, start:end])
-                for expert, (start, end) in zip(self.experts, self.expert_slices(keys.shape[1]))
-            ],
+            [expert.forward_segments(query_rows, key_rows, value_rows, sub) for expert, sub in zip(self.experts, expert_indexes)],
             dim=2,
         )
         return torch.einsum("bne,bned->bnd", routing, expert_outputs)

@@ -3,80 +3,30 @@ recurrence) and Hyena (gated FFT long convolutions)."""
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from canvas_engineering.attention.dot_product import softmax_attention
-from canvas_engineering.attention.validation import check_heads, check_positive, check_qkv
+from canvas_engineering.attention.dot_product import SegmentAttention
+from canvas_engineering.attention.validation import check_heads, check_positive
+from canvas_engineering.ops.fftconv import fft_length, segment_fft_conv
+from canvas_engineering.ops.rwkv import segment_wkv
+from canvas_engineering.ops.segment_attention import segment_softmax_attention
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+from canvas_engineering.ops.selective_scan import segment_selective_scan
 
 
-def selective_scan(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
-) -> torch.Tensor:
-    """The S6 recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t``, h_0 = 0.
-
-    Args:
-        x, dt: ``(batch, L, channels)``.
-        A: ``(channels, state)``, negative.
-        B, C: ``(batch, L, state)``.
-        D: ``(channels,)``.
-
-    Returns:
-        y: ``(batch, L, channels)``.
-    """
-    state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
-    outputs = []
-    for t in range(x.shape[1]):
-        step = dt[:, t].unsqueeze(-1)
-        state = torch.exp(step * A) * state + step * B[:, t].unsqueeze(1) * x[:, t].unsqueeze(-1)
-        outputs.append((state * C[:, t].unsqueeze(1)).sum(dim=-1) + D * x[:, t])
-    return torch.stack(outputs, dim=1) if outputs else torch.zeros_like(x)
-
-
-def wkv_scan(
-    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, n_queries: int, eps: float = 1e-6
-) -> torch.Tensor:
-    """The RWKV WKV recurrence, read at the first ``n_queries`` steps.
-
-    With ``e_t = exp(clamp(k_t, -10, 10))``, output t is
-    ``(sum_{s<t} exp((t-1-s) w) e_s v_s + exp(u) e_t v_t) / (sum_{s<t} exp((t-1-s) w) e_s + exp(u) e_t + eps)``
-    for t < min(N, M); outputs past M repeat the last one (zeros when M = 0).
-
-    Args:
-        k, v: ``(B, H, M, d)``.
-        w: ``(H, d)`` log decay per step (negative).
-        u: ``(H, d)`` bonus of the current step.
-        n_queries: N, the number of outputs.
-
-    Returns:
-        ``(B, H, N, d)``.
-    """
-    k = k.clamp(-10.0, 10.0)
-    decay = torch.exp(w)
-    numerator = torch.zeros_like(v[:, :, 0])
-    denominator = torch.zeros_like(v[:, :, 0])
-    outputs = []
-    for t in range(min(n_queries, k.shape[2])):
-        current = torch.exp(u + k[:, :, t])
-        outputs.append((numerator + current * v[:, :, t]) / (denominator + current + eps))
-        key_weight = torch.exp(k[:, :, t])
-        numerator = numerator * decay + key_weight * v[:, :, t]
-        denominator = denominator * decay + key_weight
-    if not outputs:
-        return v.new_zeros(v.shape[:2] + (n_queries, v.shape[3]))
-    wkv = torch.stack(outputs, dim=2)
-    return torch.cat([wkv, wkv[:, :, -1:].expand(-1, -1, n_queries - wkv.shape[2], -1)], dim=2)
-
-
-class MambaAttention(nn.Module):
+class MambaAttention(SegmentAttention):
     """Selective state-space model (S6) over dst, read out by the queries.
 
     The values go through ``in_proj`` into a scan input and a gate ``z``; ``x_proj`` gives
     the input-dependent step (through the rank-``dt_rank`` ``dt_proj`` and a softplus) and
     B, C; the scan output is gated by ``silu(z)``. Each query, layer-normalised, then
-    attends (single head, scale ``d_model**-0.5``) over the gated scan outputs.
+    attends (single head, scale ``d_model**-0.5``) over the gated scan outputs. Each key
+    set is scanned once, whatever number of segments read it.
     O(M * d_model * state_size) for the scan, O(N * M) for the readout.
 
     Args:
@@ -106,23 +56,25 @@ class MambaAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        check_qkv("MambaAttention", queries, keys, values, self.d_model)
-        x, z = self.in_proj(values).chunk(2, dim=-1)
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        x, z = self.in_proj(value_rows).chunk(2, dim=-1)
         dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low))
-        context = selective_scan(x, dt, -torch.exp(self.A_log), B, C, self.D) * F.silu(z)
-        readout = softmax_attention(
-            self.norm(queries).unsqueeze(1), context.unsqueeze(1), context.unsqueeze(1), self.d_model**-0.5
-        )
-        return self.out_proj(readout.squeeze(1))
+        pack = lambda t: t[:, index.key_source]  # noqa: E731
+        y = segment_selective_scan(pack(x), pack(dt), -torch.exp(self.A_log), pack(B), pack(C), self.D, index)
+        context = (y * F.silu(pack(z))).unsqueeze(2)
+        queries = self.norm(query_rows)[:, index.query_source].unsqueeze(2)
+        readout = segment_softmax_attention(queries, context, context, index, self.d_model**-0.5)
+        return self.out_proj(readout.squeeze(2))
 
 
-class RWKVAttention(nn.Module):
+class RWKVAttention(SegmentAttention):
     """RWKV time mixing: the WKV recurrence over dst with a learned per-channel decay
     ``w = -exp(decay)`` and current-step bonus, gated by ``sigmoid(r)`` of the queries.
-    Query i reads the recurrence at step i (the last step when i >= M). O(M).
+    Query i reads the recurrence at step i (the last step when i >= M). Each key set is
+    scanned once, whatever number of segments read it. O(M).
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -143,23 +95,18 @@ class RWKVAttention(nn.Module):
         self.decay = nn.Parameter(torch.randn(n_heads, self.head_dim) * 0.01 - 5.0)
         self.bonus = nn.Parameter(torch.zeros(n_heads, self.head_dim))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        check_qkv("RWKVAttention", queries, keys, values, self.d_model)
-        split = "b n (h d) -> b h n d"
-        r = rearrange(self.r_proj(queries), split, h=self.n_heads)
-        k = rearrange(self.k_proj(keys), split, h=self.n_heads)
-        v = rearrange(self.v_proj(values), split, h=self.n_heads)
-        wkv = wkv_scan(k, v, -torch.exp(self.decay), self.bonus, n_queries=r.shape[2])
-        return self.out_proj(rearrange(torch.sigmoid(r) * wkv, "b h n d -> b n (h d)"))
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        split = "b t (h d) -> b t h d"
+        r = rearrange(self.r_proj(query_rows), split, h=self.n_heads)[:, index.query_source]
+        k = rearrange(self.k_proj(key_rows), split, h=self.n_heads)[:, index.key_source]
+        v = rearrange(self.v_proj(value_rows), split, h=self.n_heads)[:, index.key_source]
+        wkv = segment_wkv(k, v, -torch.exp(self.decay), self.bonus, index)
+        return self.out_proj(rearrange(torch.sigmoid(r) * wkv, "b t h d -> b t (h d)"))
 
 
-def fft_length(n: int) -> int:
-    """The FFT length for a sequence of n: the next power of two >= max(n, 2)."""
-    return 1 << max(1, (n - 1).bit_length())
-
-
-class HyenaAttention(nn.Module):
+class HyenaAttention(SegmentAttention):
     """Hyena operator: ``order`` rounds of (sigmoid gate, then a long circular convolution
     with a learned frequency-domain filter) over a value stream, all streams projected from
     dst (average-pooled to the query length when M != N). O(N log N).
@@ -189,29 +136,45 @@ class HyenaAttention(nn.Module):
             [nn.Parameter(torch.randn(d_model, max_len // 2 + 1, 2) * 0.02) for _ in range(order)]
         )
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
+        self._pooling = PerIndexCache()
 
-    def _fft_conv(self, x: torch.Tensor, filter_index: int) -> torch.Tensor:
-        """Circular convolution of ``x (B, N, d_model)`` with filter ``filter_index``, truncated to N."""
-        n = x.shape[1]
-        spectrum = torch.fft.rfft(x, n=fft_length(n), dim=1)
-        frequencies = self.filter_params[filter_index][:, : spectrum.shape[1]]
-        response = torch.view_as_complex(frequencies.contiguous()).transpose(0, 1)
-        return torch.fft.irfft(spectrum * response, n=fft_length(n), dim=1)[:, :n]
+    def _pooling_table(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adaptive average pooling of each key set to its segment's length, as
+        (packed query row, packed key row, weight) triples: output i of a segment averages
+        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1`` (the identity when M == N)."""
+        out_rows, key_rows, weights = [], [], []
+        query_start = 0
+        for (n, m), keyset in zip(index.shapes, index.keyset_of):
+            outputs = torch.arange(n)
+            first = torch.div(outputs * m, n, rounding_mode="floor")
+            count = -torch.div(-(outputs + 1) * m, n, rounding_mode="floor") - first
+            owner = torch.repeat_interleave(outputs, count)
+            within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+            out_rows.append(owner + query_start)
+            key_rows.append(first[owner] + within + sum(index.keyset_sizes[:keyset]))
+            weights.append(1.0 / count[owner].double())
+            query_start += n
+        device = index.query_source.device
+        return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        check_qkv("HyenaAttention", queries, keys, values, self.d_model)
-        n = queries.shape[1]
-        if fft_length(n) // 2 + 1 > self.max_len // 2 + 1:
+    def forward_segments(
+        self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
+    ) -> torch.Tensor:
+        longest = max((n for n, _ in index.shapes), default=0)
+        if fft_length(longest) // 2 + 1 > self.max_len // 2 + 1:
             raise ValueError(
-                f"HyenaAttention: {n} queries need an FFT of length {fft_length(n)}, longer than "
-                f"max_len={self.max_len}; build the module with max_len >= {fft_length(n)}"
+                f"HyenaAttention: {longest} queries need an FFT of length {fft_length(longest)}, longer than "
+                f"max_len={self.max_len}; build the module with max_len >= {fft_length(longest)}"
             )
-        if values.shape[1] == 0:
+        if any(m == 0 and n > 0 for n, m in index.shapes):
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
-        pooled = values if values.shape[1] == n else F.adaptive_avg_pool1d(values.transpose(1, 2), n).transpose(1, 2)
-        streams = rearrange(self.in_proj(pooled), "b n (s d) -> s b n d", s=self.order + 1)
+        out_rows, pooled_rows, weights = self._pooling.get(index, lambda: self._pooling_table(index))
+        values = value_rows[:, index.key_source]
+        contributions = values[:, pooled_rows] * weights.to(values.dtype).view(1, -1, 1)
+        pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
+        streams = rearrange(self.in_proj(pooled), "b t (s d) -> s b t d", s=self.order + 1)
         mixed = streams[0]
-        for i in range(self.order):
-            mixed = self._fft_conv(mixed * torch.sigmoid(self.gates[i](streams[i + 1])), i)
+        for i, frequencies in enumerate(self.filter_params):
+            response = torch.view_as_complex(frequencies.contiguous()).transpose(0, 1)
+            mixed = segment_fft_conv(mixed * torch.sigmoid(self.gates[i](streams[i + 1])), response, index)
         return self.out_proj(mixed)

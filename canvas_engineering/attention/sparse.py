@@ -6,35 +6,27 @@ import torch
 
 from canvas_engineering.attention.dot_product import ProjectedAttention
 from canvas_engineering.attention.validation import check_positive
+from canvas_engineering.ops.segment_attention import segment_masked_attention
+from canvas_engineering.ops.segments import SegmentBucket, SegmentIndex
 
 
-def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the kept logits of each row.
+def window_keep(query_lengths: torch.Tensor, key_lengths: torch.Tensor, n_queries: int, n_keys: int, window_size: int) -> torch.Tensor:
+    """The local window of sequences of ``(N_s, M_s)`` laid out ``n_queries x n_keys`` (padded).
 
-    Args:
-        logits: ``(B, H, N, M)``.
-        keep: boolean, broadcastable to ``logits``; False entries get zero weight.
+    Key m is placed at query position ``floor(m * N_s / M_s)`` and is in query i's window
+    when ``|i - floor(m * N_s / M_s)| <= window_size // 2``.
 
     Returns:
-        weights ``(B, H, N, M)``; a row that keeps no key is all zeros (not NaN).
+        bool ``(n, n_queries, n_keys)``.
     """
-    masked = logits.masked_fill(~keep, float("-inf"))
-    row_max = masked.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(masked - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def window_keep(n_queries: int, n_keys: int, window_size: int, device: torch.device) -> torch.Tensor:
-    """The local window as a boolean ``(N, M)`` matrix.
-
-    Key m is placed at query position ``floor(m * N / M)`` and is in query i's window when
-    ``|i - floor(m * N / M)| <= window_size // 2``.
-    """
-    query_pos = torch.arange(n_queries, device=device).unsqueeze(1)
-    key_pos = torch.div(torch.arange(n_keys, device=device) * n_queries, max(n_keys, 1), rounding_mode="floor")
-    return (query_pos - key_pos.unsqueeze(0)).abs() <= window_size // 2
+    device = query_lengths.device
+    query_pos = torch.arange(n_queries, device=device).view(1, -1, 1)
+    key_pos = torch.div(
+        torch.arange(n_keys, device=device).view(1, -1) * query_lengths.view(-1, 1),
+        key_lengths.clamp(min=1).view(-1, 1),
+        rounding_mode="floor",
+    )
+    return (query_pos - key_pos.unsqueeze(1)).abs() <= window_size // 2
 
 
 class SparseAttention(ProjectedAttention):
@@ -53,15 +45,15 @@ class SparseAttention(ProjectedAttention):
         check_positive("SparseAttention", top_k=top_k)
         self.top_k = top_k
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        logits = q @ k.transpose(-2, -1) * self.scale
-        kept = min(self.top_k, logits.shape[-1])
-        if kept == 0:
-            return self.merge_heads(q.new_zeros(q.shape))
-        threshold = logits.topk(kept, dim=-1).values[..., -1:]
-        return self.merge_heads(masked_softmax(logits, logits >= threshold) @ v)
+    def _keep_top_k(self, bucket: SegmentBucket, logits: torch.Tensor) -> torch.Tensor:
+        """Keep each row's logits >= its k-th largest, k = min(top_k, M_s)."""
+        largest = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values
+        kth = (bucket.keys.lengths.clamp(max=self.top_k) - 1).view(1, -1, 1, 1, 1)
+        threshold = largest.gather(-1, kth.expand(largest.shape[:-1] + (1,)))
+        return logits >= threshold
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        return segment_masked_attention(q, k, v, index, self.scale, select=self._keep_top_k)
 
 
 class LocalAttention(ProjectedAttention):
@@ -81,9 +73,9 @@ class LocalAttention(ProjectedAttention):
         check_positive("LocalAttention", window_size=window_size)
         self.window_size = window_size
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
-        q, k, v = self.project_heads(queries, keys, values)
-        keep = window_keep(q.shape[-2], k.shape[-2], self.window_size, q.device)
-        logits = q @ k.transpose(-2, -1) * self.scale
-        return self.merge_heads(self.dropout(masked_softmax(logits, keep)) @ v)
+    def _keep_window(self, bucket: SegmentBucket, logits: torch.Tensor) -> torch.Tensor:
+        keep = window_keep(bucket.queries.lengths, bucket.keys.lengths, logits.shape[-2], logits.shape[-1], self.window_size)
+        return keep.unsqueeze(0).unsqueeze(2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+        return segment_masked_attention(q, k, v, index, self.scale, select=self._keep_window, dropout=self.dropout)
