@@ -25,8 +25,8 @@ def run_segment_by_segment(
     query_start = 0
     key_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
     for (n, m), keyset in zip(index.shapes, index.keyset_of):
-        queries = query_rows[:, index.query_source[query_start : query_start + n]]
-        keys = key_rows[:, index.key_source[key_starts[keyset] : key_starts[keyset] + m]]
+        queries = query_rows[:, index.query_source.index[query_start : query_start + n]]
+        keys = key_rows[:, index.key_source.index[key_starts[keyset] : key_starts[keyset] + m]]
         outputs.append(module(queries, keys, keys))
         query_start += n
     return torch.cat(outputs, dim=1) if outputs else query_rows[:, :0]
@@ -161,18 +161,24 @@ class AttentionDispatcher(nn.Module):
         active = self.check_input(x, active_regions)
         plan = self.plan(None if active is None else frozenset(active), x.device)
         accumulator_dtype = torch.promote_types(x.dtype, torch.float32)
-        output = torch.zeros(x.shape, dtype=accumulator_dtype, device=x.device)
+        output = None
         for group in plan.groups:
             module = self.fn_modules[group.fn]
-            query_rows, key_rows = x[:, group.query_positions], x[:, group.key_positions]
+            query_rows, key_rows = group.query_positions.take(x), group.key_positions.take(x)
             if isinstance(module, SegmentAttention):
                 attended = module.forward_segments(query_rows, key_rows, key_rows, group.index)
             else:
                 attended = run_segment_by_segment(module, query_rows, key_rows, group.index)
-            weights = group.row_weights.to(accumulator_dtype).view(1, -1, 1)
-            output = output.index_add(1, group.row_positions, attended.to(accumulator_dtype) * weights)
-        normalised = (output * plan.inverse_weight.to(accumulator_dtype).view(1, -1, 1)).to(x.dtype)
-        return torch.where(plan.written.view(1, -1, 1), normalised, x)
+            weighted = attended.to(accumulator_dtype) * group.row_shares.to(accumulator_dtype).view(1, -1, 1)
+            if output is None and group.covers_canvas:
+                output = weighted
+            else:
+                output = output if output is not None else x.new_zeros(x.shape, dtype=accumulator_dtype)
+                output = output.index_add(1, group.row_positions, weighted)
+        if output is None:
+            return x
+        output = output.to(x.dtype)
+        return output if plan.all_written else torch.where(plan.written.view(1, -1, 1), output, x)
 
     def extra_repr(self) -> str:
         counts: Dict[str, int] = {}

@@ -8,15 +8,15 @@ anchor, INTERPOLATE up to ``order + 1``).
 
 The plan groups the segments by attention type. Per group it holds the canvas positions
 whose rows the type projects (each once), a :class:`SegmentIndex` over packed rows
-(segments reading the same dst rows share one key set), and the weight of every packed
-query row; and for the whole canvas the normalisation ``1 / sum of weights`` per
-position. Everything is decided at construction; a forward only runs the groups.
+(segments reading the same dst rows share one key set), and the share of every packed
+query row in its position's result (its weight over the position's weight sum, so the
+weighted outputs add up to the normalised result). Everything is decided at construction; a forward only runs the groups.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from canvas_engineering.attention import ATTENTION_REGISTRY, unknown_attention_message
 from canvas_engineering.canvas import CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology, Connection, fill_anchors
-from canvas_engineering.ops.segments import SegmentIndex
+from canvas_engineering.ops.segments import RowSelection, SegmentIndex, moved_to
 
 
 @dataclass(frozen=True)
@@ -137,24 +137,27 @@ class GroupPlan:
     Attributes:
         fn: the attention type.
         segments: the group's segments, in declaration order.
-        query_positions: ``(Uq,)`` canvas positions of the query rows the type reads (each once).
-        key_positions: ``(Uk,)`` canvas positions of the key/value rows (each once).
+        query_positions: canvas positions of the query rows the type reads (each once).
+        key_positions: canvas positions of the key/value rows (each once).
         index: packed segments over those rows (``query_source`` indexes ``query_positions``,
             ``key_source`` indexes ``key_positions``).
         row_positions: ``(Tq,)`` canvas position each packed query row writes.
-        row_weights: ``(Tq,)`` float64 weight of each packed query row (its segment's).
+        row_shares: ``(Tq,)`` float64 share of each packed query row in its position's
+            result: its segment's weight over the sum of the weights written there.
+        covers_canvas: whether the packed rows are exactly positions ``0 .. P-1`` in order.
     """
 
     fn: str
     segments: List[Segment]
-    query_positions: torch.Tensor
-    key_positions: torch.Tensor
+    query_positions: RowSelection
+    key_positions: RowSelection
     index: SegmentIndex
     row_positions: torch.Tensor
-    row_weights: torch.Tensor
+    row_shares: torch.Tensor
+    covers_canvas: bool
 
     @staticmethod
-    def build(fn: str, segments: List[Segment]) -> "GroupPlan":
+    def build(fn: str, segments: List[Segment], inverse_weight: torch.Tensor) -> "GroupPlan":
         query_positions = sorted({p for s in segments for p in s.query_positions})
         key_positions = sorted({p for s in segments for p in s.key_positions})
         query_row = {p: i for i, p in enumerate(query_positions)}
@@ -169,44 +172,39 @@ class GroupPlan:
             query_source=[query_row[p] for s in segments for p in s.query_positions],
             key_source=[key_row[p] for keys in keysets for p in keys],
         )
-        long = lambda values: torch.tensor(values, dtype=torch.long).reshape(-1)  # noqa: E731
+        rows = [p for s in segments for p in s.query_positions]
+        weights = torch.tensor([s.weight for s in segments for _ in s.query_positions], dtype=torch.float64)
+        row_positions = torch.tensor(rows, dtype=torch.long).reshape(-1)
         return GroupPlan(
             fn=fn,
             segments=segments,
-            query_positions=long(query_positions),
-            key_positions=long(key_positions),
+            query_positions=RowSelection.of(query_positions),
+            key_positions=RowSelection.of(key_positions),
             index=index,
-            row_positions=long([p for s in segments for p in s.query_positions]),
-            row_weights=torch.tensor([s.weight for s in segments for _ in s.query_positions], dtype=torch.float64),
+            row_positions=row_positions,
+            row_shares=weights * inverse_weight[row_positions],
+            covers_canvas=rows == list(range(inverse_weight.shape[0])),
         )
 
     def to(self, device: torch.device) -> "GroupPlan":
         """A copy with every tensor on ``device``."""
-        return replace(
-            self,
-            query_positions=self.query_positions.to(device),
-            key_positions=self.key_positions.to(device),
-            index=self.index.to(device),
-            row_positions=self.row_positions.to(device),
-            row_weights=self.row_weights.to(device),
-        )
+        return moved_to(self, torch.device(device))
 
 
 @dataclass(eq=False)
 class ExecutionPlan:
-    """What one forward runs: one :class:`GroupPlan` per attention type, then the
-    normalisation.
+    """What one forward runs: one :class:`GroupPlan` per attention type, whose weighted
+    outputs add up to the normalised result.
 
     Attributes:
         groups: in order of each type's first connection.
-        inverse_weight: ``(P,)`` float64, ``1 / sum of the weights written`` at each canvas
-            position (0 where nothing is written).
         written: ``(P,)`` bool, positions with a positive weight sum (the rest pass through).
+        all_written: whether every position is written.
     """
 
     groups: List[GroupPlan]
-    inverse_weight: torch.Tensor
     written: torch.Tensor
+    all_written: bool
 
     @staticmethod
     def build(segments: List[Segment], num_positions: int, active: Optional[FrozenSet[str]] = None) -> "ExecutionPlan":
@@ -220,11 +218,12 @@ class ExecutionPlan:
             weight_sum[list(segment.query_positions)] += segment.weight
         written = weight_sum > 0
         inverse = torch.where(written, 1.0 / torch.where(written, weight_sum, 1.0), 0.0)
-        return ExecutionPlan([GroupPlan.build(fn, group) for fn, group in by_fn.items()], inverse, written)
+        groups = [GroupPlan.build(fn, group, inverse) for fn, group in by_fn.items()]
+        return ExecutionPlan(groups, written, bool(written.all()))
 
     def to(self, device: torch.device) -> "ExecutionPlan":
         """A copy with every tensor on ``device``."""
-        return ExecutionPlan([g.to(device) for g in self.groups], self.inverse_weight.to(device), self.written.to(device))
+        return moved_to(self, torch.device(device))
 
     def explain(self, types: Dict[str, str]) -> str:
         """A table of the groups: segments, key sets, packed rows, padded batches and the

@@ -38,13 +38,13 @@ class PerceiverAttention(SegmentAttention):
         n_latents, n_keysets = self.latents.shape[1], len(index.keyset_sizes)
         compress = SegmentIndex.build(
             [n_latents] * n_keysets, list(range(n_keysets)), index.keyset_sizes,
-            query_source=list(range(n_latents)) * n_keysets, key_source=index.key_source.tolist(),
+            query_source=list(range(n_latents)) * n_keysets, key_source=index.key_source.index.tolist(),
         )
         readout = SegmentIndex.build(
             [n for n, _ in index.shapes], index.keyset_of, [n_latents] * n_keysets,
-            query_source=index.query_source.tolist(),
+            query_source=index.query_source.index.tolist(),
         )
-        device = index.query_source.device
+        device = index.query_source.index.device
         return compress.to(device), readout.to(device)
 
     def forward_segments(
@@ -73,7 +73,7 @@ class PoolingAttention(SegmentAttention):
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        values = value_rows[:, index.key_source]
+        values = index.pack_keys(value_rows)
         sums = values.new_zeros(values.shape[0], len(index.keyset_sizes), values.shape[2])
         means = sums.index_add(1, index.key_keyset, values) / index.keyset_length.view(1, -1, 1).to(values.dtype)
         return index.broadcast_keysets(self.proj(means))
@@ -94,6 +94,6 @@ class CopyAttention(SegmentAttention):
     ) -> torch.Tensor:
         if index.n_keys == 0:
             return value_rows.new_zeros(value_rows.shape[0], index.n_queries, value_rows.shape[2])
-        source = index.key_source[(index.query_key_start + index.query_offset).clamp(max=index.n_keys - 1)]
+        source = index.key_source.index[(index.query_key_start + index.query_offset).clamp(max=index.n_keys - 1)]
         present = (index.query_offset < index.query_key_length).view(1, -1, 1)
         return torch.where(present, value_rows[:, source], 0.0)

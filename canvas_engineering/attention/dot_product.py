@@ -76,9 +76,9 @@ class ProjectedAttention(SegmentAttention):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project each input row once, split heads and pack: q ``(B, Tq, H, d)``, k, v ``(B, Tk, H, d)``."""
         split = "b t (h d) -> b t h d"
-        q = rearrange(self.q_proj(query_rows), split, h=self.n_heads)[:, index.query_source]
-        k = rearrange(self.k_proj(key_rows), split, h=self.n_heads)[:, index.key_source]
-        v = rearrange(self.v_proj(value_rows), split, h=self.n_heads)[:, index.key_source]
+        q = index.pack_queries(rearrange(self.q_proj(query_rows), split, h=self.n_heads))
+        k = index.pack_keys(rearrange(self.k_proj(key_rows), split, h=self.n_heads))
+        v = index.pack_keys(rearrange(self.v_proj(value_rows), split, h=self.n_heads))
         return q, k, v
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:

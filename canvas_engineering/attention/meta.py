@@ -103,7 +103,7 @@ class RandomFixedAttention(ProjectedAttention):
             chosen = self.pattern(n, m, torch.device("cpu"))
             tables.append(F.pad(chosen + start, (0, width - chosen.shape[1])))
             valids.append(F.pad(torch.ones_like(chosen, dtype=torch.bool), (0, width - chosen.shape[1])))
-        device = index.query_source.device
+        device = index.query_source.index.device
         return torch.cat(tables).to(device), torch.cat(valids).to(device)
 
     def _load_from_state_dict(
@@ -167,7 +167,7 @@ class MixtureAttention(SegmentAttention):
 
     def _slice_indexes(self, index: SegmentIndex) -> List[SegmentIndex]:
         """Per expert: the index whose key sets are that expert's slice of each key set."""
-        key_source = index.key_source.tolist()
+        key_source = index.key_source.index.tolist()
         starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
         slices = [self.expert_slices(m) for m in index.keyset_sizes]
         indexes = []
@@ -176,16 +176,16 @@ class MixtureAttention(SegmentAttention):
             indexes.append(
                 SegmentIndex.build(
                     [n for n, _ in index.shapes], index.keyset_of, [max(0, b - a) for a, b in ranges],
-                    query_source=index.query_source.tolist(),
+                    query_source=index.query_source.index.tolist(),
                     key_source=[key_source[row] for a, b in ranges for row in range(a, b)],
-                ).to(index.query_source.device)
+                ).to(index.query_source.index.device)
             )
         return indexes
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        scores, chosen = self.router(query_rows)[:, index.query_source].topk(self.top_k_experts, dim=-1)
+        scores, chosen = index.pack_queries(self.router(query_rows)).topk(self.top_k_experts, dim=-1)
         routing = scores.new_zeros(scores.shape[:-1] + (self.n_experts,))
         routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
         expert_indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))

@@ -62,10 +62,10 @@ class MambaAttention(SegmentAttention):
         x, z = self.in_proj(value_rows).chunk(2, dim=-1)
         dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low))
-        pack = lambda t: t[:, index.key_source]  # noqa: E731
+        pack = index.pack_keys
         y = segment_selective_scan(pack(x), pack(dt), -torch.exp(self.A_log), pack(B), pack(C), self.D, index)
         context = (y * F.silu(pack(z))).unsqueeze(2)
-        queries = self.norm(query_rows)[:, index.query_source].unsqueeze(2)
+        queries = index.pack_queries(self.norm(query_rows)).unsqueeze(2)
         readout = segment_softmax_attention(queries, context, context, index, self.d_model**-0.5)
         return self.out_proj(readout.squeeze(2))
 
@@ -99,9 +99,9 @@ class RWKVAttention(SegmentAttention):
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
         split = "b t (h d) -> b t h d"
-        r = rearrange(self.r_proj(query_rows), split, h=self.n_heads)[:, index.query_source]
-        k = rearrange(self.k_proj(key_rows), split, h=self.n_heads)[:, index.key_source]
-        v = rearrange(self.v_proj(value_rows), split, h=self.n_heads)[:, index.key_source]
+        r = index.pack_queries(rearrange(self.r_proj(query_rows), split, h=self.n_heads))
+        k = index.pack_keys(rearrange(self.k_proj(key_rows), split, h=self.n_heads))
+        v = index.pack_keys(rearrange(self.v_proj(value_rows), split, h=self.n_heads))
         wkv = segment_wkv(k, v, -torch.exp(self.decay), self.bonus, index)
         return self.out_proj(rearrange(torch.sigmoid(r) * wkv, "b t h d -> b t (h d)"))
 
@@ -154,7 +154,7 @@ class HyenaAttention(SegmentAttention):
             key_rows.append(first[owner] + within + sum(index.keyset_sizes[:keyset]))
             weights.append(1.0 / count[owner].double())
             query_start += n
-        device = index.query_source.device
+        device = index.query_source.index.device
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
     def forward_segments(
@@ -169,7 +169,7 @@ class HyenaAttention(SegmentAttention):
         if any(m == 0 and n > 0 for n, m in index.shapes):
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         out_rows, pooled_rows, weights = self._pooling.get(index, lambda: self._pooling_table(index))
-        values = value_rows[:, index.key_source]
+        values = index.pack_keys(value_rows)
         contributions = values[:, pooled_rows] * weights.to(values.dtype).view(1, -1, 1)
         pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
         streams = rearrange(self.in_proj(pooled), "b t (s d) -> s b t d", s=self.order + 1)

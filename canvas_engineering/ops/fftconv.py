@@ -24,10 +24,10 @@ def segment_fft_conv(x: torch.Tensor, response: torch.Tensor, index: SegmentInde
     Returns:
         ``(B, Tq, D)``.
     """
-    out = torch.zeros_like(x)
+    batches = []
     for bucket in index.segment_buckets:
-        length = fft_length(bucket.queries.rows.shape[1])
+        length = fft_length(bucket.queries.width)
         spectrum = torch.fft.rfft(bucket.queries.gather(x, zero_padding=True), n=length, dim=2)
         filtered = torch.fft.irfft(spectrum * response[: spectrum.shape[2]], n=length, dim=2)
-        out = bucket.queries.scatter(out, filtered[:, :, : bucket.queries.rows.shape[1]])
-    return out
+        batches.append(filtered[:, :, : bucket.queries.width])
+    return index.assemble_queries(batches)

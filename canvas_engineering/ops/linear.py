@@ -22,19 +22,18 @@ def segment_linear_attention(
     Returns:
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
     """
-    batch, heads, d, e = phi_q.shape[0], phi_q.shape[2], phi_q.shape[3], v.shape[3]
-    n_keysets = index.keyset_length.shape[0]
-    state = phi_q.new_zeros(batch, n_keysets, heads, d, e)
-    normaliser = phi_q.new_zeros(batch, n_keysets, heads, d)
+    states, normalisers = [], []
     for bucket in index.keyset_buckets:
         keys, values = bucket.keys.gather(phi_k, zero_padding=True), bucket.keys.gather(v)
-        state = state.index_copy(1, bucket.members, torch.einsum("bnlhd,bnlhe->bnhde", keys, values))
-        normaliser = normaliser.index_copy(1, bucket.members, keys.sum(dim=2))
-    out = phi_q.new_zeros(phi_q.shape[:-1] + (e,))
+        states.append(torch.einsum("bnlhd,bnlhe->bnhde", keys, values))
+        normalisers.append(keys.sum(dim=2))
+    order = torch.cat([bucket.members for bucket in index.keyset_buckets]).argsort()
+    state, normaliser = torch.cat(states, dim=1)[:, order], torch.cat(normalisers, dim=1)[:, order]
+    batches = []
     for bucket in index.segment_buckets:
         queries = bucket.queries.gather(phi_q)
         keyset = index.segment_keyset[bucket.members]
         numerator = torch.einsum("bnqhd,bnhde->bnqhe", queries, state[:, keyset])
         denominator = torch.einsum("bnqhd,bnhd->bnqh", queries, normaliser[:, keyset]).unsqueeze(-1)
-        out = bucket.queries.scatter(out, numerator / (denominator + eps))
-    return out
+        batches.append(numerator / (denominator + eps))
+    return index.assemble_queries(batches)

@@ -47,10 +47,12 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     """
     if index.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
-    scanned = torch.zeros_like(v)
-    for bucket in index.keyset_buckets:
-        steps = wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u)
-        scanned = bucket.keys.scatter(scanned, steps.unflatten(0, (k.shape[0], -1)))
+    scanned = index.assemble_keys(
+        [
+            wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], -1))
+            for bucket in index.keyset_buckets
+        ]
+    )
     read = index.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)
     return scanned[:, read] * has_keys

@@ -29,17 +29,16 @@ def segment_softmax_attention(
 
     Queries whose key set is empty get zeros.
     """
-    out = q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    batches = []
     for bucket in index.segment_buckets:
         qp, kp, vp = _padded(q, k, v, bucket)
-        batch, members = qp.shape[:2]
         fold = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731  (B*n, H, L, d)
         mask = None
         if bucket.keys.padded:
-            mask = bucket.keys.valid[:, None, None, :].repeat(batch, 1, 1, 1)
+            mask = bucket.keys.valid[:, None, None, :].repeat(q.shape[0], 1, 1, 1)
         attended = F.scaled_dot_product_attention(fold(qp), fold(kp), fold(vp), attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        out = bucket.queries.scatter(out, attended.transpose(1, 2).unflatten(0, (batch, members)))
-    return out
+        batches.append(attended.transpose(1, 2).unflatten(0, qp.shape[:2]))
+    return index.assemble_queries(batches)
 
 
 def segment_masked_attention(
@@ -56,10 +55,11 @@ def segment_masked_attention(
     The logits ``q . k * scale`` are formed per bucket; a query that keeps no key gets zeros
     (not NaN). ``dropout`` applies to the attention weights.
     """
-    out = q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    batches = []
     for bucket in index.segment_buckets:
         qp, kp, vp = _padded(q, k, v, bucket)
         if kp.shape[2] == 0:
+            batches.append(qp.new_zeros(qp.shape[:-1] + vp.shape[-1:]))
             continue
         logits = torch.einsum("bnqhd,bnkhd->bnhqk", qp, kp) * scale
         keep = bucket.keys.valid[None, :, None, None, :]
@@ -69,8 +69,8 @@ def segment_masked_attention(
         weights = masked_softmax(logits, keep)
         if dropout is not None:
             weights = dropout(weights)
-        out = bucket.queries.scatter(out, torch.einsum("bnhqk,bnkhd->bnqhd", weights, vp))
-    return out
+        batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", weights, vp))
+    return index.assemble_queries(batches)
 
 
 def segment_sigmoid_attention(
@@ -78,7 +78,7 @@ def segment_sigmoid_attention(
     dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``sigmoid(q . k * scale)`` weights (no normalisation) over each query's key set."""
-    out = q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    batches = []
     for bucket in index.segment_buckets:
         qp, kp, vp = _padded(q, k, v, bucket)
         gates = torch.sigmoid(torch.einsum("bnqhd,bnkhd->bnhqk", qp, kp) * scale)
@@ -86,8 +86,8 @@ def segment_sigmoid_attention(
             gates = gates * bucket.keys.valid[None, :, None, None, :].to(gates.dtype)
         if dropout is not None:
             gates = dropout(gates)
-        out = bucket.queries.scatter(out, torch.einsum("bnhqk,bnkhd->bnqhd", gates, vp))
-    return out
+        batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", gates, vp))
+    return index.assemble_queries(batches)
 
 
 def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def length_class(n: int) -> int:
     return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
-def _moved(obj, device: torch.device):
+def moved_to(obj, device: torch.device):
     """A copy of a dataclass with every tensor (and nested dataclass) on ``device``."""
     changes = {}
     for f in fields(obj):
@@ -33,57 +33,101 @@ def _moved(obj, device: torch.device):
         if isinstance(value, torch.Tensor):
             changes[f.name] = value.to(device)
         elif isinstance(value, list) and value and hasattr(value[0], "__dataclass_fields__"):
-            changes[f.name] = [_moved(item, device) for item in value]
+            changes[f.name] = [moved_to(item, device) for item in value]
         elif hasattr(value, "__dataclass_fields__"):
-            changes[f.name] = _moved(value, device)
+            changes[f.name] = moved_to(value, device)
     return replace(obj, **changes)
+
+
+def _long(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long).reshape(-1)
+
+
+@dataclass(eq=False)
+class RowSelection:
+    """Rows to take along dim 1 of a tensor: ``index``, or the range ``start .. start + len``
+    when the index is one (then taking them is a view, not a copy)."""
+
+    index: torch.Tensor
+    start: Optional[int]
+
+    @staticmethod
+    def of(rows: Sequence[int]) -> "RowSelection":
+        rows = list(rows)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+        return RowSelection(_long(rows), (rows[0] if rows else 0) if contiguous else None)
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor[:, rows]``."""
+        if self.start is not None:
+            return tensor[:, self.start : self.start + len(self)]
+        return tensor[:, self.index]
 
 
 @dataclass(eq=False)
 class PaddedRows:
-    """Packed rows of several sequences laid out as a padded ``(n, L)`` batch.
+    """Packed rows of several sequences laid out as a padded ``(count, width)`` batch.
 
     Attributes:
-        rows: ``(n, L)`` packed row of each slot (0 in padding slots).
-        valid: ``(n, L)`` bool, False in padding slots.
-        lengths: ``(n,)`` true length of each sequence.
-        flat_valid: ``(n_valid,)`` positions of the valid slots in the flattened ``n * L``.
-        valid_rows: ``(n_valid,)`` the packed rows of those slots.
-        padded: whether any slot is padding.
+        slots: the packed row behind each slot of the flattened ``count * width`` batch
+            (row 0 in padding slots).
+        valid: ``(count, width)`` bool, False in padding slots.
+        lengths: ``(count,)`` true length of each sequence.
+        flat_valid: ``(n_valid,)`` positions of the valid slots in the flattened batch.
+        valid_rows: the packed rows of the valid slots, in slot order (Python).
+        count, width: the batch shape; padded: whether any slot is padding.
     """
 
-    rows: torch.Tensor
+    slots: RowSelection
     valid: torch.Tensor
     lengths: torch.Tensor
     flat_valid: torch.Tensor
-    valid_rows: torch.Tensor
+    valid_rows: Tuple[int, ...]
+    count: int
+    width: int
     padded: bool
 
     @staticmethod
     def build(starts: Sequence[int], lengths: Sequence[int]) -> "PaddedRows":
         """Sequences ``i`` covering packed rows ``starts[i] .. starts[i] + lengths[i] - 1``."""
         width = max(lengths, default=0)
-        offsets = torch.arange(width)
-        length_tensor = torch.tensor(list(lengths), dtype=torch.long).reshape(-1)
-        valid = offsets.unsqueeze(0) < length_tensor.unsqueeze(1)
-        rows = torch.where(valid, torch.tensor(list(starts), dtype=torch.long).reshape(-1, 1) + offsets, 0)
-        flat_valid = valid.flatten().nonzero().flatten()
-        return PaddedRows(rows, valid, length_tensor, flat_valid, rows.flatten()[flat_valid], bool((~valid).any()))
+        slots = [start + i if i < length else 0 for start, length in zip(starts, lengths) for i in range(width)]
+        valid = [i < length for length in lengths for i in range(width)]
+        valid_rows = tuple(row for row, ok in zip(slots, valid) if ok)
+        return PaddedRows(
+            slots=RowSelection.of(slots),
+            valid=torch.tensor(valid, dtype=torch.bool).reshape(len(lengths), width),
+            lengths=_long(lengths),
+            flat_valid=_long(i for i, ok in enumerate(valid) if ok),
+            valid_rows=valid_rows,
+            count=len(lengths),
+            width=width,
+            padded=not all(valid),
+        )
 
     def gather(self, packed: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
-        """``packed (B, T, *f)`` to ``(B, n, L, *f)``; padding slots hold row 0, or zeros."""
-        batch = packed[:, self.rows]
+        """``packed (B, T, *f)`` to ``(B, count, width, *f)``; padding slots hold row 0, or zeros."""
+        batch = self.slots.take(packed).unflatten(1, (self.count, self.width))
         if zero_padding and self.padded:
             mask = self.valid.reshape(self.valid.shape + (1,) * (packed.dim() - 2))
             batch = batch * mask.to(batch.dtype)
         return batch
 
-    def scatter(self, target: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """Write the valid slots of ``batch (B, n, L, *f)`` into the rows of ``target (B, T, *f)``."""
+    def valid_part(self, batch: torch.Tensor) -> torch.Tensor:
+        """The valid slots of ``batch (B, count, width, *f)``: ``(B, n_valid, *f)``."""
         flat = batch.flatten(1, 2)
-        if self.padded:
-            flat = flat[:, self.flat_valid]
-        return target.index_copy(1, self.valid_rows, flat.to(target.dtype))
+        return flat[:, self.flat_valid] if self.padded else flat
+
+
+def _assembly(buckets_rows: Sequence[Tuple[int, ...]], total: int) -> RowSelection:
+    """Where each packed row sits in the concatenation of the buckets' valid rows."""
+    position = [0] * total
+    for place, row in enumerate(row for rows in buckets_rows for row in rows):
+        position[row] = place
+    return RowSelection.of(position)
 
 
 @dataclass(eq=False)
@@ -109,8 +153,8 @@ class SegmentIndex:
     """A group of segments over packed rows.
 
     Attributes:
-        query_source: ``(Tq,)`` row of the op's query input behind each packed query row.
-        key_source: ``(Tk,)`` row of the op's key/value input behind each packed key row.
+        query_source: the row of the op's query input behind each packed query row.
+        key_source: the row of the op's key/value input behind each packed key row.
         query_segment: ``(Tq,)`` segment of each packed query row.
         query_offset: ``(Tq,)`` position of the row within its segment.
         query_key_start: ``(Tq,)`` first packed key row of the row's key set.
@@ -120,13 +164,15 @@ class SegmentIndex:
         keyset_start: ``(S_k,)`` first packed key row of each key set; keyset_length: lengths.
         segment_buckets: padded batches of segments, by (length class of N, of M).
         keyset_buckets: padded batches of key sets, by length class.
+        query_assembly, key_assembly: packed rows from the concatenated valid rows of the
+            segment (key set) buckets, in bucket order.
         shapes: per segment ``(N_s, M_s)``; keyset_of: per segment its key set;
         keyset_sizes: per key set its length (Python values, for building derived indexes).
         n_queries: Tq; n_keys: Tk.
     """
 
-    query_source: torch.Tensor
-    key_source: torch.Tensor
+    query_source: RowSelection
+    key_source: RowSelection
     query_segment: torch.Tensor
     query_offset: torch.Tensor
     query_key_start: torch.Tensor
@@ -137,6 +183,8 @@ class SegmentIndex:
     keyset_length: torch.Tensor
     segment_buckets: List[SegmentBucket]
     keyset_buckets: List[KeysetBucket]
+    query_assembly: RowSelection
+    key_assembly: RowSelection
     shapes: Tuple[Tuple[int, int], ...]
     keyset_of: Tuple[int, ...]
     keyset_sizes: Tuple[int, ...]
@@ -158,14 +206,13 @@ class SegmentIndex:
         keyset_starts = [sum(keyset_lengths[:k]) for k in range(len(keyset_lengths))]
         n_queries, n_keys = sum(query_lengths), sum(keyset_lengths)
         segment_of_row = [s for s, n in enumerate(query_lengths) for _ in range(n)]
-        offset_of_row = [i for n in query_lengths for i in range(n)]
         shapes = tuple((n, keyset_lengths[k]) for n, k in zip(query_lengths, keyset_of))
         classes: dict = {}
         for s, (n, m) in enumerate(shapes):
             classes.setdefault((length_class(n), length_class(m)), []).append(s)
         segment_buckets = [
             SegmentBucket(
-                torch.tensor(members, dtype=torch.long),
+                _long(members),
                 PaddedRows.build([query_starts[s] for s in members], [shapes[s][0] for s in members]),
                 PaddedRows.build([keyset_starts[keyset_of[s]] for s in members], [shapes[s][1] for s in members]),
             )
@@ -175,26 +222,24 @@ class SegmentIndex:
         for k, m in enumerate(keyset_lengths):
             keyset_classes.setdefault(length_class(m), []).append(k)
         keyset_buckets = [
-            KeysetBucket(
-                torch.tensor(members, dtype=torch.long),
-                PaddedRows.build([keyset_starts[k] for k in members], [keyset_lengths[k] for k in members]),
-            )
+            KeysetBucket(_long(members), PaddedRows.build([keyset_starts[k] for k in members], [keyset_lengths[k] for k in members]))
             for members in keyset_classes.values()
         ]
-        long = lambda values: torch.tensor(list(values), dtype=torch.long).reshape(-1)  # noqa: E731
         return SegmentIndex(
-            query_source=long(range(n_queries) if query_source is None else query_source),
-            key_source=long(range(n_keys) if key_source is None else key_source),
-            query_segment=long(segment_of_row),
-            query_offset=long(offset_of_row),
-            query_key_start=long(keyset_starts[keyset_of[s]] for s in segment_of_row),
-            query_key_length=long(keyset_lengths[keyset_of[s]] for s in segment_of_row),
-            key_keyset=long(k for k, m in enumerate(keyset_lengths) for _ in range(m)),
-            segment_keyset=long(keyset_of),
-            keyset_start=long(keyset_starts),
-            keyset_length=long(keyset_lengths),
+            query_source=RowSelection.of(range(n_queries) if query_source is None else query_source),
+            key_source=RowSelection.of(range(n_keys) if key_source is None else key_source),
+            query_segment=_long(segment_of_row),
+            query_offset=_long(i for n in query_lengths for i in range(n)),
+            query_key_start=_long(keyset_starts[keyset_of[s]] for s in segment_of_row),
+            query_key_length=_long(keyset_lengths[keyset_of[s]] for s in segment_of_row),
+            key_keyset=_long(k for k, m in enumerate(keyset_lengths) for _ in range(m)),
+            segment_keyset=_long(keyset_of),
+            keyset_start=_long(keyset_starts),
+            keyset_length=_long(keyset_lengths),
             segment_buckets=segment_buckets,
             keyset_buckets=keyset_buckets,
+            query_assembly=_assembly([b.queries.valid_rows for b in segment_buckets], n_queries),
+            key_assembly=_assembly([b.keys.valid_rows for b in keyset_buckets], n_keys),
             shapes=shapes,
             keyset_of=tuple(keyset_of),
             keyset_sizes=tuple(keyset_lengths),
@@ -204,7 +249,25 @@ class SegmentIndex:
 
     def to(self, device: torch.device) -> "SegmentIndex":
         """A copy with every tensor on ``device``."""
-        return _moved(self, torch.device(device))
+        return moved_to(self, torch.device(device))
+
+    def pack_queries(self, query_input: torch.Tensor) -> torch.Tensor:
+        """Rows of the op's query input ``(B, Rq, *f)`` in packed order: ``(B, Tq, *f)``."""
+        return self.query_source.take(query_input)
+
+    def pack_keys(self, key_input: torch.Tensor) -> torch.Tensor:
+        """Rows of the op's key/value input ``(B, Rk, *f)`` in packed order: ``(B, Tk, *f)``."""
+        return self.key_source.take(key_input)
+
+    def assemble_queries(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per segment bucket, its padded result ``(B, count, width, *f)``, to ``(B, Tq, *f)``."""
+        parts = [bucket.queries.valid_part(batch) for bucket, batch in zip(self.segment_buckets, batches)]
+        return self.query_assembly.take(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+
+    def assemble_keys(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per key-set bucket, its padded result ``(B, count, width, *f)``, to ``(B, Tk, *f)``."""
+        parts = [bucket.keys.valid_part(batch) for bucket, batch in zip(self.keyset_buckets, batches)]
+        return self.key_assembly.take(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
     def broadcast_keysets(self, per_keyset: torch.Tensor) -> torch.Tensor:
         """Per-key-set values ``(B, S_k, *f)`` repeated for each packed query row: ``(B, Tq, *f)``."""

@@ -43,9 +43,8 @@ def segment_selective_scan(
     Returns:
         ``(Bt, Tk, channels)``.
     """
-    y = torch.zeros_like(x)
+    batches = []
     for bucket in index.keyset_buckets:
         fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: E731
-        scanned = selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D)
-        y = bucket.keys.scatter(y, scanned.unflatten(0, (x.shape[0], -1)))
-    return y
+        batches.append(selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D).unflatten(0, (x.shape[0], -1)))
+    return index.assemble_keys(batches)
