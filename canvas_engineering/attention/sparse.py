@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
 from canvas_engineering.attention.dot_product import ProjectedAttention
 from canvas_engineering.attention.validation import check_positive
+from canvas_engineering.ops.local import BlockedWindows, segment_local_attention
 from canvas_engineering.ops.segment_attention import segment_masked_attention
-from canvas_engineering.ops.segments import SegmentBucket, SegmentIndex
-
-
-def window_keep(query_lengths: torch.Tensor, key_lengths: torch.Tensor, n_queries: int, n_keys: int, window_size: int) -> torch.Tensor:
-    """The local window of sequences of ``(N_s, M_s)`` laid out ``n_queries x n_keys`` (padded).
-
-    Key m is placed at query position ``floor(m * N_s / M_s)`` and is in query i's window
-    when ``|i - floor(m * N_s / M_s)| <= window_size // 2``.
-
-    Returns:
-        bool ``(n, n_queries, n_keys)``.
-    """
-    device = query_lengths.device
-    query_pos = torch.arange(n_queries, device=device).view(1, -1, 1)
-    key_pos = torch.div(
-        torch.arange(n_keys, device=device).view(1, -1) * query_lengths.view(-1, 1),
-        key_lengths.clamp(min=1).view(-1, 1),
-        rounding_mode="floor",
-    )
-    return (query_pos - key_pos.unsqueeze(1)).abs() <= window_size // 2
+from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex
 
 
 class SparseAttention(ProjectedAttention):
@@ -59,7 +43,8 @@ class SparseAttention(ProjectedAttention):
 class LocalAttention(ProjectedAttention):
     """Windowed attention: query i sees key m when ``|i - floor(m * N / M)| <= window_size // 2``
     (keys are spread over the query positions when M != N). A query whose window holds no
-    key gets a zero attention output. O(N*W).
+    key gets a zero attention output. Queries run in blocks that read only the keys their
+    window can reach: O(N*W) work and memory when M ~ N.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -72,10 +57,17 @@ class LocalAttention(ProjectedAttention):
         super().__init__(d_model, n_heads, dropout)
         check_positive("LocalAttention", window_size=window_size)
         self.window_size = window_size
+        self._blocked = PerIndexCache()
 
-    def _keep_window(self, bucket: SegmentBucket, logits: torch.Tensor) -> torch.Tensor:
-        keep = window_keep(bucket.queries.lengths, bucket.keys.lengths, logits.shape[-2], logits.shape[-1], self.window_size)
-        return keep.unsqueeze(0).unsqueeze(2)
+    def _windows(self, index: SegmentIndex) -> List[BlockedWindows]:
+        cached_size, windows = self._blocked.get(index, lambda: (None, None))
+        if cached_size != self.window_size:
+            windows = [BlockedWindows.build(bucket, self.window_size) for bucket in index.segment_buckets]
+            self._blocked.clear()
+            self._blocked.get(index, lambda: (self.window_size, windows))
+        return windows
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_masked_attention(q, k, v, index, self.scale, select=self._keep_window, dropout=self.dropout)
+        return segment_local_attention(
+            q, k, v, index, self.scale, self.window_size, self._windows(index), dropout=self.dropout
+        )

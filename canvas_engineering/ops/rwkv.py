@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from canvas_engineering.ops.segments import SegmentIndex
 
 
-def wkv_scan(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def wkv_scan(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, eps: float = 1e-6, chunk: int = 64
+) -> torch.Tensor:
     """The WKV output at every step of each sequence.
 
     With ``e_s = exp(clamp(k_s, -10, 10))``, step t gives
     ``(sum_{s<t} exp((t-1-s) w) e_s v_s + exp(u) e_t v_t) / (sum_{s<t} exp((t-1-s) w) e_s + exp(u) e_t + eps)``.
+
+    Computed in chunks of ``chunk`` steps, all chunks at once: within a chunk the sums are
+    a product with the lower-triangular decay matrix ``exp((t-1-s) w)`` per channel; the sums
+    carried into each chunk come from a short loop over chunks. Every exponent of w is
+    ``<= 0``, so nothing grows beyond the sums themselves. O(L * chunk) work per channel.
 
     Args:
         k, v: ``(batch, L, H, d)``.
@@ -20,18 +28,33 @@ def wkv_scan(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
     Returns:
         ``(batch, L, H, d)``.
     """
-    k = k.clamp(-10.0, 10.0)
-    decay = torch.exp(w)
-    numerator = torch.zeros_like(v[:, 0])
-    denominator = torch.zeros_like(v[:, 0])
-    outputs = []
-    for t in range(k.shape[1]):
-        current = torch.exp(u + k[:, t])
-        outputs.append((numerator + current * v[:, t]) / (denominator + current + eps))
-        key_weight = torch.exp(k[:, t])
-        numerator = numerator * decay + key_weight * v[:, t]
-        denominator = denominator * decay + key_weight
-    return torch.stack(outputs, dim=1) if outputs else torch.zeros_like(v)
+    batch, length = k.shape[:2]
+    if length == 0:
+        return torch.zeros_like(v)
+    size = min(chunk, length)
+    n_chunks = -(-length // size)
+    pad = n_chunks * size - length
+    k = F.pad(k.clamp(-10.0, 10.0), (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, size))
+    v = F.pad(v, (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, size))
+    steps = torch.arange(size, device=k.device, dtype=w.dtype)
+    lag = steps.view(-1, 1) - 1 - steps.view(1, -1)
+    within = torch.exp(lag.clamp(min=0).view(size, size, 1, 1) * w) * (lag >= 0).view(size, size, 1, 1).to(w.dtype)
+    key_weight = torch.exp(k)
+    weighted = key_weight * v
+    to_end = torch.exp((size - 1 - steps).view(-1, 1, 1) * w)
+    chunk_numerator = torch.einsum("shd,bcshd->bchd", to_end, weighted)
+    chunk_denominator = torch.einsum("shd,bcshd->bchd", to_end, key_weight)
+    carry = torch.exp(size * w)
+    numerators, denominators = [torch.zeros_like(v[:, 0, 0])], [torch.zeros_like(v[:, 0, 0])]
+    for c in range(n_chunks - 1):
+        numerators.append(carry * numerators[-1] + chunk_numerator[:, c])
+        denominators.append(carry * denominators[-1] + chunk_denominator[:, c])
+    from_start = torch.exp(steps.view(-1, 1, 1) * w)
+    past_numerator = from_start * torch.stack(numerators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, weighted)
+    past_denominator = from_start * torch.stack(denominators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, key_weight)
+    current = torch.exp(u + k)
+    out = (past_numerator + current * v) / (past_denominator + current + eps)
+    return out.flatten(1, 2)[:, :length]
 
 
 def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
