@@ -19,6 +19,9 @@ ROW_SELECTION = {
     torch.ops.aten.index_put.default,
     torch.ops.aten.new_zeros.default,
     torch.ops.aten.slice_backward.default,
+    torch.ops.aten.index_select.default,
+    torch.ops.aten.index_add.default,
+    torch.ops.aten.zeros.default,
 }
 FUSED_PAIRS = {torch.ops.aten.addmm.default}
 

@@ -96,4 +96,4 @@ class CopyAttention(SegmentAttention):
             return value_rows.new_zeros(value_rows.shape[0], index.n_queries, value_rows.shape[2])
         source = index.key_source.index[(index.query_key_start + index.query_offset).clamp(max=index.n_keys - 1)]
         present = (index.query_offset < index.query_key_length).view(1, -1, 1)
-        return torch.where(present, value_rows[:, source], 0.0)
+        return torch.where(present, torch.index_select(value_rows, 1, source), 0.0)

@@ -119,10 +119,11 @@ class RandomFixedAttention(ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         table, valid = self._row_tables.get(index, lambda: self._row_table(index))
-        logits = torch.einsum("bthd,btkhd->bthk", q, k[:, table]) * self.scale
+        chosen = lambda t: torch.index_select(t, 1, table.flatten()).unflatten(1, table.shape)  # noqa: E731
+        logits = torch.einsum("bthd,btkhd->bthk", q, chosen(k)) * self.scale
         logits = logits.masked_fill(~valid.unsqueeze(0).unsqueeze(2), float("-inf"))
         weights = self.dropout(F.softmax(logits, dim=-1))
-        return torch.einsum("bthk,btkhd->bthd", weights, v[:, table])
+        return torch.einsum("bthk,btkhd->bthd", weights, chosen(v))
 
 
 class MixtureAttention(SegmentAttention):

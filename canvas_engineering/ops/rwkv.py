@@ -78,4 +78,4 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     )
     read = index.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)
-    return scanned[:, read] * has_keys
+    return torch.index_select(scanned, 1, read) * has_keys

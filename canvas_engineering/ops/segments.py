@@ -64,7 +64,7 @@ class RowSelection:
         """``tensor[:, rows]``."""
         if self.start is not None:
             return tensor[:, self.start : self.start + len(self)]
-        return tensor[:, self.index]
+        return torch.index_select(tensor, 1, self.index)
 
 
 @dataclass(eq=False)
@@ -271,7 +271,7 @@ class SegmentIndex:
 
     def broadcast_keysets(self, per_keyset: torch.Tensor) -> torch.Tensor:
         """Per-key-set values ``(B, S_k, *f)`` repeated for each packed query row: ``(B, Tq, *f)``."""
-        return per_keyset[:, self.segment_keyset[self.query_segment]]
+        return torch.index_select(per_keyset, 1, self.segment_keyset[self.query_segment])
 
 
 T = TypeVar("T")
