@@ -10,24 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Dict, Tuple
 
-from canvas_engineering import CanvasLayout, CanvasTopology, RegionSpec
-from canvas_engineering.recipes import RECIPES
+from canvas_engineering import CanvasLayout, CanvasTopology
+from canvas_engineering.recipes import RECIPES, field_and_two_strips
 
 D_MODEL, N_HEADS, BATCH = 256, 4, 2
 
 
 def causal_temporal(T: int = 16, grid: int = 16, d_model: int = D_MODEL) -> Tuple[CanvasTopology, CanvasLayout]:
     """Camera field (cross), proprioception (linear) and actions (cross), causal in time."""
-    half = grid // 2
-    layout = CanvasLayout(
-        T=T,
-        spatial_shape=(grid, grid),
-        d_model=d_model,
-        regions={
-            "camera": RegionSpec((0, T, 0, grid - 2, 0, grid)),
-            "proprio": RegionSpec((0, T, grid - 2, grid, 0, half), default_attn="linear_attention"),
-            "action": RegionSpec((0, T, grid - 2, grid, half, grid)),
-        },
+    layout = field_and_two_strips(
+        T, grid, d_model, ("camera", "cross_attention"), ("proprio", "linear_attention"), ("action", "cross_attention")
     )
     return CanvasTopology.causal_temporal(list(layout.regions)), layout
 

@@ -21,7 +21,7 @@ def _check_grid(grid: int) -> None:
         raise ValueError(f"recipes need an even grid of at least 4, got {grid}")
 
 
-def _field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str], left: Tuple[str, str], right: Tuple[str, str]) -> CanvasLayout:
+def field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str], left: Tuple[str, str], right: Tuple[str, str]) -> CanvasLayout:
     """A layout with a large field (all rows but the last two) and the last two rows split
     into a left and a right strip; each region is given as ``(name, default_attn)``."""
     _check_grid(grid)
@@ -38,7 +38,7 @@ def _field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str
 def robot_manipulation(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
     """Visual field (cross), proprioception (linear), actions (cross); actions read the
     visual field, and the proprioceptive state is injected into the actions by pooling."""
-    layout = _field_and_two_strips(
+    layout = field_and_two_strips(
         T, grid, d_model, ("visual", "cross_attention"), ("proprio", "linear_attention"), ("action", "cross_attention")
     )
     topology = CanvasTopology(
@@ -57,7 +57,7 @@ def embodied_agent(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
     """Perception (cross), memory (mamba), policy (cross); perception retrieves memory
     through a gate, memory compresses perception through perceiver latents, and the
     policy reads both."""
-    layout = _field_and_two_strips(
+    layout = field_and_two_strips(
         T, grid, d_model, ("perception", "cross_attention"), ("memory", "mamba"), ("policy", "cross_attention")
     )
     topology = CanvasTopology(
