@@ -1,10 +1,20 @@
-"""Shared test helpers: the relative-error check used by every numerical comparison."""
+"""Shared test helpers: the relative-error checks used by every numerical comparison.
+
+Without a GPU, the Triton kernels are defined in interpreter mode (the variable must be set
+before the kernels are imported); they then run on CPU tensors inside
+``canvas_engineering.ops.backend.interpreted_triton()`` only.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> float:

@@ -14,11 +14,7 @@ from einops import rearrange
 
 from canvas_engineering.attention.validation import check_heads, check_qkv
 from canvas_engineering.ops.linear import segment_linear_attention
-from canvas_engineering.ops.segment_attention import (
-    segment_masked_attention,
-    segment_sigmoid_attention,
-    segment_softmax_attention,
-)
+from canvas_engineering.ops.segment_attention import segment_attention
 from canvas_engineering.ops.segments import SegmentIndex, single_segment
 
 
@@ -99,7 +95,7 @@ class CrossAttention(ProjectedAttention):
     """Standard multi-head scaled dot-product attention with softmax. O(N*M)."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_softmax_attention(q, k, v, index, self.scale, self.attention_dropout)
+        return segment_attention(q, k, v, index, self.scale, dropout_p=self.attention_dropout)
 
 
 class LinearAttention(ProjectedAttention):
@@ -124,11 +120,11 @@ class CosineAttention(ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        return segment_masked_attention(q, k, v, index, self.temperature, dropout=self.dropout)
+        return segment_attention(q, k, v, index, self.temperature, dropout_p=self.attention_dropout)
 
 
 class SigmoidAttention(ProjectedAttention):
     """Each query gates each key independently: ``sigmoid(q k^T * scale) v``. O(N*M)."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_sigmoid_attention(q, k, v, index, self.scale, dropout=self.dropout)
+        return segment_attention(q, k, v, index, self.scale, sigmoid=True, dropout_p=self.attention_dropout)

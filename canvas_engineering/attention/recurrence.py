@@ -14,7 +14,7 @@ from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
 from canvas_engineering.ops.fftconv import fft_length, segment_fft_conv
 from canvas_engineering.ops.rwkv import segment_wkv
-from canvas_engineering.ops.segment_attention import segment_softmax_attention
+from canvas_engineering.ops.segment_attention import segment_attention
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 from canvas_engineering.ops.selective_scan import segment_selective_scan
 
@@ -66,7 +66,7 @@ class MambaAttention(SegmentAttention):
         y = segment_selective_scan(pack(x), pack(dt), -torch.exp(self.A_log), pack(B), pack(C), self.D, index)
         context = (y * F.silu(pack(z))).unsqueeze(2)
         queries = index.pack_queries(self.norm(query_rows)).unsqueeze(2)
-        readout = segment_softmax_attention(queries, context, context, index, self.d_model**-0.5)
+        readout = segment_attention(queries, context, context, index, self.d_model**-0.5)
         return self.out_proj(readout.squeeze(2))
 
 

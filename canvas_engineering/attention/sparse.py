@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from canvas_engineering.attention.dot_product import ProjectedAttention
 from canvas_engineering.attention.validation import check_positive
-from canvas_engineering.ops.local import BlockedWindows, segment_local_attention
-from canvas_engineering.ops.segment_attention import segment_masked_attention
-from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex
+from canvas_engineering.ops.segment_attention import segment_attention
+from canvas_engineering.ops.segments import SegmentIndex
 
 
 class SparseAttention(ProjectedAttention):
@@ -29,15 +26,8 @@ class SparseAttention(ProjectedAttention):
         check_positive("SparseAttention", top_k=top_k)
         self.top_k = top_k
 
-    def _keep_top_k(self, bucket: SegmentBucket, logits: torch.Tensor) -> torch.Tensor:
-        """Keep each row's logits >= its k-th largest, k = min(top_k, M_s)."""
-        largest = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values
-        kth = (bucket.keys.lengths.clamp(max=self.top_k) - 1).view(1, -1, 1, 1, 1)
-        threshold = largest.gather(-1, kth.expand(largest.shape[:-1] + (1,)))
-        return logits >= threshold
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_masked_attention(q, k, v, index, self.scale, select=self._keep_top_k)
+        return segment_attention(q, k, v, index, self.scale, top_k=self.top_k)
 
 
 class LocalAttention(ProjectedAttention):
@@ -57,17 +47,6 @@ class LocalAttention(ProjectedAttention):
         super().__init__(d_model, n_heads, dropout)
         check_positive("LocalAttention", window_size=window_size)
         self.window_size = window_size
-        self._blocked = PerIndexCache()
-
-    def _windows(self, index: SegmentIndex) -> List[BlockedWindows]:
-        cached_size, windows = self._blocked.get(index, lambda: (None, None))
-        if cached_size != self.window_size:
-            windows = [BlockedWindows.build(bucket, self.window_size) for bucket in index.segment_buckets]
-            self._blocked.clear()
-            self._blocked.get(index, lambda: (self.window_size, windows))
-        return windows
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_local_attention(
-            q, k, v, index, self.scale, self.window_size, self._windows(index), dropout=self.dropout
-        )
+        return segment_attention(q, k, v, index, self.scale, window=self.window_size, dropout_p=self.attention_dropout)

@@ -9,13 +9,12 @@ reads only that range (padded to the widest range of its bucket).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.segment_attention import masked_softmax
-from canvas_engineering.ops.segments import SegmentBucket, SegmentIndex, length_class
+from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex, length_class
 
 
 def _ceil_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,15 +62,40 @@ class BlockedWindows:
         return BlockedWindows(block, n_blocks, width, key_slot.clamp(max=max(bucket.keys.width - 1, 0)), key_valid)
 
 
+_windows = PerIndexCache()
+
+
+def blocked_windows(index: SegmentIndex, window_size: int) -> List[BlockedWindows]:
+    """The blocked key ranges of every segment bucket of ``index`` (cached per index and window)."""
+    by_window = _windows.get(index, dict)
+    if window_size not in by_window:
+        by_window[window_size] = [BlockedWindows.build(bucket, window_size) for bucket in index.segment_buckets]
+    return by_window[window_size]
+
+
+def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the kept entries of the last axis; rows that keep nothing are zeros.
+
+    Args:
+        logits: ``(..., M)``.
+        keep: bool, broadcastable to ``logits``.
+    """
+    masked = logits.masked_fill(~keep, float("-inf"))
+    row_max = masked.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(masked - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
 def segment_local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     index: SegmentIndex,
-    scale: float,
+    scale: Union[float, torch.Tensor],
     window_size: int,
-    windows: List[BlockedWindows],
-    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention of each query over the keys in its window; a query whose window
     holds no key gets zeros.
@@ -81,14 +105,13 @@ def segment_local_attention(
         index: the segments.
         scale: multiplies the logits.
         window_size: W.
-        windows: ``BlockedWindows.build(bucket, window_size)`` per segment bucket.
-        dropout: on the attention weights.
+        dropout_p: dropout on the attention weights.
 
     Returns:
         ``(B, Tq, H, d)``.
     """
     batches = []
-    for bucket, blocks in zip(index.segment_buckets, windows):
+    for bucket, blocks in zip(index.segment_buckets, blocked_windows(index, window_size)):
         queries = bucket.queries.gather(q)
         batch, members, width = queries.shape[:3]
         if blocks.width == 0:
@@ -109,8 +132,8 @@ def segment_local_attention(
             window_size,
         ) & blocks.key_valid.unsqueeze(2)
         weights = masked_softmax(logits, keep.unsqueeze(1))
-        if dropout is not None:
-            weights = dropout(weights)
+        if dropout_p:
+            weights = F.dropout(weights, dropout_p)
         attended = torch.einsum("bnhjqk,bnjkhd->bnjqhd", weights, values).flatten(2, 3)[:, :, :width]
         batches.append(attended)
     return index.assemble_queries(batches)

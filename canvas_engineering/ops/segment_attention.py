@@ -1,21 +1,202 @@
-"""Attention over packed segments: softmax (optionally masked), and sigmoid gating.
+"""Attention over packed segments: softmax (plain, windowed or top-k) and sigmoid gating.
 
 Queries ``q (B, Tq, H, d)`` are the packed query rows of a :class:`SegmentIndex`; keys and
 values ``(B, Tk, H, d)`` its packed key rows. Each query attends only to the keys of its
-own segment's key set. Outputs are ``(B, Tq, H, d_v)``.
+own segment's key set. Outputs are ``(B, Tq, H, d)``.
+
+:func:`segment_attention` is the entry point. It runs the Triton kernels of
+``canvas_engineering.kernels.segment_attention`` (through the custom op
+``canvas_engineering::segment_attention``) where :func:`use_triton` says so, for head dims up
+to 128 and without attention dropout; otherwise the eager versions below, which pad
+segments of similar length into batches.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.segments import SegmentBucket, SegmentIndex
+from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.local import masked_softmax, segment_local_attention
+from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentBucket, SegmentIndex
 
 KeySelector = Callable[[SegmentBucket, torch.Tensor], torch.Tensor]
 """(bucket, logits (B, n, H, Lq, Lk) with padding at -inf) -> bool keep mask, broadcastable."""
+
+KERNEL_BLOCK_ROWS = 16
+"""Rows per query and key block in the kernel block tables (the kernels' BLOCK_M and BLOCK_N)."""
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SegmentIndex,
+    scale: Union[float, torch.Tensor],
+    *,
+    window: int = 0,
+    top_k: int = 0,
+    sigmoid: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of each query over its key set.
+
+    Args:
+        q: ``(B, Tq, H, d)``; k, v: ``(B, Tk, H, d)``.
+        index: the segments.
+        scale: multiplies the logits (a tensor, e.g. a learned temperature, is allowed).
+        window: if > 0, query i sees key m only when ``|i - floor(m N / M)| <= window // 2``.
+        top_k: if > 0, a query sees only the keys whose logit is ``>=`` its k-th largest.
+        sigmoid: ``sigmoid(logit)`` weights, not normalised, instead of a softmax.
+        dropout_p: dropout on the attention weights (eager only).
+
+    Returns:
+        ``(B, Tq, H, d)``; a query that sees no key gets zeros.
+    """
+    if use_triton(q) and q.shape[-1] <= 128 and dropout_p == 0.0:
+        return _triton_segment_attention(q, k, v, index, scale, window, top_k, sigmoid)
+    if sigmoid:
+        return segment_sigmoid_attention(q, k, v, index, scale, dropout_p)
+    if window:
+        return segment_local_attention(q, k, v, index, scale, window, dropout_p)
+    if top_k:
+        return segment_masked_attention(q, k, v, index, scale, select=keep_top_k(top_k), dropout_p=dropout_p)
+    if isinstance(scale, torch.Tensor):
+        return segment_masked_attention(q, k, v, index, scale, dropout_p=dropout_p)
+    return segment_softmax_attention(q, k, v, index, scale, dropout_p)
+
+
+def keep_top_k(top_k: int) -> KeySelector:
+    """A selector keeping each row's logits ``>=`` its k-th largest, k = min(top_k, M_s)."""
+
+    def select(bucket: SegmentBucket, logits: torch.Tensor) -> torch.Tensor:
+        largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values
+        kth = (bucket.keys.lengths.clamp(max=top_k) - 1).view(1, -1, 1, 1, 1)
+        threshold = largest.gather(-1, kth.expand(largest.shape[:-1] + (1,)))
+        return logits >= threshold
+
+    return select
+
+
+@dataclass(eq=False)
+class KernelTables:
+    """What the kernels need of a :class:`SegmentIndex`: int32 segment offsets with one key
+    range per segment (``segment_keys`` copies each segment's key set out of the packed key
+    rows), and the query- and key-block tables."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    q_block_segment: torch.Tensor
+    q_block_start: torch.Tensor
+    k_block_segment: torch.Tensor
+    k_block_start: torch.Tensor
+    segment_keys: RowSelection
+
+    @staticmethod
+    def build(index: SegmentIndex) -> "KernelTables":
+        device = index.query_segment.device
+        keyset_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+        offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)  # noqa: E731
+
+        def blocks(lengths: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+            pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, KERNEL_BLOCK_ROWS)]
+            return (torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
+                    torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device))
+
+        query_lengths = [n for n, _ in index.shapes]
+        key_lengths = [m for _, m in index.shapes]
+        segment_keys = RowSelection.of([keyset_starts[k] + i for k, m in zip(index.keyset_of, key_lengths) for i in range(m)])
+        return KernelTables(
+            offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths), *blocks(key_lengths),
+            RowSelection(segment_keys.index.to(device), segment_keys.start),
+        )
+
+
+_kernel_tables = PerIndexCache()
+
+
+@torch.library.custom_op("canvas_engineering::segment_attention", mutates_args=())
+def _segment_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
+    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    scale: float, window: int, top_k: int, sigmoid: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, threshold) of the Triton forward; threshold is empty unless top_k > 0."""
+    from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_threshold
+
+    threshold = None
+    if top_k:
+        threshold = segment_topk_threshold(q, k, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, top_k)
+    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, window, threshold, sigmoid)
+    return out, lse, threshold if threshold is not None else lse.new_empty(0)
+
+
+@_segment_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, window, top_k, sigmoid):
+    statistics = (q.shape[0], q.shape[2], q.shape[1])
+    lse = q.new_empty(statistics, dtype=torch.float32)
+    return torch.empty_like(q), lse, q.new_empty(statistics if top_k else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("canvas_engineering::segment_attention_backward", mutates_args=())
+def _segment_attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, threshold: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
+    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    scale: float, window: int, top_k: int, sigmoid: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the Triton backward."""
+    from canvas_engineering.kernels.segment_attention import segment_attention_bwd
+
+    return segment_attention_bwd(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q_block_segment, q_block_start, k_block_segment, k_block_start,
+        scale, window, threshold if top_k else None, sigmoid,
+    )
+
+
+@_segment_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, threshold, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, window, top_k, sigmoid):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *tables, scale, window, top_k, sigmoid = inputs
+    out, lse, threshold = output
+    ctx.save_for_backward(q, k, v, out, lse, threshold, *tables)
+    ctx.options = (scale, window, top_k, sigmoid)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_threshold):
+    q, k, v, out, lse, threshold, *tables = ctx.saved_tensors
+    dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, threshold, *tables, *ctx.options)
+    return (dq, dk, dv) + (None,) * 10
+
+
+_segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex,
+    scale: Union[float, torch.Tensor], window: int, top_k: int, sigmoid: bool,
+) -> torch.Tensor:
+    tables = _kernel_tables.get(index, lambda: KernelTables.build(index))
+    if isinstance(scale, torch.Tensor):
+        q, scale = q * scale, 1.0
+    k, v = tables.segment_keys.take(k).contiguous(), tables.segment_keys.take(v).contiguous()
+    out, _, _ = _segment_attention_op(
+        q.contiguous(), k, v, tables.cu_seqlens_q, tables.cu_seqlens_k,
+        tables.q_block_segment, tables.q_block_start, tables.k_block_segment, tables.k_block_start,
+        float(scale), int(window), int(top_k), bool(sigmoid),
+    )
+    return out
 
 
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: SegmentBucket):
@@ -48,12 +229,12 @@ def segment_masked_attention(
     index: SegmentIndex,
     scale: Union[float, torch.Tensor],
     select: Optional[KeySelector] = None,
-    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention over the keys that ``select`` keeps (all keys when None).
 
     The logits ``q . k * scale`` are formed per bucket; a query that keeps no key gets zeros
-    (not NaN). ``dropout`` applies to the attention weights.
+    (not NaN). ``dropout_p`` applies to the attention weights.
     """
     batches = []
     for bucket in index.segment_buckets:
@@ -66,16 +247,13 @@ def segment_masked_attention(
         logits = logits.masked_fill(~keep, float("-inf"))
         if select is not None:
             keep = keep & select(bucket, logits)
-        weights = masked_softmax(logits, keep)
-        if dropout is not None:
-            weights = dropout(weights)
+        weights = F.dropout(masked_softmax(logits, keep), dropout_p) if dropout_p else masked_softmax(logits, keep)
         batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", weights, vp))
     return index.assemble_queries(batches)
 
 
 def segment_sigmoid_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, scale: float,
-    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """``sigmoid(q . k * scale)`` weights (no normalisation) over each query's key set."""
     batches = []
@@ -84,22 +262,7 @@ def segment_sigmoid_attention(
         gates = torch.sigmoid(torch.einsum("bnqhd,bnkhd->bnhqk", qp, kp) * scale)
         if bucket.keys.padded:
             gates = gates * bucket.keys.valid[None, :, None, None, :].to(gates.dtype)
-        if dropout is not None:
-            gates = dropout(gates)
+        if dropout_p:
+            gates = F.dropout(gates, dropout_p)
         batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", gates, vp))
     return index.assemble_queries(batches)
-
-
-def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the kept entries of the last axis; rows that keep nothing are zeros.
-
-    Args:
-        logits: ``(..., M)``.
-        keep: bool, broadcastable to ``logits``.
-    """
-    masked = logits.masked_fill(~keep, float("-inf"))
-    row_max = masked.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(masked - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))

@@ -1,0 +1,72 @@
+"""Compiles every Triton kernel, in its main configurations, to sm_90 machine code on this
+machine (Triton's bundled ptxas; no GPU needed). Run without TRITON_INTERPRET.
+
+Usage: ``python compile_for_hopper.py`` prints one line per configuration and exits non-zero
+if any fails to compile.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from canvas_engineering.kernels import segment_attention as attention
+
+STATISTICS = {"LSE", "THRESHOLD", "DELTA"}
+INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "block_segment", "block_start"}
+FLOATS = {"scale"}
+
+
+def signature(kernel, data_type: str) -> dict:
+    """Triton signature types for a kernel's arguments: data pointers in ``data_type``."""
+    types = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            types[name] = "constexpr"
+        elif name in STATISTICS:
+            types[name] = "*fp32"
+        elif name in INT_POINTERS:
+            types[name] = "*i32"
+        elif name in FLOATS:
+            types[name] = "fp32"
+        elif name.isupper():
+            types[name] = f"*{data_type}"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def attention_configs():
+    shared = {"BLOCK_M": attention.BLOCK_M, "BLOCK_N": attention.BLOCK_N}
+    variants = [
+        ("bf16", 64, {"WINDOW": 8, "USE_THRESHOLD": False, "SIGMOID": False}),
+        ("fp32", 128, {"WINDOW": 0, "USE_THRESHOLD": True, "SIGMOID": False}),
+        ("fp16", 16, {"WINDOW": 0, "USE_THRESHOLD": False, "SIGMOID": True}),
+    ]
+    for kernel in (attention.segment_attention_fwd_kernel, attention.segment_attention_bwd_dkdv_kernel, attention.segment_attention_bwd_dq_kernel):
+        for data_type, head_dim, flags in variants:
+            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), **shared, **flags}
+    for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
+        yield attention.segment_topk_threshold_kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **shared}
+
+
+def main() -> int:
+    failures = 0
+    for kernel, data_type, constexprs in attention_configs():
+        label = f"{kernel.fn.__name__} {data_type} {constexprs}"
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature(kernel, data_type), constexprs), target=GPUTarget("cuda", 90, 32))
+            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
+        except Exception:
+            failures += 1
+            print(f"FAIL {label}\n{traceback.format_exc()}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

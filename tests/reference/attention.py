@@ -1,0 +1,40 @@
+"""Naive attention over packed segments: a loop over segments, dense scores, float64."""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q, cu_seqlens_k, scale: float,
+    window: int = 0, top_k: int = 0, sigmoid: bool = False,
+) -> torch.Tensor:
+    """q ``(B, Tq, H, D)``, k, v ``(B, Tk, H, D)`` with segment offsets -> ``(B, Tq, H, D)``.
+
+    Softmax (or sigmoid) attention of each segment's queries over its keys, keeping key m
+    for query i only when ``|i - floor(m N / M)| <= window // 2`` (window > 0) and when its
+    logit is ``>=`` the row's k-th largest (top_k > 0); a row keeping nothing is zero.
+    """
+    out = torch.zeros_like(q)
+    cu_q, cu_k = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = q[:, cu_q[s] : cu_q[s + 1]], k[:, cu_k[s] : cu_k[s + 1]], v[:, cu_k[s] : cu_k[s + 1]]
+        n, m = qs.shape[1], ks.shape[1]
+        if n == 0 or m == 0:
+            continue
+        logits = torch.einsum("bnhd,bmhd->bhnm", qs, ks) * scale
+        keep = torch.ones(n, m, dtype=torch.bool)
+        if window:
+            placed = torch.tensor([(j * n) // m for j in range(m)])
+            keep &= (torch.arange(n).view(-1, 1) - placed.view(1, -1)).abs() <= window // 2
+        keep = keep.expand_as(logits)
+        if top_k:
+            threshold = logits.topk(min(top_k, m), dim=-1).values[..., -1:]
+            keep = keep & (logits >= threshold)
+        if sigmoid:
+            weights = torch.sigmoid(logits) * keep
+        else:
+            masked = logits.masked_fill(~keep, float("-inf"))
+            weights = torch.softmax(masked, dim=-1).nan_to_num(0.0)
+        out[:, cu_q[s] : cu_q[s + 1]] = torch.einsum("bhnm,bmhd->bnhd", weights, vs)
+    return out

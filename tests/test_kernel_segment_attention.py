@@ -1,0 +1,111 @@
+"""The segment attention Triton kernels (interpreter on CPU, compiled on CUDA) against the
+naive float64 oracle: outputs and the gradients of q, k and v."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import relative_error
+from reference.attention import segment_attention_reference
+
+triton = pytest.importorskip("triton", reason="the kernel tests need triton (the 'triton' extra)")
+
+from canvas_engineering.kernels.segment_attention import (  # noqa: E402
+    BLOCK_M,
+    BLOCK_N,
+    segment_attention_bwd,
+    segment_attention_fwd,
+    segment_topk_threshold,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2}
+
+
+def offsets(lengths):
+    return torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)
+
+
+def blocks(lengths, size):
+    pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, size)]
+    return (torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE),
+            torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE))
+
+
+def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, duplicate_keys=False, seed=0):
+    """Kernel forward and backward against the oracle; returns the four relative errors."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2
+    q = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
+    k = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
+    v = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
+    if duplicate_keys:
+        k[:, 1::2] = k[:, 0:-1:2][:, : k[:, 1::2].shape[1]]
+    grad_out = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
+    q, k, v, grad_out = (t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out))
+    cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
+    q_blocks, k_blocks = blocks(query_lengths, BLOCK_M), blocks(key_lengths, BLOCK_N)
+    scale = head_dim**-0.5
+    threshold = segment_topk_threshold(q, k, cu_q, cu_k, *q_blocks, scale, top_k) if top_k else None
+    out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, window, threshold, sigmoid)
+    dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, window, threshold, sigmoid)
+
+    exact = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
+    expected = segment_attention_reference(*exact, cu_q.cpu(), cu_k.cpu(), scale, window, top_k, sigmoid)
+    expected.backward(grad_out.cpu().double())
+    return [relative_error(a.cpu(), b) for a, b in zip((out, dq, dk, dv), (expected, *(t.grad for t in exact)))]
+
+
+RAGGED = ([5, 0, 1, 37, 20, 16], [9, 4, 3, 20, 37, 16])
+CASES = {
+    "softmax": dict(),
+    "local_w1": dict(window=1),
+    "local_w5": dict(window=5),
+    "local_w33": dict(window=33),
+    "top1": dict(top_k=1),
+    "top3": dict(top_k=3),
+    "top3_ties": dict(top_k=3, duplicate_keys=True),
+    "sigmoid": dict(sigmoid=True),
+    "sigmoid_local": dict(sigmoid=True, window=3),
+}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an unwritten element cannot pass."""
+    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ragged_segments_match_the_oracle(case, dtype):
+    errors = run_case(*RAGGED, heads=2, head_dim=24, dtype=dtype, **CASES[case])
+    assert max(errors) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_head_dims(head_dim):
+    errors = run_case([17, 3], [5, 30], heads=1, head_dim=head_dim, dtype=torch.float32, window=4)
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.gpu
+def test_many_queries_few_keys_leave_empty_windows():
+    """N >> M with a window of 1: most queries see no key and must come out as zeros."""
+    errors = run_case([40], [3], heads=2, head_dim=16, dtype=torch.float32, window=1)
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+def test_threshold_is_the_kth_largest_logit():
+    query_lengths, key_lengths = [3, 18], [7, 18]
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 21, 1, 16, generator=generator).to(DEVICE)
+    k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
+    threshold = segment_topk_threshold(q, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK_M), 0.5, 4)
+    for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
+        logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5
+        expected = logits.topk(4, dim=-1).values[:, -1]
+        assert torch.allclose(threshold[0, 0, start_q : start_q + query_lengths[s]].double().cpu(), expected.cpu(), rtol=1e-5)
