@@ -1,7 +1,10 @@
 """The modules and the dispatcher give the same results through the Triton kernels
-(interpreter on CPU) as through the eager ops, and the custom op passes torch's checks."""
+(compiled on CUDA, the interpreter on CPU) as through the eager ops, and the custom op
+passes torch's checks."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -9,24 +12,34 @@ import torch
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, create_attention  # noqa: E402
-from canvas_engineering.ops.backend import interpreted_triton  # noqa: E402
+from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
 from canvas_engineering.ops.segment_attention import KernelTables, _segment_attention_op  # noqa: E402
 from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
 from conftest import assert_all_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 1e-5 if DEVICE == "cpu" else 3e-3  # CUDA: TF32 matrix products
+
+
+def kernels():
+    """The context that runs the Triton kernels on DEVICE."""
+    return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
+
 
 OPTIONS = {"sparse_attention": {"top_k": 3}, "local_attention": {"window_size": 3}, "perceiver": {"n_latents": 4}, "mamba": {"state_size": 4}}
 
 
 def results(run, inputs, module):
     """Output and the gradients of the inputs and parameters of ``run(*inputs)``."""
-    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    leaves = [t.to(DEVICE).requires_grad_(True) for t in inputs]
     output = run(*leaves)
-    cotangent = torch.randn(output.shape, generator=torch.Generator().manual_seed(7))
+    cotangent = torch.randn(output.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     grads = torch.autograd.grad(output, [*leaves, *module.parameters()], cotangent, allow_unused=True)
     names = [f"input{i}" for i in range(len(leaves))] + [n for n, _ in module.named_parameters()]
     return {"output": output, **dict(zip(names, grads))}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "name",
     ["cross_attention", "cosine_attention", "sigmoid_attention", "sparse_attention", "local_attention",
@@ -34,14 +47,16 @@ def results(run, inputs, module):
 )
 def test_module_kernels_match_eager(name):
     torch.manual_seed(0)
-    module = create_attention(name, d_model=32, n_heads=2, **OPTIONS.get(name, {}))
+    module = create_attention(name, d_model=32, n_heads=2, **OPTIONS.get(name, {})).to(DEVICE)
     inputs = (torch.randn(2, 11, 32), torch.randn(2, 19, 32), torch.randn(2, 19, 32))
-    eager = results(module, inputs, module)
-    with interpreted_triton():
-        kernels = results(module, inputs, module)
-    assert_all_close(kernels, eager, tolerance=1e-5, zero_floor=1e-7)
+    with eager_ops():
+        eager = results(module, inputs, module)
+    with kernels():
+        through_kernels = results(module, inputs, module)
+    assert_all_close(through_kernels, eager, tolerance=TOLERANCE, zero_floor=1e-7)
 
 
+@pytest.mark.gpu
 def test_dispatcher_kernels_match_eager():
     layout = CanvasLayout(
         T=3, spatial_shape=(3, 6), d_model=32,
@@ -51,21 +66,23 @@ def test_dispatcher_kernels_match_eager():
         [Connection("a", "a"), Connection("a", "b", t_src=0, t_dst=0, temporal_fill="interpolate"), Connection("b", "a", fn="cross_attention"), Connection("b", "b", t_src=0, t_dst=-1)]
     )
     torch.manual_seed(0)
-    dispatcher = AttentionDispatcher(topology, layout, d_model=32, n_heads=2)
+    dispatcher = AttentionDispatcher(topology, layout, d_model=32, n_heads=2).to(DEVICE)
     x = (torch.randn(2, layout.num_positions, 32),)
-    eager = results(dispatcher, x, dispatcher)
-    with interpreted_triton():
-        kernels = results(dispatcher, x, dispatcher)
-    assert_all_close(kernels, eager, tolerance=1e-5, zero_floor=1e-7)
+    with eager_ops():
+        eager = results(dispatcher, x, dispatcher)
+    with kernels():
+        through_kernels = results(dispatcher, x, dispatcher)
+    assert_all_close(through_kernels, eager, tolerance=TOLERANCE, zero_floor=1e-7)
 
 
+@pytest.mark.gpu
 def test_custom_op_passes_opcheck():
-    index = SegmentIndex.build([5, 3], [0, 1], [4, 6])
+    index = SegmentIndex.build([5, 3], [0, 1], [4, 6]).to(DEVICE)
     tables = KernelTables.build(index)
-    q = torch.randn(1, 8, 2, 16, requires_grad=True)
-    k = torch.randn(1, 10, 2, 16, requires_grad=True)
-    v = torch.randn(1, 10, 2, 16, requires_grad=True)
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
     args = (q, k, v, tables.cu_seqlens_q, tables.cu_seqlens_k, tables.q_block_segment, tables.q_block_start,
             tables.k_block_segment, tables.k_block_start, 0.25, 3, 0, False)
-    with interpreted_triton():
+    with kernels():
         torch.library.opcheck(_segment_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

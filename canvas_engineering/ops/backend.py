@@ -1,9 +1,9 @@
 """Where the ops run: the Triton kernels for CUDA tensors, eager PyTorch otherwise.
 
 Triton is optional: without it (or with ``CANVAS_DISABLE_TRITON=1``) everything runs
-eagerly. On CPU tensors the kernels run only through Triton's interpreter, and only inside
-:func:`interpreted_triton` (the kernel tests): ``TRITON_INTERPRET=1`` must be set before the
-kernels are imported.
+eagerly, and :func:`eager_ops` forces the eager versions within a block. On CPU tensors the
+kernels run only through Triton's interpreter, and only inside :func:`interpreted_triton`
+(the kernel tests): ``TRITON_INTERPRET=1`` must be set before the kernels are imported.
 """
 
 from __future__ import annotations
@@ -22,22 +22,32 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def interpreted_triton() -> Iterator[None]:
-    """Run the Triton kernels on CPU tensors through the interpreter, within the block."""
-    if not (HAS_TRITON and INTERPRETING):
-        raise RuntimeError("interpreted_triton() needs triton installed and TRITON_INTERPRET=1 set before import")
-    previous = getattr(_local, "interpreting", False)
-    _local.interpreting = True
+def _mode(mode: str) -> Iterator[None]:
+    previous = getattr(_local, "mode", None)
+    _local.mode = mode
     try:
         yield
     finally:
-        _local.interpreting = previous
+        _local.mode = previous
+
+
+def interpreted_triton():
+    """Within the block, run the Triton kernels on CPU tensors through the interpreter."""
+    if not (HAS_TRITON and INTERPRETING):
+        raise RuntimeError("interpreted_triton() needs triton installed and TRITON_INTERPRET=1 set before import")
+    return _mode("interpret")
+
+
+def eager_ops():
+    """Within the block, run every op's eager PyTorch version, on any device."""
+    return _mode("eager")
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op on ``tensor`` runs its Triton kernel."""
-    if not HAS_TRITON:
+    mode = getattr(_local, "mode", None)
+    if not HAS_TRITON or mode == "eager":
         return False
     if tensor.is_cuda:
         return True
-    return INTERPRETING and getattr(_local, "interpreting", False)
+    return INTERPRETING and mode == "interpret"

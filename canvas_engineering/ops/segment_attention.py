@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from canvas_engineering.ops.backend import use_triton
 from canvas_engineering.ops.local import masked_softmax, segment_local_attention
@@ -222,6 +223,11 @@ def segment_softmax_attention(
     return index.assemble_queries(batches)
 
 
+SCORE_BUDGET = 1 << 22
+"""Most score elements (batch x members x heads x rows x keys) the eager masked attention
+holds at once; larger buckets run in row chunks, each recomputed in the backward pass."""
+
+
 def segment_masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,22 +239,38 @@ def segment_masked_attention(
 ) -> torch.Tensor:
     """Softmax attention over the keys that ``select`` keeps (all keys when None).
 
-    The logits ``q . k * scale`` are formed per bucket; a query that keeps no key gets zeros
-    (not NaN). ``dropout_p`` applies to the attention weights.
+    The logits ``q . k * scale`` are formed per bucket, in chunks of rows that keep at most
+    :data:`SCORE_BUDGET` scores alive (checkpointed, so the backward pass holds no more);
+    a query that keeps no key gets zeros (not NaN). ``dropout_p`` applies to the weights.
     """
+
+    def attend(bucket: SegmentBucket, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("bnqhd,bnkhd->bnhqk", queries, keys) * scale
+        keep = bucket.keys.valid[None, :, None, None, :]
+        logits = logits.masked_fill(~keep, float("-inf"))
+        if select is not None:
+            keep = keep & select(bucket, logits)
+        weights = masked_softmax(logits, keep)
+        if dropout_p:
+            weights = F.dropout(weights, dropout_p)
+        return torch.einsum("bnhqk,bnkhd->bnqhd", weights, values)
+
     batches = []
     for bucket in index.segment_buckets:
         qp, kp, vp = _padded(q, k, v, bucket)
         if kp.shape[2] == 0:
             batches.append(qp.new_zeros(qp.shape[:-1] + vp.shape[-1:]))
             continue
-        logits = torch.einsum("bnqhd,bnkhd->bnhqk", qp, kp) * scale
-        keep = bucket.keys.valid[None, :, None, None, :]
-        logits = logits.masked_fill(~keep, float("-inf"))
-        if select is not None:
-            keep = keep & select(bucket, logits)
-        weights = F.dropout(masked_softmax(logits, keep), dropout_p) if dropout_p else masked_softmax(logits, keep)
-        batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", weights, vp))
+        per_row = qp.shape[0] * qp.shape[1] * qp.shape[3] * kp.shape[2]
+        rows = max(1, SCORE_BUDGET // per_row)
+        if rows >= qp.shape[2]:
+            batches.append(attend(bucket, qp, kp, vp))
+            continue
+        chunks = [
+            checkpoint(attend, bucket, qp[:, :, start : start + rows], kp, vp, use_reentrant=False)
+            for start in range(0, qp.shape[2], rows)
+        ]
+        batches.append(torch.cat(chunks, dim=2))
     return index.assemble_queries(batches)
 
 
