@@ -5,6 +5,30 @@ the attention type of each (:class:`Connection`, :class:`CanvasTopology`), and r
 with :class:`AttentionDispatcher`.
 """
 
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _link_source_kernels() -> None:
+    """Make ``canvas_engineering.kernels`` importable when running from a source checkout
+    (``PYTHONPATH=.``): installed, it is the repository's ``kernels/`` folder; uninstalled,
+    that folder is loaded under the same name."""
+    if _importlib_util.find_spec(__name__ + ".kernels") is not None:
+        return
+    source = _Path(__file__).resolve().parent.parent / "kernels"
+    if not (source / "__init__.py").is_file():
+        return
+    spec = _importlib_util.spec_from_file_location(
+        __name__ + ".kernels", source / "__init__.py", submodule_search_locations=[str(source)]
+    )
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_link_source_kernels()
+
 from canvas_engineering.attention import (
     ATTENTION_REGISTRY,
     BUILTIN_ATTENTION,

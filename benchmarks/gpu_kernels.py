@@ -1,0 +1,166 @@
+"""Kernel benchmarks for the GPU check: each Triton kernel against its anchor on the same work.
+
+Usage: ``python benchmarks/gpu_kernels.py OUT_DIR [--dry-run]``. On a GPU it measures the
+device's ceilings (device-to-device copy bandwidth, bf16 matrix rate), then each kernel
+variant forward and forward+backward with ``triton.testing.do_bench`` (median), beside its
+anchor (``scaled_dot_product_attention`` on the same work; FlexAttention's sliding window for
+local attention where this torch has it) and beside the eager fallback, and prints a table
+with achieved TFLOP/s. ``--dry-run`` runs the same code on a CPU at toy sizes through the
+Triton interpreter (for CI); its timings mean nothing. Results go to OUT_DIR/kernels.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
+from canvas_engineering.ops.segment_attention import segment_attention  # noqa: E402
+from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
+
+DEVICE = "cpu" if DRY_RUN else "cuda"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn``: do_bench on a GPU, a few perf_counter runs on a CPU."""
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    fn()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(runs)
+
+
+def ceilings() -> Dict[str, float]:
+    """Measured device ceilings: copy bandwidth (GB/s, read + write) and bf16 matmul TFLOP/s."""
+    size = (1 << 28) if DEVICE == "cuda" else (1 << 20)
+    source = torch.empty(size, dtype=torch.float32, device=DEVICE)
+    target = torch.empty_like(source)
+    copy_ms = timed(lambda: target.copy_(source))
+    n = 8192 if DEVICE == "cuda" else 128
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=DEVICE)
+    matmul_ms = timed(lambda: a @ a)
+    return {"copy_GBps": 2 * source.numel() * 4 / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * n**3 / matmul_ms / 1e9}
+
+
+def kernel_context():
+    """Runs the kernels: compiled on a GPU, interpreted on CPU tensors in a dry run."""
+    if DEVICE == "cuda":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return interpreted_triton()
+
+
+def flex_sliding_window(q, k, v, window: int) -> Optional[Callable[[], torch.Tensor]]:
+    """FlexAttention with a sliding-window block mask on (B, H, N, D) tensors, if available."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    if DEVICE != "cuda":
+        return None
+    n = q.shape[2]
+    mask = create_block_mask(lambda b, h, i, j: (i - j).abs() <= window // 2, None, None, n, n, device=DEVICE)
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=mask)
+
+
+def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype: torch.dtype, **mode) -> Dict:
+    """One variant: ``segments`` segments of ``length`` queries and keys each."""
+    batch = 1
+    index = SegmentIndex.build([length] * segments, list(range(segments)), [length] * segments).to(DEVICE)
+    make = lambda: torch.randn(batch, segments * length, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = make(), make(), make()
+    scale = head_dim**-0.5
+    grad = torch.randn_like(q)
+
+    def ours():
+        return segment_attention(q, k, v, index, scale, **mode)
+
+    def backward_of(run):
+        return lambda: torch.autograd.grad(run(), (q, k, v), grad)
+
+    with kernel_context():
+        kernel_ms = timed(ours)
+        kernel_bwd_ms = timed(backward_of(ours))
+    with eager_ops():
+        eager_ms = timed(ours)
+    dense = lambda t: t.detach().view(batch, segments, length, heads, head_dim).flatten(0, 1).transpose(1, 2).requires_grad_(True)  # noqa: E731
+    qd, kd, vd = dense(q), dense(k), dense(v)
+    anchor_name, anchor = "sdpa", (lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale))
+    if mode.get("window"):
+        flex = flex_sliding_window(qd, kd, vd, mode["window"])
+        if flex is not None:
+            anchor_name, anchor = "flex_sliding_window", flex
+    anchor_ms = timed(anchor)
+    pairs = segments * length * (min(length, mode["window"] + 1) if mode.get("window") else length)
+    flops = 4 * batch * heads * head_dim * pairs
+    return {
+        "variant": name, "segments": segments, "length": length, "heads": heads, "head_dim": head_dim,
+        "dtype": str(dtype).replace("torch.", ""), **mode,
+        "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms, "eager_fwd_ms": eager_ms,
+        "anchor": anchor_name, "anchor_fwd_ms": anchor_ms,
+        "kernel_fwd_TFLOPs": flops / kernel_ms / 1e9, "speedup_vs_anchor": anchor_ms / kernel_ms,
+    }
+
+
+def cases() -> List[Dict]:
+    length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
+    heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    return [
+        case("softmax_one_segment", 1, length, heads, head_dim, dtype),
+        case("softmax_many_frames", many, length // many * 4, heads, head_dim, dtype),
+        case("local_w64", 1, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, window=64 if DEVICE == "cuda" else 4),
+        case("top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
+        case("sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
+    ]
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "dry_run": DRY_RUN,
+        "ceilings": ceilings(),
+        "results": [],
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    for result in cases():
+        report["results"].append(result)
+        print(f"measured {result['variant']}", flush=True)
+    (out / "kernels.json").write_text(json.dumps(report, indent=2))
+    print(f"\ndevice {report['device']}, torch {report['torch']}, triton {report['triton']}, ceilings {report['ceilings']}")
+    print(f"{'variant':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'eager ms':>10}{'anchor':>22}{'anchor ms':>11}{'TFLOP/s':>9}{'x anchor':>9}")
+    for r in report["results"]:
+        print(f"{r['variant']:<22}{r['kernel_fwd_ms']:>10.3f}{r['kernel_fwd_bwd_ms']:>12.3f}{r['eager_fwd_ms']:>10.3f}"
+              f"{r['anchor']:>22}{r['anchor_fwd_ms']:>11.3f}{r['kernel_fwd_TFLOPs']:>9.2f}{r['speedup_vs_anchor']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main(next(arg for arg in sys.argv[1:] if not arg.startswith("--")))
