@@ -20,7 +20,7 @@ from canvas_engineering.kernels.segment_attention import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def offsets(lengths):
@@ -83,6 +83,13 @@ def poisoned_outputs(monkeypatch):
 def test_ragged_segments_match_the_oracle(case, dtype):
     errors = run_case(*RAGGED, heads=2, head_dim=24, dtype=dtype, **CASES[case])
     assert max(errors) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["softmax", "local_w5", "top3", "sigmoid"])
+def test_half_precision_inputs(case):
+    errors = run_case(*RAGGED, heads=2, head_dim=24, dtype=torch.float16, **CASES[case])
+    assert max(errors) < TOLERANCE[torch.float16], errors
 
 
 @pytest.mark.gpu
