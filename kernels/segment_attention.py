@@ -29,8 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16
-BLOCK_N = 16
+def block_rows(head_dim: int, device: torch.device) -> int:
+    """Rows per query block and per key block: 16 off a GPU (the interpreter), and on a GPU
+    64 for head dims up to 64, 32 above (four float32 tiles of block x head_dim must fit)."""
+    if torch.device(device).type != "cuda":
+        return 16
+    return 64 if head_dim <= 64 else 32
 
 
 @triton.jit
@@ -372,15 +376,16 @@ def segment_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
-    scale: float, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
+    scale: float, block: int, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over packed segments.
 
     Args:
         q: ``(B, Tq, H, D)``; k, v: ``(B, Tk, H, D)``; D <= 128.
         cu_seqlens_q, cu_seqlens_k: ``(S + 1,)`` int32 segment offsets.
-        block_segment, block_start: ``(n_blocks,)`` int32 query-block table (``BLOCK_M`` rows each).
-        scale: logit scale; window: local window (0: none);
+        block_segment, block_start: ``(n_blocks,)`` int32 query-block table (``block`` rows each).
+        scale: logit scale; block: rows per block (a power of two >= 16);
+        window: local window (0: none);
         threshold: ``(B, H, Tq)`` float32 per-row logit threshold, or None;
         sigmoid: sigmoid weights instead of softmax.
 
@@ -401,7 +406,7 @@ def segment_attention_fwd(
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, total_q, scale,
-            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
             WINDOW=window, USE_THRESHOLD=threshold is not None, SIGMOID=sigmoid,
         )
     return out, lse
@@ -412,11 +417,11 @@ def segment_attention_bwd(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
+    scale: float, block: int, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`segment_attention_fwd`: (dq, dk, dv) in the inputs' dtypes.
 
-    ``k_block_segment``/``k_block_start`` list the key blocks (``BLOCK_N`` rows each).
+    ``k_block_segment``/``k_block_start`` list the key blocks (``block`` rows each).
     """
     _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
@@ -426,7 +431,7 @@ def segment_attention_bwd(
     dk = _new_output(k, k.shape, k.dtype)
     dv = _new_output(v, v.shape, v.dtype)
     common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
         WINDOW=window, USE_THRESHOLD=threshold is not None, SIGMOID=sigmoid,
     )
     strides = (
@@ -455,7 +460,7 @@ def segment_topk_threshold(
     q: torch.Tensor, k: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
-    scale: float, top_k: int,
+    scale: float, block: int, top_k: int,
 ) -> torch.Tensor:
     """Per query row the k-th largest logit of its segment (k = min(top_k, M)): ``(B, H, Tq)``
     float32; ``+inf`` for a row whose segment has no key."""
@@ -468,6 +473,6 @@ def segment_topk_threshold(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             heads, total_q, scale, top_k,
-            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
         )
     return threshold

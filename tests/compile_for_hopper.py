@@ -41,8 +41,12 @@ def signature(kernel, data_type: str) -> dict:
     return types
 
 
+def blocks(head_dim: int) -> dict:
+    block = attention.block_rows(head_dim, "cuda")
+    return {"BLOCK_M": block, "BLOCK_N": block}
+
+
 def attention_configs():
-    shared = {"BLOCK_M": attention.BLOCK_M, "BLOCK_N": attention.BLOCK_N}
     variants = [
         ("bf16", 64, {"WINDOW": 8, "USE_THRESHOLD": False, "SIGMOID": False}),
         ("fp32", 128, {"WINDOW": 0, "USE_THRESHOLD": True, "SIGMOID": False}),
@@ -50,9 +54,9 @@ def attention_configs():
     ]
     for kernel in (attention.segment_attention_fwd_kernel, attention.segment_attention_bwd_dkdv_kernel, attention.segment_attention_bwd_dq_kernel):
         for data_type, head_dim, flags in variants:
-            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), **shared, **flags}
+            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), **blocks(head_dim), **flags}
     for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
-        yield attention.segment_topk_threshold_kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **shared}
+        yield attention.segment_topk_threshold_kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **blocks(head_dim)}
 
 
 def main() -> int:

@@ -12,14 +12,14 @@ from reference.attention import segment_attention_reference
 triton = pytest.importorskip("triton", reason="the kernel tests need triton (the 'triton' extra)")
 
 from canvas_engineering.kernels.segment_attention import (  # noqa: E402
-    BLOCK_M,
-    BLOCK_N,
+    block_rows,
     segment_attention_bwd,
     segment_attention_fwd,
     segment_topk_threshold,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = block_rows(64, torch.device(DEVICE))
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -33,7 +33,7 @@ def blocks(lengths, size):
             torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE))
 
 
-def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, duplicate_keys=False, seed=0):
+def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, duplicate_keys=False, seed=0, block=BLOCK):
     """Kernel forward and backward against the oracle; returns the four relative errors."""
     generator = torch.Generator().manual_seed(seed)
     batch = 2
@@ -45,11 +45,11 @@ def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k
     grad_out = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
     q, k, v, grad_out = (t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out))
     cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
-    q_blocks, k_blocks = blocks(query_lengths, BLOCK_M), blocks(key_lengths, BLOCK_N)
+    q_blocks, k_blocks = blocks(query_lengths, block), blocks(key_lengths, block)
     scale = head_dim**-0.5
-    threshold = segment_topk_threshold(q, k, cu_q, cu_k, *q_blocks, scale, top_k) if top_k else None
-    out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, window, threshold, sigmoid)
-    dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, window, threshold, sigmoid)
+    threshold = segment_topk_threshold(q, k, cu_q, cu_k, *q_blocks, scale, block, top_k) if top_k else None
+    out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, window, threshold, sigmoid)
+    dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, block, window, threshold, sigmoid)
 
     exact = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
     expected = segment_attention_reference(*exact, cu_q.cpu(), cu_k.cpu(), scale, window, top_k, sigmoid)
@@ -86,6 +86,15 @@ def test_ragged_segments_match_the_oracle(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("case", ["local_w5", "top3_ties", "sigmoid_local"])
+def test_gpu_block_sizes(case, block):
+    """The block sizes a GPU uses (block_rows), on the same ragged segments."""
+    errors = run_case(*RAGGED, heads=2, head_dim=24, dtype=torch.float32, block=block, **CASES[case])
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["softmax", "local_w5", "top3", "sigmoid"])
 def test_half_precision_inputs(case):
     errors = run_case(*RAGGED, heads=2, head_dim=24, dtype=torch.float16, **CASES[case])
@@ -111,7 +120,7 @@ def test_threshold_is_the_kth_largest_logit():
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(1, 21, 1, 16, generator=generator).to(DEVICE)
     k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
-    threshold = segment_topk_threshold(q, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK_M), 0.5, 4)
+    threshold = segment_topk_threshold(q, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
     for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
         logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5
         expected = logits.topk(4, dim=-1).values[:, -1]

@@ -78,11 +78,11 @@ def test_dispatcher_kernels_match_eager():
 @pytest.mark.gpu
 def test_custom_op_passes_opcheck():
     index = SegmentIndex.build([5, 3], [0, 1], [4, 6]).to(DEVICE)
-    tables = KernelTables.build(index)
+    tables = KernelTables.build(index, 16)
     q = torch.randn(1, 8, 2, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
     v = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
     args = (q, k, v, tables.cu_seqlens_q, tables.cu_seqlens_k, tables.q_block_segment, tables.q_block_start,
-            tables.k_block_segment, tables.k_block_start, 0.25, 3, 0, False)
+            tables.k_block_segment, tables.k_block_start, 0.25, 16, 3, 0, False)
     with kernels():
         torch.library.opcheck(_segment_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -27,9 +27,6 @@ from canvas_engineering.ops.segments import PerIndexCache, RowSelection, Segment
 KeySelector = Callable[[SegmentBucket, torch.Tensor], torch.Tensor]
 """(bucket, logits (B, n, H, Lq, Lk) with padding at -inf) -> bool keep mask, broadcastable."""
 
-KERNEL_BLOCK_ROWS = 16
-"""Rows per query and key block in the kernel block tables (the kernels' BLOCK_M and BLOCK_N)."""
-
 
 def segment_attention(
     q: torch.Tensor,
@@ -86,7 +83,7 @@ def keep_top_k(top_k: int) -> KeySelector:
 class KernelTables:
     """What the kernels need of a :class:`SegmentIndex`: int32 segment offsets with one key
     range per segment (``segment_keys`` copies each segment's key set out of the packed key
-    rows), and the query- and key-block tables."""
+    rows), and the query- and key-block tables of ``block`` rows per block."""
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
@@ -95,15 +92,16 @@ class KernelTables:
     k_block_segment: torch.Tensor
     k_block_start: torch.Tensor
     segment_keys: RowSelection
+    block: int
 
     @staticmethod
-    def build(index: SegmentIndex) -> "KernelTables":
+    def build(index: SegmentIndex, block: int) -> "KernelTables":
         device = index.query_segment.device
         keyset_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
         offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)  # noqa: E731
 
         def blocks(lengths: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-            pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, KERNEL_BLOCK_ROWS)]
+            pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, block)]
             return (torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
                     torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device))
 
@@ -113,6 +111,7 @@ class KernelTables:
         return KernelTables(
             offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths), *blocks(key_lengths),
             RowSelection(segment_keys.index.to(device), segment_keys.start),
+            block,
         )
 
 
@@ -125,20 +124,20 @@ def _segment_attention_op(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, window: int, top_k: int, sigmoid: bool,
+    scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, threshold) of the Triton forward; threshold is empty unless top_k > 0."""
     from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_threshold
 
     threshold = None
     if top_k:
-        threshold = segment_topk_threshold(q, k, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, top_k)
-    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, window, threshold, sigmoid)
+        threshold = segment_topk_threshold(q, k, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, top_k)
+    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, window, threshold, sigmoid)
     return out, lse, threshold if threshold is not None else lse.new_empty(0)
 
 
 @_segment_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, window, top_k, sigmoid):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
     statistics = (q.shape[0], q.shape[2], q.shape[1])
     lse = q.new_empty(statistics, dtype=torch.float32)
     return torch.empty_like(q), lse, q.new_empty(statistics if top_k else (0,), dtype=torch.float32)
@@ -151,7 +150,7 @@ def _segment_attention_backward_op(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, window: int, top_k: int, sigmoid: bool,
+    scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the Triton backward."""
     from canvas_engineering.kernels.segment_attention import segment_attention_bwd
@@ -159,26 +158,26 @@ def _segment_attention_backward_op(
     return segment_attention_bwd(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q_block_segment, q_block_start, k_block_segment, k_block_start,
-        scale, window, threshold if top_k else None, sigmoid,
+        scale, block, window, threshold if top_k else None, sigmoid,
     )
 
 
 @_segment_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, threshold, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, window, top_k, sigmoid):
+def _(grad_out, q, k, v, out, lse, threshold, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, *tables, scale, window, top_k, sigmoid = inputs
+    q, k, v, *tables, scale, block, window, top_k, sigmoid = inputs
     out, lse, threshold = output
     ctx.save_for_backward(q, k, v, out, lse, threshold, *tables)
-    ctx.options = (scale, window, top_k, sigmoid)
+    ctx.options = (scale, block, window, top_k, sigmoid)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_threshold):
     q, k, v, out, lse, threshold, *tables = ctx.saved_tensors
     dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, threshold, *tables, *ctx.options)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 11
 
 
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -188,14 +187,20 @@ def _triton_segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex,
     scale: Union[float, torch.Tensor], window: int, top_k: int, sigmoid: bool,
 ) -> torch.Tensor:
-    tables = _kernel_tables.get(index, lambda: KernelTables.build(index))
+    from canvas_engineering.kernels.segment_attention import block_rows
+
+    block = block_rows(q.shape[-1], q.device)
+    by_block = _kernel_tables.get(index, dict)
+    if block not in by_block:
+        by_block[block] = KernelTables.build(index, block)
+    tables = by_block[block]
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0
     k, v = tables.segment_keys.take(k).contiguous(), tables.segment_keys.take(v).contiguous()
     out, _, _ = _segment_attention_op(
         q.contiguous(), k, v, tables.cu_seqlens_q, tables.cu_seqlens_k,
         tables.q_block_segment, tables.q_block_start, tables.k_block_segment, tables.k_block_start,
-        float(scale), int(window), int(top_k), bool(sigmoid),
+        float(scale), block, int(window), int(top_k), bool(sigmoid),
     )
     return out
 
