@@ -15,10 +15,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from canvas_engineering.kernels import segment_attention as attention
+from canvas_engineering.kernels import wkv
 
-STATISTICS = {"LSE", "THRESHOLD", "DELTA"}
-INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "block_segment", "block_start"}
-FLOATS = {"scale"}
+STATISTICS = {"LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL"}
+INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start"}
+FLOATS = {"scale", "eps"}
 
 
 def signature(kernel, data_type: str) -> dict:
@@ -59,9 +60,18 @@ def attention_configs():
         yield attention.segment_topk_threshold_kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **blocks(head_dim)}
 
 
+def wkv_configs():
+    for kernel in (wkv.wkv_fwd_kernel, wkv.wkv_bwd_kernel):
+        for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
+            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": min(64, head_dim), "CLAMP": wkv.KEY_CLAMP}
+
+
+CONFIGS = [*attention_configs(), *wkv_configs()]
+
+
 def main() -> int:
     failures = 0
-    for kernel, data_type, constexprs in attention_configs():
+    for kernel, data_type, constexprs in CONFIGS:
         label = f"{kernel.fn.__name__} {data_type} {constexprs}"
         try:
             compiled = triton.compile(ASTSource(kernel, signature(kernel, data_type), constexprs), target=GPUTarget("cuda", 90, 32))

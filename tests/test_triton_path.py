@@ -43,7 +43,7 @@ def results(run, inputs, module):
 @pytest.mark.parametrize(
     "name",
     ["cross_attention", "cosine_attention", "sigmoid_attention", "sparse_attention", "local_attention",
-     "gated", "perceiver", "mixture", "cogvideox", "mamba"],
+     "gated", "perceiver", "mixture", "cogvideox", "mamba", "rwkv"],
 )
 def test_module_kernels_match_eager(name):
     torch.manual_seed(0)

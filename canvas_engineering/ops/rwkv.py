@@ -1,11 +1,67 @@
-"""The RWKV WKV recurrence over the key sets of packed segments."""
+"""The RWKV WKV recurrence over the key sets of packed segments.
+
+:func:`segment_wkv` runs the Triton scan of ``canvas_engineering.kernels.wkv`` (as the custom
+op ``canvas_engineering::wkv``) where :func:`use_triton` says so, else the chunked eager
+:func:`wkv_scan`.
+"""
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.segments import SegmentIndex
+from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+
+
+@torch.library.custom_op("canvas_engineering::wkv", mutates_args=())
+def _wkv_op(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, inverse denominators, bonus shares) of the Triton WKV forward."""
+    from canvas_engineering.kernels.wkv import wkv_fwd
+
+    return wkv_fwd(k, v, w, u, cu_seqlens)
+
+
+@_wkv_op.register_fake
+def _(k, v, w, u, cu_seqlens):
+    return torch.empty_like(v), torch.empty_like(v, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+
+
+@torch.library.custom_op("canvas_engineering::wkv_backward", mutates_args=())
+def _wkv_backward_op(
+    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+    inv_den: torch.Tensor, share: torch.Tensor, cu_seqlens: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dk, dv, dw, du) of the Triton WKV backward."""
+    from canvas_engineering.kernels.wkv import wkv_bwd
+
+    return wkv_bwd(grad_y, k, v, w, y, inv_den, share, cu_seqlens)
+
+
+@_wkv_backward_op.register_fake
+def _(grad_y, k, v, w, y, inv_den, share, cu_seqlens):
+    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32)
+
+
+def _wkv_setup_context(ctx, inputs, output) -> None:
+    k, v, w, u, cu_seqlens = inputs
+    y, inv_den, share = output
+    ctx.save_for_backward(k, v, w, y, inv_den, share, cu_seqlens)
+    ctx.dtypes = (w.dtype, u.dtype)
+
+
+def _wkv_backward(ctx, grad_y, grad_inv_den, grad_share):
+    k, v, w, y, inv_den, share, cu_seqlens = ctx.saved_tensors
+    dk, dv, dw, du = _wkv_backward_op(grad_y.contiguous(), k, v, w, y, inv_den, share, cu_seqlens)
+    return dk, dv, dw.to(ctx.dtypes[0]), du.to(ctx.dtypes[1]), None
+
+
+_wkv_op.register_autograd(_wkv_backward, setup_context=_wkv_setup_context)
+_keyset_offsets = PerIndexCache()
 
 
 def wkv_scan(
@@ -19,7 +75,9 @@ def wkv_scan(
     Computed in chunks of ``chunk`` steps, all chunks at once: within a chunk the sums are
     a product with the lower-triangular decay matrix ``exp((t-1-s) w)`` per channel; the sums
     carried into each chunk come from a short loop over chunks. Every exponent of w is
-    ``<= 0``, so nothing grows beyond the sums themselves. O(L * chunk) work per channel.
+    ``<= 0``, so nothing grows beyond the sums themselves (at most L * e^10), and the
+    current step's ``exp(u + k_t)`` is divided out of the ratio when it exceeds 1, so a large
+    bonus cannot overflow either. O(L * chunk) work per channel.
 
     Args:
         k, v: ``(batch, L, H, d)``.
@@ -52,8 +110,10 @@ def wkv_scan(
     from_start = torch.exp(steps.view(-1, 1, 1) * w)
     past_numerator = from_start * torch.stack(numerators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, weighted)
     past_denominator = from_start * torch.stack(denominators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, key_weight)
-    current = torch.exp(u + k)
-    out = (past_numerator + current * v) / (past_denominator + current + eps)
+    bonus = u + k
+    shift = bonus.clamp(min=0).detach()
+    current, rescale = torch.exp(bonus - shift), torch.exp(-shift)
+    out = (past_numerator * rescale + current * v) / (past_denominator * rescale + current + eps * rescale)
     return out.flatten(1, 2)[:, :length]
 
 
@@ -70,12 +130,18 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     """
     if index.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
-    scanned = index.assemble_keys(
-        [
-            wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], -1))
-            for bucket in index.keyset_buckets
-        ]
-    )
+    if use_triton(k):
+        offsets = _keyset_offsets.get(
+            index, lambda: torch.cumsum(F.pad(index.keyset_length, (1, 0)), 0).to(torch.int32)
+        )
+        scanned, _, _ = _wkv_op(k.contiguous(), v.contiguous(), w, u, offsets)
+    else:
+        scanned = index.assemble_keys(
+            [
+                wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], -1))
+                for bucket in index.keyset_buckets
+            ]
+        )
     read = index.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)
     return torch.index_select(scanned, 1, read) * has_keys
