@@ -22,3 +22,17 @@ def wkv_reference(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Te
             numerator = torch.exp(w) * numerator + torch.exp(key) * v[:, t]
             denominator = torch.exp(w) * denominator + torch.exp(key)
     return torch.stack(outputs, dim=1) if outputs else torch.zeros_like(v)
+
+
+def selective_scan_reference(x, dt, A, B, C, D) -> torch.Tensor:
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t``, one step at a time.
+
+    x, dt ``(b, L, d)``, A ``(d, n)``, B, C ``(b, L, n)``, D ``(d,)`` -> ``(b, L, d)``.
+    """
+    state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
+    outputs = []
+    for t in range(x.shape[1]):
+        step = dt[:, t].unsqueeze(-1)
+        state = torch.exp(step * A) * state + step * B[:, t].unsqueeze(1) * x[:, t].unsqueeze(-1)
+        outputs.append((state * C[:, t].unsqueeze(1)).sum(-1) + D * x[:, t])
+    return torch.stack(outputs, dim=1) if outputs else torch.zeros_like(x)
