@@ -122,6 +122,33 @@ def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype
     }
 
 
+def scan_case(name: str, sequences: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> Dict:
+    """The WKV scan over ``sequences`` key sets of ``length`` steps: achieved bandwidth
+    (bytes the forward must move: k and v read, y and two float32 statistics written)
+    against the copy ceiling, and the eager chunked scan beside it."""
+    from canvas_engineering.ops.rwkv import segment_wkv
+
+    index = SegmentIndex.build([length] * sequences, list(range(sequences)), [length] * sequences).to(DEVICE)
+    make = lambda: torch.randn(1, sequences * length, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    k, v = make(), make()
+    w = -torch.exp(torch.randn(heads, head_dim, device=DEVICE))
+    u = torch.randn(heads, head_dim, device=DEVICE)
+    run = lambda: segment_wkv(k, v, w, u, index)  # noqa: E731
+    grad = torch.randn_like(k)
+    with kernel_context():
+        kernel_ms = timed(run)
+        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (k, v), grad))
+    with eager_ops():
+        eager_ms = timed(run)
+    moved = k.numel() * (3 * k.element_size() + 8)
+    return {
+        "variant": name, "segments": sequences, "length": length, "heads": heads, "head_dim": head_dim,
+        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "eager_fwd_ms": eager_ms, "anchor": "eager", "anchor_fwd_ms": eager_ms,
+        "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 0.0, "speedup_vs_anchor": eager_ms / kernel_ms,
+    }
+
+
 def cases() -> List[Dict]:
     length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
     heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
@@ -132,6 +159,7 @@ def cases() -> List[Dict]:
         case("local_w64", 1, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, window=64 if DEVICE == "cuda" else 4),
         case("top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
         case("sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
+        scan_case("rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
     ]
 
 
@@ -156,6 +184,10 @@ def main(out_dir: str) -> None:
         print(f"measured {result['variant']}", flush=True)
     (out / "kernels.json").write_text(json.dumps(report, indent=2))
     print(f"\ndevice {report['device']}, torch {report['torch']}, triton {report['triton']}, ceilings {report['ceilings']}")
+    for r in report["results"]:
+        if "kernel_fwd_GBps" in r:
+            share = r["kernel_fwd_GBps"] / report["ceilings"]["copy_GBps"]
+            print(f"{r['variant']}: {r['kernel_fwd_GBps']:.1f} GB/s forward, {share:.0%} of the copy ceiling")
     print(f"{'variant':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'eager ms':>10}{'anchor':>22}{'anchor ms':>11}{'TFLOP/s':>9}{'x anchor':>9}")
     for r in report["results"]:
         print(f"{r['variant']:<22}{r['kernel_fwd_ms']:>10.3f}{r['kernel_fwd_bwd_ms']:>12.3f}{r['eager_fwd_ms']:>10.3f}"

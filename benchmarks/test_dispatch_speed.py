@@ -32,9 +32,14 @@ PEER_ROUNDS = int(os.environ.get("PEER_ROUNDS", "3"))
 
 def peer_times(declarations) -> list:
     """The peer's forward+backward times in seconds for these declarations."""
+    return run_peer_timing({"declarations": declarations, "d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "rounds": PEER_ROUNDS})
+
+
+def run_peer_timing(job: dict) -> list:
+    """Times ``job`` (see peer_timing.py) on the peer in a subprocess; returns the seconds."""
     with tempfile.TemporaryDirectory() as work:
         spec, result = Path(work) / "spec.pt", Path(work) / "result.json"
-        torch.save({"declarations": declarations, "d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "rounds": PEER_ROUNDS}, spec)
+        torch.save(job, spec)
         script = Path(__file__).resolve().parent / "peer_timing.py"
         subprocess.run([sys.executable, str(script), str(spec), str(result)], check=True, env={**os.environ, "PYTHONPATH": str(peer_dir())})
         return json.loads(result.read_text())["times_s"]
