@@ -149,6 +149,34 @@ def scan_case(name: str, sequences: int, length: int, heads: int, head_dim: int,
     }
 
 
+def selective_scan_case(name: str, sequences: int, length: int, channels: int, state: int, dtype: torch.dtype) -> Dict:
+    """The selective scan over ``sequences`` key sets of ``length`` steps: achieved bandwidth
+    (x, dt, B, C read and y written, once) against the copy ceiling, the eager scan beside it."""
+    from canvas_engineering.ops.selective_scan import segment_selective_scan
+
+    index = SegmentIndex.build([length] * sequences, list(range(sequences)), [length] * sequences).to(DEVICE)
+    rows = sequences * length
+    make = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    x, dt = make(1, rows, channels), torch.rand(1, rows, channels, device=DEVICE, dtype=dtype, requires_grad=True)
+    B, C = make(1, rows, state), make(1, rows, state)
+    A = -torch.arange(1, state + 1, device=DEVICE, dtype=torch.float32).repeat(channels, 1)
+    D = torch.ones(channels, device=DEVICE)
+    run = lambda: segment_selective_scan(x, dt, A, B, C, D, index)  # noqa: E731
+    grad = torch.randn_like(x)
+    with kernel_context():
+        kernel_ms = timed(run)
+        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (x, dt, B, C), grad))
+    with eager_ops():
+        eager_ms = timed(run)
+    moved = rows * (3 * channels + 2 * state) * x.element_size()
+    return {
+        "variant": name, "segments": sequences, "length": length, "heads": 1, "head_dim": channels,
+        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "eager_fwd_ms": eager_ms, "anchor": "eager", "anchor_fwd_ms": eager_ms,
+        "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 0.0, "speedup_vs_anchor": eager_ms / kernel_ms,
+    }
+
+
 def cases() -> List[Dict]:
     length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
     heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
@@ -160,6 +188,7 @@ def cases() -> List[Dict]:
         case("top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
         case("sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
         scan_case("rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
+        selective_scan_case("mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
     ]
 
 

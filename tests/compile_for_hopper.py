@@ -15,10 +15,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from canvas_engineering.kernels import segment_attention as attention
-from canvas_engineering.kernels import wkv
+from canvas_engineering.kernels import selective_scan, wkv
 
-STATISTICS = {"LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL"}
-INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start"}
+STATISTICS = {
+    "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
+    "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
+}
+INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets"}
 FLOATS = {"scale", "eps"}
 
 
@@ -66,7 +69,13 @@ def wkv_configs():
             yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": min(64, head_dim), "CLAMP": wkv.KEY_CLAMP}
 
 
-CONFIGS = [*attention_configs(), *wkv_configs()]
+def scan_configs():
+    for kernel in (selective_scan.selective_scan_fwd_kernel, selective_scan.selective_scan_bwd_kernel):
+        for data_type in ("bf16", "fp32"):
+            yield kernel, data_type, {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK}
+
+
+CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs()]
 
 
 def main() -> int:

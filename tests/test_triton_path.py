@@ -45,10 +45,11 @@ def results(run, inputs, module):
     ["cross_attention", "cosine_attention", "sigmoid_attention", "sparse_attention", "local_attention",
      "gated", "perceiver", "mixture", "cogvideox", "mamba", "rwkv"],
 )
-def test_module_kernels_match_eager(name):
+@pytest.mark.parametrize("n, m", [(11, 19), (19, 11)])
+def test_module_kernels_match_eager(name, n, m):
     torch.manual_seed(0)
     module = create_attention(name, d_model=32, n_heads=2, **OPTIONS.get(name, {})).to(DEVICE)
-    inputs = (torch.randn(2, 11, 32), torch.randn(2, 19, 32), torch.randn(2, 19, 32))
+    inputs = (torch.randn(2, n, 32), torch.randn(2, m, 32), torch.randn(2, m, 32))
     with eager_ops():
         eager = results(module, inputs, module)
     with kernels():

@@ -1,13 +1,72 @@
-"""The S6 selective scan over the key sets of packed segments."""
+"""The S6 selective scan over the key sets of packed segments.
+
+:func:`segment_selective_scan` runs the Triton scan of ``canvas_engineering.kernels.
+selective_scan`` (as the custom op ``canvas_engineering::selective_scan``) where
+:func:`use_triton` says so, else the eager two-level :func:`selective_scan`.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.segments import SegmentIndex
+from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+
+SCAN_CHUNK = 64
+"""Steps between the kernel's state checkpoints (its backward recomputes one chunk at a time)."""
+
+
+@torch.library.custom_op("canvas_engineering::selective_scan", mutates_args=())
+def _selective_scan_op(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    cu_seqlens: torch.Tensor, checkpoint_offsets: torch.Tensor, n_checkpoints: int, chunk: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, state checkpoints) of the Triton selective scan."""
+    from canvas_engineering.kernels.selective_scan import selective_scan_fwd
+
+    return selective_scan_fwd(x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, chunk)
+
+
+@_selective_scan_op.register_fake
+def _(x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, chunk):
+    return torch.empty_like(x), x.new_empty((x.shape[0], n_checkpoints, x.shape[2], A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("canvas_engineering::selective_scan_backward", mutates_args=())
+def _selective_scan_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor, checkpoints: torch.Tensor, cu_seqlens: torch.Tensor, checkpoint_offsets: torch.Tensor, chunk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, ddt, dA, dB, dC, dD) of the Triton selective scan."""
+    from canvas_engineering.kernels.selective_scan import selective_scan_bwd
+
+    return selective_scan_bwd(grad_y, x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, chunk)
+
+
+@_selective_scan_backward_op.register_fake
+def _(grad_y, x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, chunk):
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A, dtype=torch.float32), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D, dtype=torch.float32))
+
+
+def _scan_setup_context(ctx, inputs, output) -> None:
+    x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, chunk = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, output[1], cu_seqlens, checkpoint_offsets)
+    ctx.chunk = chunk
+
+
+def _scan_backward(ctx, grad_y, grad_checkpoints):
+    x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD = _selective_scan_backward_op(grad_y.contiguous(), x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, ctx.chunk)
+    return dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), None, None, None, None
+
+
+_selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_scan_tables = PerIndexCache()
 
 
 def selective_scan(
@@ -73,6 +132,17 @@ def segment_selective_scan(
     Returns:
         ``(Bt, Tk, channels)``.
     """
+    if use_triton(x) and index.n_keys:
+        def tables():
+            lengths = list(index.keyset_sizes)
+            chunks = [-(-m // SCAN_CHUNK) for m in lengths]
+            offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=x.device)  # noqa: E731
+            return offsets(lengths), offsets(chunks), sum(chunks)
+
+        cu_seqlens, checkpoint_offsets, n_checkpoints = _scan_tables.get(index, tables)
+        contiguous = [t.contiguous() for t in (x, dt, A, B, C, D)]
+        y, _ = _selective_scan_op(*contiguous, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
+        return y
     batches = []
     for bucket in index.keyset_buckets:
         fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: E731
