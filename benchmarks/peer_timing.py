@@ -2,8 +2,8 @@
 
 Usage: ``python peer_timing.py SPEC.pt RESULT.json`` with the peer's unpacked wheel first
 on PYTHONPATH. SPEC holds {"declarations", "d_model", "n_heads", "batch", "rounds"} for a
-dispatcher, or {"module", "length", "d_model", "n_heads", "batch", "rounds"} for one
-attention module with N = M = length; the result is {"times_s": [...]} of ``rounds`` timed
+dispatcher, or {"module", "length", "d_model", "n_heads", "batch", "rounds"} (and
+optionally "queries", N; default N = length) for one attention module with M = length; the result is {"times_s": [...]} of ``rounds`` timed
 calls after one warm-up call.
 """
 
@@ -27,8 +27,9 @@ def main(spec_path: str, result_path: str) -> None:
     torch.manual_seed(0)
     if "module" in spec:
         module = package.create_attention(spec["module"], spec["d_model"], spec["n_heads"])
+        queries = torch.randn(spec["batch"], spec.get("queries", spec["length"]), spec["d_model"], requires_grad=True)
         x = torch.randn(spec["batch"], spec["length"], spec["d_model"], requires_grad=True)
-        run = lambda: module(x, x, x)  # noqa: E731
+        run = lambda: module(queries, x, x)  # noqa: E731
     else:
         topology, layout = build_declarations(package, spec["declarations"])
         dispatcher = package.AttentionDispatcher(topology, layout, spec["d_model"], spec["n_heads"])

@@ -1,10 +1,10 @@
-"""RWKV and Mamba on CPU (eager): forward+backward time as N = M grows, and against the peer.
+"""RWKV and Mamba on CPU (eager): forward+backward time as M grows, and against the peer.
 
 Run: ``python -m pytest benchmarks/test_scan_scaling.py --benchmark-json=PATH``.
-One module each, d_model 256, 4 heads, batch 1, N = M in {1024, 4096, 16384}, timed by
-pytest-benchmark; the last size of each series records the fitted log-log slope. At 4096
-the peer (canvas-engineering 0.5.0) times the same module in a subprocess, and the ratio of
-medians goes into ``extra_info``.
+One module each, d_model 256, 4 heads, batch 1, M in {1024, 4096, 16384}, with N = M and
+with N fixed at 256 queries; timed by pytest-benchmark; the last size of each series
+records the fitted log-log slope. At M = 4096 the peer (canvas-engineering 0.5.0) times the
+same module and shapes in a subprocess, and the ratio of medians goes into ``extra_info``.
 """
 
 from __future__ import annotations
@@ -28,23 +28,27 @@ measured: dict = {}
 
 
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("queries", ["N=M", "N=256"])
 @pytest.mark.parametrize("name", ["rwkv", "mamba"])
-def test_scan_scaling(benchmark, name, size):
+def test_scan_scaling(benchmark, name, queries, size):
     torch.manual_seed(0)
     module = create_attention(name, 256, 4)
-    x = torch.randn(1, size, 256, requires_grad=True)
-    benchmark.pedantic(lambda: module(x, x, x).sum().backward(), rounds=3, warmup_rounds=1)
+    n = size if queries == "N=M" else 256
+    q = torch.randn(1, n, 256, requires_grad=True)
+    kv = torch.randn(1, size, 256, requires_grad=True)
+    benchmark.pedantic(lambda: module(q, kv, kv).sum().backward(), rounds=3, warmup_rounds=1)
     ours = benchmark.stats.stats.median
-    benchmark.extra_info.update({"n": size, "m": size})
+    benchmark.extra_info.update({"n": n, "m": size})
     if size == PEER_SIZE:
-        peer = run_peer_timing({"module": name, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 2})
+        job = {"module": name, "queries": n, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 2}
+        peer = run_peer_timing(job)
         benchmark.extra_info.update({"peer_times_s": peer, "speedup_vs_peer": statistics.median(peer) / ours})
-        print(f"\n{name} {size}: ours {ours:.3f} s, peer {statistics.median(peer):.3f} s, {statistics.median(peer) / ours:.1f}x")
-    runs = measured.setdefault(name, {})
+        print(f"\n{name} {queries} M={size}: ours {ours:.3f} s, peer {statistics.median(peer):.3f} s, {statistics.median(peer) / ours:.1f}x")
+    runs = measured.setdefault((name, queries), {})
     runs[size] = ours
     if len(runs) == len(SIZES):
         benchmark.extra_info["time_slope"] = loglog_slope(SIZES, [runs[s] for s in SIZES])
-        print(f"\n{name}: time slope {benchmark.extra_info['time_slope']:.2f}")
+        print(f"\n{name} {queries}: time slope {benchmark.extra_info['time_slope']:.2f}")
 
 
 @pytest.mark.parametrize("size", SIZES)

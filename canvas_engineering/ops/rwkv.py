@@ -117,31 +117,52 @@ def wkv_scan(
     return out.flatten(1, 2)[:, :length]
 
 
+def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, torch.Tensor]:
+    """(the key sets cut to the steps anyone reads, the step each packed query row reads).
+
+    A query at position i of a segment reads step ``min(i, M - 1)``, so a key set is scanned
+    only up to the longest ``min(N, M)`` among the segments that read it.
+    """
+    needed = [0] * len(index.keyset_sizes)
+    for (n, m), keyset in zip(index.shapes, index.keyset_of):
+        needed[keyset] = max(needed[keyset], min(n, m))
+    starts = [sum(index.keyset_sizes[:k]) for k in range(len(needed))]
+    scan = SegmentIndex.build(
+        [n for n, _ in index.shapes], index.keyset_of, needed,
+        key_source=[start + step for start, count in zip(starts, needed) for step in range(count)],
+    ).to(index.query_segment.device)
+    read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
+    return scan, read
+
+
+_scan_plans = PerIndexCache()
+
+
 def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
     """WKV over each key set, read by each query row at step ``min(i, M - 1)``.
 
     Args:
         k, v: ``(B, Tk, H, d)`` packed key rows.
         w, u: ``(H, d)`` decay and bonus.
-        index: the segments; each key set is scanned once, whatever reads it.
+        index: the segments; each key set is scanned once, whatever reads it, and only as far
+            as anyone reads.
 
     Returns:
         ``(B, Tq, H, d)``; zeros for queries whose key set is empty.
     """
-    if index.n_keys == 0:
+    scan, read = _scan_plans.get(index, lambda: _scan_plan(index))
+    if scan.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
+    k, v = scan.pack_keys(k), scan.pack_keys(v)
     if use_triton(k):
-        offsets = _keyset_offsets.get(
-            index, lambda: torch.cumsum(F.pad(index.keyset_length, (1, 0)), 0).to(torch.int32)
-        )
+        offsets = _keyset_offsets.get(scan, lambda: torch.cumsum(F.pad(scan.keyset_length, (1, 0)), 0).to(torch.int32))
         scanned, _, _ = _wkv_op(k.contiguous(), v.contiguous(), w, u, offsets)
     else:
-        scanned = index.assemble_keys(
+        scanned = scan.assemble_keys(
             [
                 wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], -1))
-                for bucket in index.keyset_buckets
+                for bucket in scan.keyset_buckets
             ]
         )
-    read = index.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)
     return torch.index_select(scanned, 1, read) * has_keys
