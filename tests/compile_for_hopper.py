@@ -15,13 +15,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from canvas_engineering.kernels import segment_attention as attention
-from canvas_engineering.kernels import selective_scan, wkv
+from canvas_engineering.kernels import linear_attention, selective_scan, wkv
 
 STATISTICS = {
     "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
+    "STATE", "NORMALISER", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
 }
-INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets"}
+INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset"}
 FLOATS = {"scale", "eps"}
 
 
@@ -75,7 +76,16 @@ def scan_configs():
             yield kernel, data_type, {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK}
 
 
-CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs()]
+def linear_configs():
+    kernels = (linear_attention.linear_state_kernel, linear_attention.linear_apply_kernel,
+               linear_attention.linear_query_bwd_kernel, linear_attention.linear_key_bwd_kernel)
+    for kernel in kernels:
+        for data_type, head_dim, relu in (("bf16", 64, False), ("fp32", 128, True)):
+            yield kernel, data_type, {"HEAD_DIM": head_dim, "VALUE_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_E": head_dim,
+                                      "BLOCK": linear_attention.BLOCK_ROWS, "RELU": relu}
+
+
+CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs(), *linear_configs()]
 
 
 def main() -> int:

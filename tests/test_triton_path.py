@@ -43,7 +43,7 @@ def results(run, inputs, module):
 @pytest.mark.parametrize(
     "name",
     ["cross_attention", "cosine_attention", "sigmoid_attention", "sparse_attention", "local_attention",
-     "gated", "perceiver", "mixture", "cogvideox", "mamba", "rwkv"],
+     "gated", "perceiver", "mixture", "cogvideox", "mamba", "rwkv", "linear_attention"],
 )
 @pytest.mark.parametrize("n, m", [(11, 19), (19, 11)])
 def test_module_kernels_match_eager(name, n, m):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from canvas_engineering.attention.validation import check_heads, check_qkv
-from canvas_engineering.ops.linear import segment_linear_attention
+from canvas_engineering.ops.linear import FEATURE_MAPS, segment_linear_attention
 from canvas_engineering.ops.segment_attention import segment_attention
 from canvas_engineering.ops.segments import SegmentIndex, single_segment
 
@@ -99,15 +99,26 @@ class CrossAttention(ProjectedAttention):
 
 
 class LinearAttention(ProjectedAttention):
-    """Linear attention with the feature map phi(x) = elu(x) + 1. O(N + M).
+    """Linear attention, ``out = phi(q) (phi(k)^T v) / (phi(q) . sum_m phi(k_m) + 1e-6)`` per
+    head, with the feature map phi = elu + 1 (default) or relu. O(N + M).
 
-    ``out = phi(q) (phi(k)^T v) / (phi(q) . sum_m phi(k_m) + 1e-6)``, per head.
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: number of heads.
+        dropout: accepted for a uniform constructor; not used.
+        feature_map: ``"elu"`` or ``"relu"``.
     """
 
     eps = 1e-6
 
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, feature_map: str = "elu"):
+        super().__init__(d_model, n_heads, dropout)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"LinearAttention: feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        self.feature_map = feature_map
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        return segment_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, index, self.eps)
+        return segment_linear_attention(q, k, v, index, self.eps, self.feature_map)
 
 
 class CosineAttention(ProjectedAttention):

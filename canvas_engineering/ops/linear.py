@@ -1,27 +1,116 @@
 """Linear attention over packed segments: per key set the state ``sum phi(k)^T v`` and
-normaliser ``sum phi(k)``, then per query ``phi(q) state / (phi(q) . normaliser + eps)``."""
+normaliser ``sum phi(k)``, then per query ``phi(q) state / (phi(q) . normaliser + eps)``.
+
+:func:`segment_linear_attention` runs the Triton kernels of
+``canvas_engineering.kernels.linear_attention`` (the custom op
+``canvas_engineering::linear_attention``, feature map fused) where :func:`use_triton` says
+so, else the eager version.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import Tuple
 
-from canvas_engineering.ops.segments import SegmentIndex
+import torch
+import torch.nn.functional as F
+
+from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+
+FEATURE_MAPS = {"elu": lambda x: F.elu(x) + 1, "relu": torch.relu}
+"""The feature maps phi: elu + 1 (the default) and relu."""
+
+
+@torch.library.custom_op("canvas_engineering::linear_attention", mutates_args=())
+def _linear_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor, block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, state, normaliser) of the Triton linear attention."""
+    from canvas_engineering.kernels.linear_attention import linear_attention_fwd
+
+    return linear_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu)
+
+
+@_linear_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu):
+    from canvas_engineering.kernels.linear_attention import _pad
+
+    keysets, (batch, _, heads, head_dim), value_dim = cu_seqlens_k.shape[0] - 1, q.shape, v.shape[3]
+    return (
+        q.new_empty(q.shape[:3] + (value_dim,), dtype=v.dtype),
+        q.new_empty((batch, heads, keysets, _pad(head_dim), _pad(value_dim)), dtype=torch.float32),
+        q.new_empty((batch, heads, keysets, _pad(head_dim)), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("canvas_engineering::linear_attention_backward", mutates_args=())
+def _linear_attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    state: torch.Tensor, normaliser: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor, block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the Triton linear attention."""
+    from canvas_engineering.kernels.linear_attention import linear_attention_bwd
+
+    return linear_attention_bwd(grad_out, q, k, v, out, state, normaliser, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu)
+
+
+@_linear_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, state, normaliser, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *tables, eps, relu = inputs
+    out, state, normaliser = output
+    ctx.save_for_backward(q, k, v, out, state, normaliser, *tables)
+    ctx.options = (eps, relu)
+
+
+def _backward(ctx, grad_out, grad_state, grad_normaliser):
+    q, k, v, out, state, normaliser, *tables = ctx.saved_tensors
+    dq, dk, dv = _linear_attention_backward_op(grad_out.contiguous(), q, k, v, out, state, normaliser, *tables, *ctx.options)
+    return (dq, dk, dv) + (None,) * 7
+
+
+_linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_tables = PerIndexCache()
+
+
+def _kernel_tables(index: SegmentIndex):
+    from canvas_engineering.kernels.linear_attention import BLOCK_ROWS
+
+    device = index.query_segment.device
+    query_lengths = [n for n, _ in index.shapes]
+    offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device)  # noqa: E731
+    pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
+    return (
+        offsets(query_lengths), offsets(list(index.keyset_sizes)), index.segment_keyset.to(torch.int32),
+        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
+        torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device),
+    )
 
 
 def segment_linear_attention(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, eps: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, eps: float, feature_map: str = "elu"
 ) -> torch.Tensor:
-    """Linear attention with features already applied.
+    """Linear attention of each query over its key set.
 
     Args:
-        phi_q: ``(B, Tq, H, d)`` packed query features.
-        phi_k: ``(B, Tk, H, d)`` packed key features; v: ``(B, Tk, H, e)``.
+        q: ``(B, Tq, H, d)`` packed queries; k: ``(B, Tk, H, d)`` packed keys; v: ``(B, Tk, H, e)``.
         index: the segments.
         eps: added to the normaliser.
+        feature_map: ``"elu"`` (phi = elu + 1) or ``"relu"``.
 
     Returns:
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
     """
+    if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
+        tables = _tables.get(index, lambda: _kernel_tables(index))
+        out, _, _ = _linear_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu")
+        return out
+    phi_q, phi_k = FEATURE_MAPS[feature_map](q), FEATURE_MAPS[feature_map](k)
     states, normalisers = [], []
     for bucket in index.keyset_buckets:
         keys, values = bucket.keys.gather(phi_k, zero_padding=True), bucket.keys.gather(v)

@@ -38,3 +38,24 @@ def segment_attention_reference(
             weights = torch.softmax(masked, dim=-1).nan_to_num(0.0)
         out[:, cu_q[s] : cu_q[s + 1]] = torch.einsum("bhnm,bmhd->bnhd", weights, vs)
     return out
+
+
+def linear_attention_reference(q, k, v, query_lengths, keyset_of, keyset_lengths, eps: float = 1e-6, relu: bool = False):
+    """Linear attention per segment over its key set: phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps).
+
+    q ``(B, Tq, H, D)``, k ``(B, Tk, H, D)``, v ``(B, Tk, H, E)`` packed per key set.
+    """
+    features = (lambda x: torch.relu(x)) if relu else (lambda x: torch.nn.functional.elu(x) + 1)
+    outputs = []
+    q_start = 0
+    k_starts = [sum(keyset_lengths[:j]) for j in range(len(keyset_lengths))]
+    for n, keyset in zip(query_lengths, keyset_of):
+        ks = slice(k_starts[keyset], k_starts[keyset] + keyset_lengths[keyset])
+        phi_q, phi_k = features(q[:, q_start : q_start + n]), features(k[:, ks])
+        state = torch.einsum("bmhd,bmhe->bhde", phi_k, v[:, ks])
+        normaliser = phi_k.sum(dim=1)
+        numerator = torch.einsum("bnhd,bhde->bnhe", phi_q, state)
+        denominator = torch.einsum("bnhd,bhd->bnh", phi_q, normaliser).unsqueeze(-1) + eps
+        outputs.append(numerator / denominator)
+        q_start += n
+    return torch.cat(outputs, dim=1)

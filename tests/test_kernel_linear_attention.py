@@ -1,0 +1,82 @@
+"""The linear attention Triton kernels (interpreter on CPU, compiled on CUDA) and the eager
+version against the naive float64 oracle: outputs and the gradients of q, k and v."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvas_engineering.ops.linear import segment_linear_attention
+from canvas_engineering.ops.segments import SegmentIndex
+from conftest import relative_error
+from reference.attention import linear_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS = [5, 1, 37, 20, 3], [0, 1, 2, 2, 0], [9, 3, 40]
+
+
+def data(dtype, head_dim=20, value_dim=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, sum(QUERY_LENGTHS), 3, head_dim, generator=generator)
+    k = torch.randn(2, sum(KEYSET_LENGTHS), 3, head_dim, generator=generator)
+    v = torch.randn(2, sum(KEYSET_LENGTHS), 3, value_dim, generator=generator)
+    grad = torch.randn(2, sum(QUERY_LENGTHS), 3, value_dim, generator=generator)
+    return [t.to(dtype) for t in (q, k, v, grad)]
+
+
+def oracle(q, k, v, grad, relu):
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    expected = linear_attention_reference(*exact, QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS, relu=relu)
+    expected.backward(grad.double())
+    return expected, [t.grad for t in exact]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relu", [False, True], ids=["elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_match_the_oracle(dtype, relu, monkeypatch):
+    pytest.importorskip("triton")
+    from canvas_engineering.kernels.linear_attention import BLOCK_ROWS, linear_attention_bwd, linear_attention_fwd
+
+    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
+    q, k, v, grad = data(dtype)
+    offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)  # noqa: E731
+    pairs = [(s, start) for s, n in enumerate(QUERY_LENGTHS) for start in range(0, n, BLOCK_ROWS)]
+    tables = (
+        offsets(QUERY_LENGTHS), offsets(KEYSET_LENGTHS), torch.tensor(KEYSET_OF, dtype=torch.int32, device=DEVICE),
+        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE), torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
+    )
+    on_device = [t.to(DEVICE) for t in (q, k, v, grad)]
+    out, state, normaliser = linear_attention_fwd(*on_device[:3], *tables, 1e-6, relu)
+    grads = linear_attention_bwd(on_device[3], *on_device[:3], out, state, normaliser, *tables, 1e-6, relu)
+    expected, expected_grads = oracle(q, k, v, grad, relu)
+    tolerance = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 2e-2)
+    for actual, reference in zip((out, *grads), (expected, *expected_grads)):
+        assert relative_error(actual.cpu(), reference) < tolerance
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_eager_matches_the_oracle(feature_map):
+    q, k, v, grad = data(torch.float64)
+    index = SegmentIndex.build(QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = segment_linear_attention(*leaves, index, 1e-6, feature_map)
+    out.backward(grad)
+    expected, expected_grads = oracle(q, k, v, grad, feature_map == "relu")
+    assert relative_error(out, expected) < 1e-12
+    for leaf, reference in zip(leaves, expected_grads):
+        assert relative_error(leaf.grad, reference) < 1e-12
+
+
+def test_eager_gradcheck():
+    index = SegmentIndex.build([3, 2], [0, 0], [4])
+    generator = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(1, rows, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True) for rows in (5, 4, 4)]
+    assert torch.autograd.gradcheck(lambda q, k, v: segment_linear_attention(q, k, v, index, 1e-6), inputs)
+
+
+def test_unknown_feature_map_is_refused():
+    from canvas_engineering import create_attention
+
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        create_attention("linear_attention", 8, 2, feature_map="softplus")
