@@ -3,7 +3,7 @@ recurrence) and Hyena (gated FFT long convolutions)."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -138,10 +138,13 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pooling_table(self, index: SegmentIndex) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Adaptive average pooling of each key set to its segment's length, as
         (packed query row, packed key row, weight) triples: output i of a segment averages
-        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1`` (the identity when M == N)."""
+        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``. None when that is the identity (every
+        segment has M == N and reads its own key set, in order)."""
+        if all(n == m for n, m in index.shapes) and list(index.keyset_of) == list(range(len(index.shapes))):
+            return None
         out_rows, key_rows, weights = [], [], []
         query_start = 0
         for (n, m), keyset in zip(index.shapes, index.keyset_of):
@@ -168,10 +171,14 @@ class HyenaAttention(SegmentAttention):
             )
         if any(m == 0 and n > 0 for n, m in index.shapes):
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
-        out_rows, pooled_rows, weights = self._pooling.get(index, lambda: self._pooling_table(index))
         values = index.pack_keys(value_rows)
-        contributions = values[:, pooled_rows] * weights.to(values.dtype).view(1, -1, 1)
-        pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
+        pooling = self._pooling.get(index, lambda: self._pooling_table(index))
+        if pooling is None:
+            pooled = values
+        else:
+            out_rows, pooled_rows, weights = pooling
+            contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
+            pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
         streams = rearrange(self.in_proj(pooled), "b t (s d) -> s b t d", s=self.order + 1)
         mixed = streams[0]
         for i, frequencies in enumerate(self.filter_params):
