@@ -177,6 +177,31 @@ def selective_scan_case(name: str, sequences: int, length: int, channels: int, s
     }
 
 
+def linear_case(name: str, sequences: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> Dict:
+    """Linear attention over ``sequences`` segments of ``length``: the kernels against the
+    eager matmul form on the same work; achieved bandwidth (q, k, v read, out written)."""
+    from canvas_engineering.ops.linear import segment_linear_attention
+
+    index = SegmentIndex.build([length] * sequences, list(range(sequences)), [length] * sequences).to(DEVICE)
+    make = lambda: torch.randn(1, sequences * length, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = make(), make(), make()
+    run = lambda: segment_linear_attention(q, k, v, index, 1e-6)  # noqa: E731
+    grad = torch.randn_like(q)
+    with kernel_context():
+        kernel_ms = timed(run)
+        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (q, k, v), grad))
+    with eager_ops():
+        eager_ms = timed(run)
+    moved = 4 * q.numel() * q.element_size()
+    return {
+        "variant": name, "segments": sequences, "length": length, "heads": heads, "head_dim": head_dim,
+        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "eager_fwd_ms": eager_ms, "anchor": "eager matmul form", "anchor_fwd_ms": eager_ms,
+        "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 4 * q.numel() * head_dim / kernel_ms / 1e9,
+        "speedup_vs_anchor": eager_ms / kernel_ms,
+    }
+
+
 def cases() -> List[Dict]:
     length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
     heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
@@ -188,6 +213,7 @@ def cases() -> List[Dict]:
         case("top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
         case("sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
         scan_case("rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
+        linear_case("linear", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
         selective_scan_case("mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
     ]
 
