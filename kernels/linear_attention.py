@@ -17,11 +17,11 @@ walked inside each key set's program.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .buffers import new_output
 
 
 @triton.jit
@@ -193,13 +193,6 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _new(reference: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """An output buffer, NaN-filled when ``CANVAS_POISON_OUTPUTS=1`` (tests)."""
-    if os.environ.get("CANVAS_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=reference.device)
-    return torch.empty(shape, dtype=dtype, device=reference.device)
-
-
 def linear_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
@@ -216,7 +209,7 @@ def linear_attention_fwd(
     block_d, block_e = _pad(head_dim), _pad(value_dim)
     state = torch.zeros(batch, heads, n_keysets, block_d, block_e, dtype=torch.float32, device=q.device)
     normaliser = torch.zeros(batch, heads, n_keysets, block_d, dtype=torch.float32, device=q.device)
-    out = _new(v, q.shape[:3] + (value_dim,), v.dtype)
+    out = new_output(v, q.shape[:3] + (value_dim,), v.dtype)
     common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu)
     if n_keysets:
         linear_state_kernel[(n_keysets, batch * heads)](k, v, state, normaliser, cu_seqlens_k, heads, n_keysets, **common)
@@ -242,7 +235,7 @@ def linear_attention_bwd(
     block_d, block_e = _pad(head_dim), _pad(value_dim)
     common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu)
     grad_out = grad_out.contiguous()
-    dq, dk, dv = _new(q, q.shape, q.dtype), _new(k, k.shape, k.dtype), _new(v, v.shape, v.dtype)
+    dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
     d_state_partial = torch.zeros(batch * heads, n_blocks, block_d, block_e, dtype=torch.float32, device=q.device)
     d_normaliser_partial = torch.zeros(batch * heads, n_blocks, block_d, dtype=torch.float32, device=q.device)
     if n_blocks:

@@ -23,11 +23,11 @@ are accepted; outputs are stored in the input dtype, ``lse`` in float32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .buffers import new_output
 
 def block_rows(head_dim: int, device: torch.device) -> int:
     """Rows per query block and per key block: 16 off a GPU (the interpreter), and on a GPU
@@ -35,6 +35,20 @@ def block_rows(head_dim: int, device: torch.device) -> int:
     if torch.device(device).type != "cuda":
         return 16
     return 64 if head_dim <= 64 else 32
+
+
+@triton.jit
+def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads):
+    """(batch, head, first row of the block within its segment, the segment's first query
+    row and query count, its first key row and key count) of this program."""
+    batch_head = tl.program_id(1)
+    segment = tl.load(block_segment + tl.program_id(0))
+    q_begin = tl.load(cu_seqlens_q + segment)
+    k_begin = tl.load(cu_seqlens_k + segment)
+    return (
+        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), tl.load(block_start + tl.program_id(0)),
+        q_begin, tl.load(cu_seqlens_q + segment + 1) - q_begin, k_begin, tl.load(cu_seqlens_k + segment + 1) - k_begin,
+    )
 
 
 @triton.jit
@@ -90,16 +104,7 @@ def segment_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    q_first = tl.load(block_start + block)
-    q_begin = tl.load(cu_seqlens_q + segment)
-    n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-    k_begin = tl.load(cu_seqlens_k + segment)
-    n_k = tl.load(cu_seqlens_k + segment + 1) - k_begin
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -172,16 +177,7 @@ def segment_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    k_first = tl.load(block_start + block)
-    q_begin = tl.load(cu_seqlens_q + segment)
-    n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-    k_begin = tl.load(cu_seqlens_k + segment)
-    n_k = tl.load(cu_seqlens_k + segment + 1) - k_begin
+    b, h, k_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_n = k_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -238,16 +234,7 @@ def segment_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    q_first = tl.load(block_start + block)
-    q_begin = tl.load(cu_seqlens_q + segment)
-    n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-    k_begin = tl.load(cu_seqlens_k + segment)
-    n_k = tl.load(cu_seqlens_k + segment + 1) - k_begin
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -301,16 +288,7 @@ def segment_topk_threshold_kernel(
     multiplicity, k = min(top_k, M)), found by repeated max passes over the keys: each pass
     takes the largest logit below the previous value and counts how often it occurs, until
     k logits are counted. O(BLOCK_M) state per block, never the row of logits."""
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    q_first = tl.load(block_start + block)
-    q_begin = tl.load(cu_seqlens_q + segment)
-    n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-    k_begin = tl.load(cu_seqlens_k + segment)
-    n_k = tl.load(cu_seqlens_k + segment + 1) - k_begin
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -354,14 +332,6 @@ def _head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _new_output(reference: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """An output buffer; NaN-filled when ``CANVAS_POISON_OUTPUTS=1`` (tests), so that an
-    element a kernel fails to write cannot pass for a result."""
-    if os.environ.get("CANVAS_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=reference.device)
-    return torch.empty(shape, dtype=dtype, device=reference.device)
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.stride(-1) != 1:
@@ -394,8 +364,8 @@ def segment_attention_fwd(
     """
     _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
-    out = _new_output(q, q.shape, q.dtype)
-    lse = _new_output(q, (batch, heads, total_q), torch.float32)
+    out = new_output(q, q.shape, q.dtype)
+    lse = new_output(q, (batch, heads, total_q), torch.float32)
     grid = (block_segment.shape[0], batch * heads)
     if grid[0]:
         segment_attention_fwd_kernel[grid](
@@ -427,9 +397,9 @@ def segment_attention_bwd(
     batch, total_q, heads, head_dim = q.shape
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    dq = _new_output(q, q.shape, q.dtype)
-    dk = _new_output(k, k.shape, k.dtype)
-    dv = _new_output(v, v.shape, v.dtype)
+    dq = new_output(q, q.shape, q.dtype)
+    dk = new_output(k, k.shape, k.dtype)
+    dv = new_output(v, v.shape, v.dtype)
     common = dict(
         HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
         WINDOW=window, USE_THRESHOLD=threshold is not None, SIGMOID=sigmoid,
@@ -466,7 +436,7 @@ def segment_topk_threshold(
     float32; ``+inf`` for a row whose segment has no key."""
     _check(q, k, k)
     batch, total_q, heads, head_dim = q.shape
-    threshold = _new_output(q, (batch, heads, total_q), torch.float32)
+    threshold = new_output(q, (batch, heads, total_q), torch.float32)
     if block_segment.shape[0]:
         segment_topk_threshold_kernel[(block_segment.shape[0], batch * heads)](
             q, k, threshold, cu_seqlens_q, cu_seqlens_k, block_segment, block_start,

@@ -17,11 +17,11 @@ and C) are written per channel block and summed by the launcher.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .buffers import new_output
 
 CHUNK = 64
 
@@ -148,13 +148,6 @@ def _blocks(n_channels: int, n_state: int) -> tuple[int, int]:
     return min(32, triton.next_power_of_2(n_channels)), block_n
 
 
-def _new(reference: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """An output buffer, NaN-filled when ``CANVAS_POISON_OUTPUTS=1`` (tests)."""
-    if os.environ.get("CANVAS_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=reference.device)
-    return torch.empty(shape, dtype=dtype, device=reference.device)
-
-
 def checkpoint_offsets(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """``(S + 1,)`` int32: where each sequence's checkpoints (one per ``chunk`` steps) start."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -174,7 +167,7 @@ def selective_scan_fwd(
     batch, _, n_channels = x.shape
     n_state = A.shape[1]
     block_d, block_n = _blocks(n_channels, n_state)
-    y = _new(x, x.shape, x.dtype)
+    y = new_output(x, x.shape, x.dtype)
     checkpoints = torch.zeros(batch, n_checkpoints, n_channels, n_state, dtype=torch.float32, device=x.device)
     grid = (cu_seqlens.shape[0] - 1, batch, triton.cdiv(n_channels, block_d))
     if grid[0] and x.numel():
@@ -196,7 +189,7 @@ def selective_scan_bwd(
     sequences = cu_seqlens.shape[0] - 1
     n_blocks = triton.cdiv(n_channels, block_d)
     grad_y = grad_y.contiguous()
-    dx, ddt = _new(x, x.shape, x.dtype), _new(dt, dt.shape, dt.dtype)
+    dx, ddt = new_output(x, x.shape, x.dtype), new_output(dt, dt.shape, dt.dtype)
     da_partial = torch.zeros(sequences, batch, n_channels, n_state, dtype=torch.float32, device=x.device)
     dskip_partial = torch.zeros(sequences, batch, n_channels, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(n_blocks, batch, total, n_state, dtype=torch.float32, device=x.device)

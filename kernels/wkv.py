@@ -16,11 +16,11 @@ sequence, one (batch, head) and ``BLOCK_D`` channels, and walks its steps in ord
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .buffers import new_output
 
 KEY_CLAMP = 10.0
 
@@ -127,13 +127,6 @@ def _channel_block(head_dim: int) -> int:
     return min(64, triton.next_power_of_2(head_dim))
 
 
-def _new(reference: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """An output buffer, NaN-filled when ``CANVAS_POISON_OUTPUTS=1`` (tests)."""
-    if os.environ.get("CANVAS_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=reference.device)
-    return torch.empty(shape, dtype=dtype, device=reference.device)
-
-
 def wkv_fwd(
     k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +144,9 @@ def wkv_fwd(
     if k.shape != v.shape or not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError(f"wkv: k and v must be contiguous (B, T, H, D) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     batch, _, heads, head_dim = k.shape
-    y = _new(v, v.shape, v.dtype)
-    inv_den = _new(v, v.shape, torch.float32)
-    share = _new(v, v.shape, torch.float32)
+    y = new_output(v, v.shape, v.dtype)
+    inv_den = new_output(v, v.shape, torch.float32)
+    share = new_output(v, v.shape, torch.float32)
     block = _channel_block(head_dim)
     grid = (cu_seqlens.shape[0] - 1, batch * heads, triton.cdiv(head_dim, block))
     if grid[0] and y.numel():
@@ -174,8 +167,8 @@ def wkv_bwd(
     grad_y = grad_y.contiguous()
     if not (k.is_contiguous() and v.is_contiguous() and y.is_contiguous()):
         raise ValueError("wkv_bwd: k, v and y must be contiguous")
-    dk = _new(k, k.shape, k.dtype)
-    dv = _new(v, v.shape, v.dtype)
+    dk = new_output(k, k.shape, k.dtype)
+    dv = new_output(v, v.shape, v.dtype)
     sequences = cu_seqlens.shape[0] - 1
     dw_partial = torch.zeros(sequences, batch * heads, head_dim, dtype=torch.float32, device=k.device)
     du_partial = torch.zeros_like(dw_partial)
