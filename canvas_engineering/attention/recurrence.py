@@ -3,7 +3,7 @@ recurrence) and Hyena (gated FFT long convolutions)."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ from canvas_engineering.attention.validation import check_heads, check_positive
 from canvas_engineering.ops.fftconv import fft_length, segment_fft_conv
 from canvas_engineering.ops.rwkv import segment_wkv
 from canvas_engineering.ops.segment_attention import segment_attention
-from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
 from canvas_engineering.ops.selective_scan import segment_selective_scan
 
 
@@ -138,13 +138,15 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(self, index: SegmentIndex) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _pooling_table(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Adaptive average pooling of each key set to its segment's length, as
         (packed query row, packed key row, weight) triples: output i of a segment averages
-        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``. None when that is the identity (every
-        segment has M == N and reads its own key set, in order)."""
-        if all(n == m for n, m in index.shapes) and list(index.keyset_of) == list(range(len(index.shapes))):
-            return None
+        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``. When every segment has M == N, pooling
+        is the identity and this is just the key row behind each packed query row."""
+        starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+        if all(n == m for n, m in index.shapes):
+            rows = RowSelection.of([starts[k] + i for (n, _), k in zip(index.shapes, index.keyset_of) for i in range(n)])
+            return RowSelection(rows.index.to(index.query_segment.device), rows.start)
         out_rows, key_rows, weights = [], [], []
         query_start = 0
         for (n, m), keyset in zip(index.shapes, index.keyset_of):
@@ -154,7 +156,7 @@ class HyenaAttention(SegmentAttention):
             owner = torch.repeat_interleave(outputs, count)
             within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
             out_rows.append(owner + query_start)
-            key_rows.append(first[owner] + within + sum(index.keyset_sizes[:keyset]))
+            key_rows.append(first[owner] + within + starts[keyset])
             weights.append(1.0 / count[owner].double())
             query_start += n
         device = index.query_source.index.device
@@ -173,8 +175,8 @@ class HyenaAttention(SegmentAttention):
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         values = index.pack_keys(value_rows)
         pooling = self._pooling.get(index, lambda: self._pooling_table(index))
-        if pooling is None:
-            pooled = values
+        if isinstance(pooling, RowSelection):
+            pooled = pooling.take(values)
         else:
             out_rows, pooled_rows, weights = pooling
             contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
