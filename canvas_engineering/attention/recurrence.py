@@ -165,13 +165,13 @@ class HyenaAttention(SegmentAttention):
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        longest = max((n for n, _ in index.shapes), default=0)
+        longest = max([n for n, _ in index.shapes] + [0])
         if fft_length(longest) // 2 + 1 > self.max_len // 2 + 1:
             raise ValueError(
                 f"HyenaAttention: {longest} queries need an FFT of length {fft_length(longest)}, longer than "
                 f"max_len={self.max_len}; build the module with max_len >= {fft_length(longest)}"
             )
-        if any(m == 0 and n > 0 for n, m in index.shapes):
+        if [shape for shape in index.shapes if shape[1] == 0 and shape[0] > 0]:
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         values = index.pack_keys(value_rows)
         pooling = self._pooling.get(index, lambda: self._pooling_table(index))
