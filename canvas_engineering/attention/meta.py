@@ -96,7 +96,7 @@ class RandomFixedAttention(ProjectedAttention):
 
     def _row_table(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
         """(packed key row read by each packed query row and slot ``(Tq, K)``, slot validity)."""
-        width = min(self.n_random, max((m for _, m in index.shapes), default=0))
+        width = min(self.n_random, max([m for _, m in index.shapes] + [0]))
         tables, valids = [], []
         for (n, m), keyset in zip(index.shapes, index.keyset_of):
             start = sum(index.keyset_sizes[:keyset])
