@@ -91,19 +91,38 @@ class AttentionDispatcher(nn.Module):
             if fn not in modules:
                 modules[fn] = create_attention(fn, d_model, n_heads, dropout)
         self.fn_modules = nn.ModuleDict(modules)
-        self._plans: Dict[Tuple[Optional[FrozenSet[str]], torch.device], ExecutionPlan] = {
-            (None, torch.device("cpu")): ExecutionPlan.build(self.segments, layout.num_positions)
-        }
+        self._plans: Dict[Tuple[Optional[FrozenSet[str]], torch.device], ExecutionPlan] = {}
+        self.plan()
 
     def plan(self, active_regions: Optional[FrozenSet[str]] = None, device: torch.device = torch.device("cpu")) -> ExecutionPlan:
-        """The execution plan for an active-region set on a device (compiled once, cached)."""
+        """The execution plan for an active-region set on a device (compiled once, cached).
+
+        A new plan is prepared at once: each module builds what it derives from its group's
+        index, so a forward only looks things up.
+        """
         key = (active_regions, torch.device(device))
         if key not in self._plans:
             cpu_key = (active_regions, torch.device("cpu"))
             if cpu_key not in self._plans:
-                self._plans[cpu_key] = ExecutionPlan.build(self.segments, self.layout.num_positions, active_regions)
-            self._plans[key] = self._plans[cpu_key].to(device)
+                self._plans[cpu_key] = self._prepared(ExecutionPlan.build(self.segments, self.layout.num_positions, active_regions))
+            if key != cpu_key:
+                self._plans[key] = self._prepared(self._plans[cpu_key].to(device))
         return self._plans[key]
+
+    def _prepared(self, plan: ExecutionPlan) -> ExecutionPlan:
+        for group in plan.groups:
+            module = self.fn_modules[group.fn]
+            if isinstance(module, SegmentAttention):
+                module.prepare(group.index)
+        return plan
+
+    def _apply(self, fn, recurse=True):
+        """After ``.to()``/``.cuda()``, compile the default plan for the new device at once."""
+        result = super()._apply(fn, recurse)
+        parameter = next(self.parameters(), None)
+        if parameter is not None:
+            self.plan(None, parameter.device)
+        return result
 
     def explain(self, active_regions: Optional[Iterable[str]] = None) -> str:
         """A readable table of what a forward runs: per attention type its segments, key

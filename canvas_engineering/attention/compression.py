@@ -47,10 +47,17 @@ class PerceiverAttention(SegmentAttention):
         device = index.query_source.index.device
         return compress.to(device), readout.to(device)
 
+    def prepare(self, index: SegmentIndex) -> Tuple[SegmentIndex, SegmentIndex]:
+        """The two stages' indexes (built once), with their own preparation."""
+        stages = self._stages.get(index, lambda: self._stage_indexes(index))
+        self.compress.prepare(stages[0])
+        self.readout.prepare(stages[1])
+        return stages
+
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        compress_index, readout_index = self._stages.get(index, lambda: self._stage_indexes(index))
+        compress_index, readout_index = self.prepare(index)
         latents = self.latents.expand(query_rows.shape[0], -1, -1)
         compressed = self.compress.forward_segments(latents, key_rows, value_rows, compress_index)
         return self.readout.forward_segments(query_rows, compressed, compressed, readout_index)

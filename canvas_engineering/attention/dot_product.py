@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from canvas_engineering.attention.validation import check_heads, check_qkv
-from canvas_engineering.ops.linear import FEATURE_MAPS, segment_linear_attention
-from canvas_engineering.ops.segment_attention import segment_attention
+from canvas_engineering.ops.backend import HAS_TRITON
+from canvas_engineering.ops.linear import FEATURE_MAPS, prepare_linear_attention, segment_linear_attention
+from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import SegmentIndex, single_segment
 
 
@@ -38,6 +39,10 @@ class SegmentAttention(nn.Module):
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, index: SegmentIndex) -> None:
+        """Build, ahead of any forward, what ``forward_segments`` derives from ``index`` (so
+        that a forward only looks it up; torch.compile can then trace the first call)."""
 
 
 class ProjectedAttention(SegmentAttention):
@@ -85,6 +90,9 @@ class ProjectedAttention(SegmentAttention):
         """The type's mixing of packed heads: ``(B, Tq, H, d)`` from q and the key sets."""
         raise NotImplementedError
 
+    def prepare(self, index: SegmentIndex) -> None:
+        prepare_segment_attention(index, self.head_dim)
+
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
@@ -119,6 +127,10 @@ class LinearAttention(ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         return segment_linear_attention(q, k, v, index, self.eps, self.feature_map)
+
+    def prepare(self, index: SegmentIndex) -> None:
+        if HAS_TRITON:
+            prepare_linear_attention(index)
 
 
 class CosineAttention(ProjectedAttention):

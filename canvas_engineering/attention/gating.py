@@ -29,3 +29,6 @@ class GatedAttention(SegmentAttention):
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
         return torch.sigmoid(self.gate) * self.cross_attn.forward_segments(query_rows, key_rows, value_rows, index)
+
+    def prepare(self, index: SegmentIndex) -> None:
+        self.cross_attn.prepare(index)

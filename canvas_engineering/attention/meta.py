@@ -117,8 +117,12 @@ class RandomFixedAttention(ProjectedAttention):
         self._patterns.clear()
         self._row_tables.clear()
 
+    def prepare(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The per-row key table of ``index`` (built once)."""
+        return self._row_tables.get(index, lambda: self._row_table(index))
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        table, valid = self._row_tables.get(index, lambda: self._row_table(index))
+        table, valid = self.prepare(index)
         chosen = lambda t: torch.index_select(t, 1, table.flatten()).unflatten(1, table.shape)  # noqa: E731
         logits = torch.einsum("bthd,btkhd->bthk", q, chosen(k)) * self.scale
         logits = logits.masked_fill(~valid.unsqueeze(0).unsqueeze(2), float("-inf"))
@@ -183,13 +187,20 @@ class MixtureAttention(SegmentAttention):
             )
         return indexes
 
+    def prepare(self, index: SegmentIndex) -> List[SegmentIndex]:
+        """Each expert's index (built once), with the experts' own preparation."""
+        indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))
+        for expert, sub in zip(self.experts, indexes):
+            expert.prepare(sub)
+        return indexes
+
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
         scores, chosen = index.pack_queries(self.router(query_rows)).topk(self.top_k_experts, dim=-1)
         routing = scores.new_zeros(scores.shape[:-1] + (self.n_experts,))
         routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
-        expert_indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))
+        expert_indexes = self.prepare(index)
         expert_outputs = torch.stack(
             [expert.forward_segments(query_rows, key_rows, value_rows, sub) for expert, sub in zip(self.experts, expert_indexes)],
             dim=2,

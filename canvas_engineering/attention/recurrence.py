@@ -13,10 +13,11 @@ from einops import rearrange
 from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
 from canvas_engineering.ops.fftconv import fft_length, segment_fft_conv
-from canvas_engineering.ops.rwkv import segment_wkv
-from canvas_engineering.ops.segment_attention import segment_attention
+from canvas_engineering.ops.backend import HAS_TRITON
+from canvas_engineering.ops.rwkv import prepare_wkv, segment_wkv
+from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
-from canvas_engineering.ops.selective_scan import segment_selective_scan
+from canvas_engineering.ops.selective_scan import prepare_selective_scan, segment_selective_scan
 
 
 class MambaAttention(SegmentAttention):
@@ -69,6 +70,11 @@ class MambaAttention(SegmentAttention):
         readout = segment_attention(queries, context, context, index, self.d_model**-0.5)
         return self.out_proj(readout.squeeze(2))
 
+    def prepare(self, index: SegmentIndex) -> None:
+        if HAS_TRITON:
+            prepare_selective_scan(index)
+        prepare_segment_attention(index, self.d_model)
+
 
 class RWKVAttention(SegmentAttention):
     """RWKV time mixing: the WKV recurrence over dst with a learned per-channel decay
@@ -104,6 +110,9 @@ class RWKVAttention(SegmentAttention):
         v = index.pack_keys(rearrange(self.v_proj(value_rows), split, h=self.n_heads))
         wkv = segment_wkv(k, v, -torch.exp(self.decay), self.bonus, index)
         return self.out_proj(rearrange(torch.sigmoid(r) * wkv, "b t h d -> b t (h d)"))
+
+    def prepare(self, index: SegmentIndex) -> None:
+        prepare_wkv(index)
 
 
 class HyenaAttention(SegmentAttention):
@@ -162,6 +171,10 @@ class HyenaAttention(SegmentAttention):
         device = index.query_source.index.device
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
+    def prepare(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The pooling of ``index`` (built once)."""
+        return self._pooling.get(index, lambda: self._pooling_table(index))
+
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
@@ -174,7 +187,7 @@ class HyenaAttention(SegmentAttention):
         if [shape for shape in index.shapes if shape[1] == 0 and shape[0] > 0]:
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         values = index.pack_keys(value_rows)
-        pooling = self._pooling.get(index, lambda: self._pooling_table(index))
+        pooling = self.prepare(index)
         if isinstance(pooling, RowSelection):
             pooled = pooling.take(values)
         else:

@@ -6,7 +6,7 @@ import torch
 
 from canvas_engineering.attention.dot_product import ProjectedAttention
 from canvas_engineering.attention.validation import check_positive
-from canvas_engineering.ops.segment_attention import segment_attention
+from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import SegmentIndex
 
 
@@ -50,3 +50,6 @@ class LocalAttention(ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         return segment_attention(q, k, v, index, self.scale, window=self.window_size, dropout_p=self.attention_dropout)
+
+    def prepare(self, index: SegmentIndex) -> None:
+        prepare_segment_attention(index, self.head_dim, self.window_size)

@@ -78,6 +78,11 @@ _linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _tables = PerIndexCache()
 
 
+def prepare_linear_attention(index: SegmentIndex):
+    """The kernels' tables of ``index`` (offsets, key set per segment, query blocks), built once."""
+    return _tables.get(index, lambda: _kernel_tables(index))
+
+
 def _kernel_tables(index: SegmentIndex):
     from canvas_engineering.kernels.linear_attention import BLOCK_ROWS
 
@@ -107,7 +112,7 @@ def segment_linear_attention(
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
-        tables = _tables.get(index, lambda: _kernel_tables(index))
+        tables = prepare_linear_attention(index)
         out, _, _ = _linear_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu")
         return out
     phi_q, phi_k = FEATURE_MAPS[feature_map](q), FEATURE_MAPS[feature_map](k)

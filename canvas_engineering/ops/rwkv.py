@@ -138,6 +138,16 @@ def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, torch.Tensor]:
 _scan_plans = PerIndexCache()
 
 
+def _keyset_offsets_of(scan: SegmentIndex) -> torch.Tensor:
+    return _keyset_offsets.get(scan, lambda: torch.cumsum(F.pad(scan.keyset_length, (1, 0)), 0).to(torch.int32))
+
+
+def prepare_wkv(index: SegmentIndex) -> None:
+    """Build ahead of a forward what :func:`segment_wkv` derives from ``index``."""
+    scan, _ = _scan_plans.get(index, lambda: _scan_plan(index))
+    _keyset_offsets_of(scan)
+
+
 def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
     """WKV over each key set, read by each query row at step ``min(i, M - 1)``.
 
@@ -155,8 +165,7 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
     k, v = scan.pack_keys(k), scan.pack_keys(v)
     if use_triton(k):
-        offsets = _keyset_offsets.get(scan, lambda: torch.cumsum(F.pad(scan.keyset_length, (1, 0)), 0).to(torch.int32))
-        scanned, _, _ = _wkv_op(k.contiguous(), v.contiguous(), w, u, offsets)
+        scanned, _, _ = _wkv_op(k.contiguous(), v.contiguous(), w, u, _keyset_offsets_of(scan))
     else:
         scanned = scan.assemble_keys(
             [

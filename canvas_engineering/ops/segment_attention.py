@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from canvas_engineering.ops.backend import use_triton
-from canvas_engineering.ops.local import masked_softmax, segment_local_attention
+from canvas_engineering.ops.backend import HAS_TRITON, use_triton
+from canvas_engineering.ops.local import blocked_windows, masked_softmax, segment_local_attention
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentBucket, SegmentIndex
 
 KeySelector = Callable[[SegmentBucket, torch.Tensor], torch.Tensor]
@@ -183,17 +183,31 @@ def _backward(ctx, grad_out, grad_lse, grad_threshold):
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def kernel_tables(index: SegmentIndex, head_dim: int) -> KernelTables:
+    """The kernels' tables for ``index`` at the block size its device uses (cached)."""
+    from canvas_engineering.kernels.segment_attention import block_rows
+
+    block = block_rows(head_dim, index.query_segment.device)
+    by_block = _kernel_tables.get(index, dict)
+    if block not in by_block:
+        by_block[block] = KernelTables.build(index, block)
+    return by_block[block]
+
+
+def prepare_segment_attention(index: SegmentIndex, head_dim: int, window: int = 0) -> None:
+    """Build ahead of a forward what :func:`segment_attention` derives from ``index``."""
+    if window:
+        blocked_windows(index, window)
+    if HAS_TRITON and head_dim <= 128:
+        kernel_tables(index, head_dim)
+
+
 def _triton_segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex,
     scale: Union[float, torch.Tensor], window: int, top_k: int, sigmoid: bool,
 ) -> torch.Tensor:
-    from canvas_engineering.kernels.segment_attention import block_rows
-
-    block = block_rows(q.shape[-1], q.device)
-    by_block = _kernel_tables.get(index, dict)
-    if block not in by_block:
-        by_block[block] = KernelTables.build(index, block)
-    tables = by_block[block]
+    tables = kernel_tables(index, q.shape[-1])
+    block = tables.block
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0
     k, v = tables.segment_keys.take(k).contiguous(), tables.segment_keys.take(v).contiguous()

@@ -69,6 +69,20 @@ _selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_c
 _scan_tables = PerIndexCache()
 
 
+def prepare_selective_scan(index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(int32 key-set offsets, checkpoint offsets, checkpoint count) of ``index`` for the
+    kernel, built once ahead of a forward."""
+
+    def tables():
+        lengths = list(index.keyset_sizes)
+        chunks = [-(-m // SCAN_CHUNK) for m in lengths]
+        device = index.query_segment.device
+        offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device)  # noqa: E731
+        return offsets(lengths), offsets(chunks), sum(chunks)
+
+    return _scan_tables.get(index, tables)
+
+
 def selective_scan(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
     chunk: int = 0,
@@ -133,13 +147,7 @@ def segment_selective_scan(
         ``(Bt, Tk, channels)``.
     """
     if use_triton(x) and index.n_keys:
-        def tables():
-            lengths = list(index.keyset_sizes)
-            chunks = [-(-m // SCAN_CHUNK) for m in lengths]
-            offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=x.device)  # noqa: E731
-            return offsets(lengths), offsets(chunks), sum(chunks)
-
-        cu_seqlens, checkpoint_offsets, n_checkpoints = _scan_tables.get(index, tables)
+        cu_seqlens, checkpoint_offsets, n_checkpoints = prepare_selective_scan(index)
         contiguous = [t.contiguous() for t in (x, dt, A, B, C, D)]
         y, _ = _selective_scan_op(*contiguous, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
         return y
