@@ -53,11 +53,17 @@ def segment_attention(
 
     Returns:
         ``(B, Tq, H, d)``; a query that sees no key gets zeros.
+
+    Raises:
+        ValueError: for ``sigmoid`` combined with ``window`` or ``top_k`` (no type uses it,
+            and the eager versions do not implement it).
     """
+    if sigmoid and (window or top_k):
+        raise ValueError(f"segment_attention: sigmoid weights with window={window} or top_k={top_k} is not supported")
     if use_triton(q) and q.shape[-1] <= 128 and dropout_p == 0.0:
         return _triton_segment_attention(q, k, v, index, scale, window, top_k, sigmoid)
     if sigmoid:
-        return segment_sigmoid_attention(q, k, v, index, scale, dropout_p)
+        return segment_masked_attention(q, k, v, index, scale, dropout_p=dropout_p, sigmoid=True)
     if window:
         return segment_local_attention(q, k, v, index, scale, window, dropout_p)
     if top_k:
@@ -255,8 +261,10 @@ def segment_masked_attention(
     scale: Union[float, torch.Tensor],
     select: Optional[KeySelector] = None,
     dropout_p: float = 0.0,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
-    """Softmax attention over the keys that ``select`` keeps (all keys when None).
+    """Softmax attention over the keys that ``select`` keeps (all keys when None); with
+    ``sigmoid``, the weights are ``sigmoid(logit)`` of the kept keys, not normalised.
 
     The logits ``q . k * scale`` are formed per bucket, in chunks of rows that keep at most
     :data:`SCORE_BUDGET` scores alive (checkpointed, so the backward pass holds no more);
@@ -269,7 +277,7 @@ def segment_masked_attention(
         logits = logits.masked_fill(~keep, float("-inf"))
         if select is not None:
             keep = keep & select(bucket, logits)
-        weights = masked_softmax(logits, keep)
+        weights = torch.sigmoid(logits) * keep.to(logits.dtype) if sigmoid else masked_softmax(logits, keep)
         if dropout_p:
             weights = F.dropout(weights, dropout_p)
         return torch.einsum("bnhqk,bnkhd->bnqhd", weights, values)
@@ -290,20 +298,4 @@ def segment_masked_attention(
             for start in range(0, qp.shape[2], rows)
         ]
         batches.append(torch.cat(chunks, dim=2))
-    return index.assemble_queries(batches)
-
-
-def segment_sigmoid_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, scale: float, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """``sigmoid(q . k * scale)`` weights (no normalisation) over each query's key set."""
-    batches = []
-    for bucket in index.segment_buckets:
-        qp, kp, vp = _padded(q, k, v, bucket)
-        gates = torch.sigmoid(torch.einsum("bnqhd,bnkhd->bnhqk", qp, kp) * scale)
-        if bucket.keys.padded:
-            gates = gates * bucket.keys.valid[None, :, None, None, :].to(gates.dtype)
-        if dropout_p:
-            gates = F.dropout(gates, dropout_p)
-        batches.append(torch.einsum("bnhqk,bnkhd->bnqhd", gates, vp))
     return index.assemble_queries(batches)
