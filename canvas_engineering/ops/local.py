@@ -35,14 +35,17 @@ class BlockedWindows:
     Attributes:
         block: queries per block; n_blocks: blocks per member; width: keys read per block.
         key_slot: ``(n, n_blocks, width)`` key slot (within the member's key set) per block and column.
-        key_valid: ``(n, n_blocks, width)`` whether that slot is inside the block's range.
+        keep: ``(n, n_blocks, block, width)`` whether each query of a block sees each column's key
+            (inside the block's range and the query's window).
+        member: ``(n, 1, 1)`` the member of each row of ``key_slot``, for gathering.
     """
 
     block: int
     n_blocks: int
     width: int
     key_slot: torch.Tensor
-    key_valid: torch.Tensor
+    keep: torch.Tensor
+    member: torch.Tensor
 
     @staticmethod
     def build(bucket: SegmentBucket, window_size: int) -> "BlockedWindows":
@@ -58,8 +61,11 @@ class BlockedWindows:
         width = max(1, int((high - low).max())) if bucket.keys.width else 0
         columns = torch.arange(width, device=n_queries.device).view(1, 1, -1)
         key_slot = low.unsqueeze(-1) + columns
-        key_valid = key_slot < high.unsqueeze(-1)
-        return BlockedWindows(block, n_blocks, width, key_slot.clamp(max=max(bucket.keys.width - 1, 0)), key_valid)
+        query_pos = (starts.view(-1, 1) + torch.arange(block, device=starts.device)).view(1, n_blocks, block, 1)
+        keep = window_keep(query_pos, key_slot.unsqueeze(2), n_queries.view(-1, 1, 1, 1), n_keys.view(-1, 1, 1, 1), window_size)
+        keep = keep & (key_slot < high.unsqueeze(-1)).unsqueeze(2)
+        member = torch.arange(key_slot.shape[0], device=starts.device).view(-1, 1, 1)
+        return BlockedWindows(block, n_blocks, width, key_slot.clamp(max=max(bucket.keys.width - 1, 0)), keep, member)
 
 
 _windows = PerIndexCache()
@@ -113,25 +119,16 @@ def segment_local_attention(
     batches = []
     for bucket, blocks in zip(index.segment_buckets, blocked_windows(index, window_size)):
         queries = bucket.queries.gather(q)
-        batch, members, width = queries.shape[:3]
+        width = queries.shape[2]
         if blocks.width == 0:
             batches.append(queries.new_zeros(queries.shape[:-1] + v.shape[-1:]))
             continue
         padded_width = blocks.n_blocks * blocks.block
         queries = F.pad(queries, (0, 0, 0, 0, 0, padded_width - width)).unflatten(2, (blocks.n_blocks, blocks.block))
-        member = torch.arange(members, device=q.device).view(-1, 1, 1)
-        keys = bucket.keys.gather(k)[:, member, blocks.key_slot]
-        values = bucket.keys.gather(v)[:, member, blocks.key_slot]
+        keys = bucket.keys.gather(k)[:, blocks.member, blocks.key_slot]
+        values = bucket.keys.gather(v)[:, blocks.member, blocks.key_slot]
         logits = torch.einsum("bnjqhd,bnjkhd->bnhjqk", queries, keys) * scale
-        query_pos = (torch.arange(blocks.n_blocks, device=q.device).view(-1, 1) * blocks.block + torch.arange(blocks.block, device=q.device)).view(1, blocks.n_blocks, blocks.block, 1)
-        keep = window_keep(
-            query_pos,
-            blocks.key_slot.unsqueeze(2),
-            bucket.queries.lengths.view(-1, 1, 1, 1),
-            bucket.keys.lengths.view(-1, 1, 1, 1),
-            window_size,
-        ) & blocks.key_valid.unsqueeze(2)
-        weights = masked_softmax(logits, keep.unsqueeze(1))
+        weights = masked_softmax(logits, blocks.keep.unsqueeze(1))
         if dropout_p:
             weights = F.dropout(weights, dropout_p)
         attended = torch.einsum("bnhjqk,bnjkhd->bnjqhd", weights, values).flatten(2, 3)[:, :, :width]
