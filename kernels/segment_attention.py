@@ -52,6 +52,13 @@ def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_hea
 
 
 @triton.jit
+def _load_tile(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
+    """Rows ``rows`` of head h in batch b of a (B, T, H, D) tensor, in float32; zeros outside the masks."""
+    return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
+                   mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _key_range(q_first, n_q, n_k, WINDOW: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """The keys ``[low, high)`` that queries ``q_first .. q_first + BLOCK_ROWS - 1`` can see."""
     if WINDOW > 0:
@@ -111,8 +118,7 @@ def segment_attention_fwd_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
     threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
     lse_rows = (b * n_heads + h) * total_q + q_rows
     if USE_THRESHOLD:
@@ -126,10 +132,8 @@ def segment_attention_fwd_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_k
         k_rows = (k_begin + offs_n).to(tl.int64)
-        k = tl.load(K + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        v = tl.load(V + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+        v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
         s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
         valid = _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW, USE_THRESHOLD)
         if SIGMOID:
@@ -184,10 +188,8 @@ def segment_attention_bwd_dkdv_kernel(
     n_mask = offs_n < n_k
     d_mask = offs_d < HEAD_DIM
     k_rows = (k_begin + offs_n).to(tl.int64)
-    k = tl.load(K + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    v = tl.load(V + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+    v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
@@ -195,10 +197,8 @@ def segment_attention_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_q
         q_rows = (q_begin + offs_m).to(tl.int64)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + q_rows[:, None] * stride_dot + offs_d[None, :],
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
+        do = _load_tile(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask)
         stat_rows = (b * n_heads + h) * total_q + q_rows
         lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
@@ -241,10 +241,8 @@ def segment_attention_bwd_dq_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + q_rows[:, None] * stride_dot + offs_d[None, :],
-                 mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
+    do = _load_tile(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask)
     stat_rows = (b * n_heads + h) * total_q + q_rows
     lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
@@ -257,10 +255,8 @@ def segment_attention_bwd_dq_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_k
         k_rows = (k_begin + offs_n).to(tl.int64)
-        k = tl.load(K + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        v = tl.load(V + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+        v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
         s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
         valid = _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW, USE_THRESHOLD)
         p = _probabilities(s, valid, lse, SIGMOID)
@@ -295,8 +291,7 @@ def segment_topk_threshold_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
     wanted = tl.minimum(top_k, n_k)
     threshold = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
     counted = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -306,8 +301,7 @@ def segment_topk_threshold_kernel(
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < n_k
             k_rows = (k_begin + offs_n).to(tl.int64)
-            k = tl.load(K + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
             s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
             s = tl.where(n_mask[None, :] & (s < threshold[:, None]), s, float("-inf"))
             below = tl.maximum(below, tl.max(s, axis=1))
@@ -316,8 +310,7 @@ def segment_topk_threshold_kernel(
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < n_k
             k_rows = (k_begin + offs_n).to(tl.int64)
-            k = tl.load(K + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
             s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
             hits = n_mask[None, :] & (s == below[:, None])
             occurrences += tl.sum(hits.to(tl.int32), axis=1)
