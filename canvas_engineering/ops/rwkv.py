@@ -11,6 +11,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from canvas_engineering.ops.backend import use_triton
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
@@ -72,9 +73,10 @@ def wkv_scan(
     With ``e_s = exp(clamp(k_s, -10, 10))``, step t gives
     ``(sum_{s<t} exp((t-1-s) w) e_s v_s + exp(u) e_t v_t) / (sum_{s<t} exp((t-1-s) w) e_s + exp(u) e_t + eps)``.
 
-    Computed in chunks of ``chunk`` steps, all chunks at once: within a chunk the sums are
-    a product with the lower-triangular decay matrix ``exp((t-1-s) w)`` per channel; the sums
-    carried into each chunk come from a short loop over chunks. Every exponent of w is
+    Computed channel-major (one row of chunks per channel) in chunks of ``chunk`` steps, all
+    chunks at once: within a chunk the numerator and denominator sums are one batched product
+    with the lower-triangular decay matrix ``exp((t-1-s) w)`` of each channel; the sums carried
+    into each chunk come from a short loop over chunks. Every exponent of w is
     ``<= 0``, so nothing grows beyond the sums themselves (at most L * e^10), and the
     current step's ``exp(u + k_t)`` is divided out of the ratio when it exceeds 1, so a large
     bonus cannot overflow either. O(L * chunk) work per channel.
@@ -86,35 +88,36 @@ def wkv_scan(
     Returns:
         ``(batch, L, H, d)``.
     """
-    batch, length = k.shape[:2]
+    batch, length, heads = k.shape[:3]
     if length == 0:
         return torch.zeros_like(v)
     size = min(chunk, length)
     n_chunks = -(-length // size)
     pad = n_chunks * size - length
-    k = F.pad(k.clamp(-10.0, 10.0), (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, size))
-    v = F.pad(v, (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, size))
+    channels_first = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) h d -> (h d) (b c) s", s=size)
+    k_c = channels_first(k.clamp(-10.0, 10.0))
+    v_c = channels_first(v)
+    w_c = w.reshape(-1, 1)
     steps = torch.arange(size, device=k.device, dtype=w.dtype)
     lag = steps.view(-1, 1) - 1 - steps.view(1, -1)
-    within = torch.exp(lag.clamp(min=0).view(size, size, 1, 1) * w) * (lag >= 0).view(size, size, 1, 1).to(w.dtype)
-    key_weight = torch.exp(k)
-    weighted = key_weight * v
-    to_end = torch.exp((size - 1 - steps).view(-1, 1, 1) * w)
-    chunk_numerator = torch.einsum("shd,bcshd->bchd", to_end, weighted)
-    chunk_denominator = torch.einsum("shd,bcshd->bchd", to_end, key_weight)
-    carry = torch.exp(size * w)
-    numerators, denominators = [torch.zeros_like(v[:, 0, 0])], [torch.zeros_like(v[:, 0, 0])]
-    for c in range(n_chunks - 1):
-        numerators.append(carry * numerators[-1] + chunk_numerator[:, c])
-        denominators.append(carry * denominators[-1] + chunk_denominator[:, c])
-    from_start = torch.exp(steps.view(-1, 1, 1) * w)
-    past_numerator = from_start * torch.stack(numerators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, weighted)
-    past_denominator = from_start * torch.stack(denominators, 1).unsqueeze(2) + torch.einsum("tshd,bcshd->bcthd", within, key_weight)
-    bonus = u + k
+    within = torch.exp(lag.clamp(min=0) * w_c.unsqueeze(-1)) * (lag >= 0).to(w.dtype)  # (hd, t, s)
+    key_weight = torch.exp(k_c)
+    both = torch.cat([key_weight * v_c, key_weight], dim=1)  # (hd, 2bc, s)
+    to_end = torch.exp((size - 1 - steps) * w_c)  # (hd, s)
+    chunk_sums = torch.bmm(both, to_end.unsqueeze(-1)).view(-1, 2 * batch, n_chunks)
+    carry = torch.exp(size * w_c)
+    carried = [torch.zeros_like(chunk_sums[:, :, 0])]
+    for sums in chunk_sums.unbind(2)[:-1]:
+        carried.append(carry * carried[-1] + sums)
+    carried = torch.stack(carried, 2).view(-1, 2 * batch * n_chunks, 1)
+    from_start = torch.exp(steps * w_c).unsqueeze(1)  # (hd, 1, t)
+    past = torch.baddbmm(from_start * carried, both, within.transpose(1, 2))  # (hd, 2bc, t)
+    past_numerator, past_denominator = past.chunk(2, dim=1)
+    bonus = u.reshape(-1, 1, 1) + k_c
     shift = bonus.clamp(min=0).detach()
     current, rescale = torch.exp(bonus - shift), torch.exp(-shift)
-    out = (past_numerator * rescale + current * v) / (past_denominator * rescale + current + eps * rescale)
-    return out.flatten(1, 2)[:, :length]
+    out = (past_numerator * rescale + current * v_c) / (past_denominator * rescale + current + eps * rescale)
+    return rearrange(out, "(h d) (b c) s -> b (c s) h d", h=heads, b=batch)[:, :length]
 
 
 def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, torch.Tensor]:

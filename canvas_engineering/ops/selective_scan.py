@@ -114,22 +114,21 @@ def selective_scan(
     pad = n_chunks * size - length
     chunked = lambda t: F.pad(t, (0, 0, 0, pad)).unflatten(1, (n_chunks, size))  # noqa: E731
     x_c, dt_c, B_c, C_c = chunked(x), chunked(dt), chunked(B), chunked(C)
+    dt_steps, B_steps, C_steps = dt_c.unbind(2), B_c.unbind(2), C_c.unbind(2)
+    drive_steps = (dt_c * x_c).unbind(2)
     state = x.new_zeros(batch, n_chunks, channels, A.shape[1])
     outputs = []
-    for t in range(size):
-        step = dt_c[:, :, t].unsqueeze(-1)
-        state = torch.exp(step * A) * state + (step * x_c[:, :, t].unsqueeze(-1)) * B_c[:, :, t].unsqueeze(-2)
-        outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_c[:, :, t]))
+    for dt_t, drive_t, B_t, C_t in zip(dt_steps, drive_steps, B_steps, C_steps):
+        state = torch.exp(dt_t.unsqueeze(-1) * A) * state + drive_t.unsqueeze(-1) * B_t.unsqueeze(-2)
+        outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_t))
     chunk_decay = torch.exp(dt_c.sum(dim=2).unsqueeze(-1) * A)
     entering = [torch.zeros_like(state[:, 0])]
-    for j in range(n_chunks - 1):
-        entering.append(chunk_decay[:, j] * entering[-1] + state[:, j])
+    for decay_j, state_j in zip(chunk_decay.unbind(1)[:-1], state.unbind(1)[:-1]):
+        entering.append(decay_j * entering[-1] + state_j)
     entering = torch.stack(entering, dim=1)
-    elapsed = torch.zeros_like(dt_c[:, :, 0])
-    for t in range(size):
-        elapsed = elapsed + dt_c[:, :, t]
-        outputs[t] = outputs[t] + torch.einsum("bcdn,bcn->bcd", torch.exp(elapsed.unsqueeze(-1) * A) * entering, C_c[:, :, t])
-    y = torch.stack(outputs, dim=2) + D * x_c
+    elapsed = torch.cumsum(dt_c, dim=2).unbind(2)
+    y = torch.stack([out + torch.einsum("bcdn,bcn->bcd", torch.exp(e.unsqueeze(-1) * A) * entering, C_t)
+                     for out, e, C_t in zip(outputs, elapsed, C_steps)], dim=2) + D * x_c
     return y.flatten(1, 2)[:, :length]
 
 
