@@ -89,7 +89,7 @@ def wkv_scan(
         ``(batch, L, H, d)``.
     """
     batch, length, heads = k.shape[:3]
-    if length == 0:
+    if length == 0 or batch == 0:
         return torch.zeros_like(v)
     size = min(chunk, length)
     n_chunks = -(-length // size)
@@ -172,7 +172,7 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     else:
         scanned = scan.assemble_keys(
             [
-                wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], -1))
+                wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], len(bucket.members)))
                 for bucket in scan.keyset_buckets
             ]
         )

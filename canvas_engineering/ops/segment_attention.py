@@ -288,7 +288,7 @@ def segment_masked_attention(
         if kp.shape[2] == 0:
             batches.append(qp.new_zeros(qp.shape[:-1] + vp.shape[-1:]))
             continue
-        per_row = qp.shape[0] * qp.shape[1] * qp.shape[3] * kp.shape[2]
+        per_row = max(1, qp.shape[0] * qp.shape[1] * qp.shape[3] * kp.shape[2])
         rows = max(1, SCORE_BUDGET // per_row)
         if rows >= qp.shape[2]:
             batches.append(attend(bucket, qp, kp, vp))

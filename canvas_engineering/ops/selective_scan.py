@@ -153,5 +153,5 @@ def segment_selective_scan(
     batches = []
     for bucket in index.keyset_buckets:
         fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: E731
-        batches.append(selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D).unflatten(0, (x.shape[0], -1)))
+        batches.append(selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D).unflatten(0, (x.shape[0], len(bucket.members))))
     return index.assemble_keys(batches)
