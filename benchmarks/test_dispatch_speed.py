@@ -9,12 +9,9 @@ benchmark's ``extra_info``.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,9 +20,8 @@ import torch
 from canvas_engineering import AttentionDispatcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from canvases import BATCH, CANVASES, D_MODEL, N_HEADS, to_spec  # noqa: E402
-from peer import peer_dir  # noqa: E402
+from peer_timing import time_on_peer  # noqa: E402
 
 PEER_ROUNDS = int(os.environ.get("PEER_ROUNDS", "3"))
 
@@ -37,12 +33,7 @@ def peer_times(declarations) -> list:
 
 def run_peer_timing(job: dict) -> list:
     """Times ``job`` (see peer_timing.py) on the peer in a subprocess; returns the seconds."""
-    with tempfile.TemporaryDirectory() as work:
-        spec, result = Path(work) / "spec.pt", Path(work) / "result.json"
-        torch.save(job, spec)
-        script = Path(__file__).resolve().parent / "peer_timing.py"
-        subprocess.run([sys.executable, str(script), str(spec), str(result)], check=True, env={**os.environ, "PYTHONPATH": str(peer_dir())})
-        return json.loads(result.read_text())["times_s"]
+    return time_on_peer(job)["times_s"]
 
 
 @pytest.mark.parametrize("canvas", sorted(CANVASES))
