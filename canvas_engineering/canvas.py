@@ -9,6 +9,9 @@ Each named region is a box in that grid, given as flat bounds
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import product
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
@@ -50,12 +53,31 @@ a registered alias of ``cross_attention``, see ``canvas_engineering.attention``)
 Bounds = Tuple[int, ...]
 
 
+def as_integer(value: object) -> Optional[int]:
+    """``value`` as a Python int when it is an integer (``int``, a NumPy or 0-d torch
+    integer: anything with ``__index__``) and not a bool; otherwise None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def as_real(value: object) -> Optional[float]:
+    """``value`` as a Python float when it is a real number (``int``, ``float``, a NumPy
+    scalar, ...) and not a bool; otherwise None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def check_bounds(bounds: Sequence[int], where: str) -> Bounds:
     """Validate flat region bounds on their own and return them as a tuple of ints.
 
     Args:
-        bounds: ``(t0, t1, s0_lo, s0_hi, ...)``: an even number (at least 4) of integers,
-            each range non-empty (``lo < hi``) and non-negative.
+        bounds: ``(t0, t1, s0_lo, s0_hi, ...)``: an even number (at least 4) of integers
+            (NumPy integers too), each range non-empty (``lo < hi``) and non-negative.
         where: what the bounds belong to, for the error message.
 
     Raises:
@@ -65,8 +87,10 @@ def check_bounds(bounds: Sequence[int], where: str) -> Bounds:
         raise ValueError(
             f"{where}: bounds must be a tuple (t0, t1, s0_lo, s0_hi, ...), got {bounds!r}"
         )
-    if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
+    integers = tuple(as_integer(b) for b in bounds)
+    if any(b is None for b in integers):
         raise ValueError(f"{where}: bounds must be integers, got {tuple(bounds)!r}")
+    bounds = integers
     if len(bounds) < 4 or len(bounds) % 2:
         raise ValueError(
             f"{where}: bounds must have 2 + 2*n_spatial_dims entries (at least 4), "
@@ -77,10 +101,10 @@ def check_bounds(bounds: Sequence[int], where: str) -> Bounds:
         axis_name = "t" if axis == 0 else f"s{axis - 1}"
         if lo < 0 or hi <= lo:
             raise ValueError(
-                f"{where}: bounds {tuple(bounds)!r} give an empty or negative range on axis "
+                f"{where}: bounds {bounds!r} give an empty or negative range on axis "
                 f"{axis_name}: [{lo}, {hi}); expected 0 <= lo < hi"
             )
-    return tuple(bounds)
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -113,8 +137,13 @@ class RegionSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bounds", check_bounds(self.bounds, "RegionSpec"))
-        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+        period = as_integer(self.period)
+        if period is None or period < 1:
             raise ValueError(f"RegionSpec: period must be a positive integer, got {self.period!r}")
+        object.__setattr__(self, "period", period)
+        loss_weight = as_real(self.loss_weight)
+        if loss_weight is None or not math.isfinite(loss_weight) or loss_weight < 0:
+            raise ValueError(f"RegionSpec: loss_weight must be a finite number >= 0, got {self.loss_weight!r}")
         if not isinstance(self.default_attn, str) or not self.default_attn:
             raise ValueError(
                 f"RegionSpec: default_attn must be a non-empty attention type name, "
@@ -161,33 +190,52 @@ class CanvasLayout:
                 self.H if self.H is not None else 1,
                 self.W if self.W is not None else 1,
             )
-        self.spatial_shape = tuple(self.spatial_shape)
-        if not self.spatial_shape:
+        if isinstance(self.spatial_shape, Sequence) and not self.spatial_shape:
             raise ValueError("CanvasLayout: spatial_shape (or H and W) is required")
-        self.H = self.spatial_shape[0]
-        self.W = self.spatial_shape[1] if len(self.spatial_shape) >= 2 else None
         self.validate()
 
     def validate(self) -> None:
-        """Check the geometry and every region against it.
+        """Check the geometry and every region against it; ``T``, ``d_model``,
+        ``spatial_shape`` and ``t_current`` become Python ints (from NumPy integers, say).
 
         Raises:
             ValueError: naming the bad value and what was expected.
+            TypeError: when ``regions`` is not a mapping.
         """
-        for label, value in (("T", self.T), ("d_model", self.d_model)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CanvasLayout: {label} must be a positive integer, got {value!r}")
-        for axis, size in enumerate(self.spatial_shape):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if isinstance(self.spatial_shape, (str, bytes)) or not isinstance(self.spatial_shape, Sequence) or not self.spatial_shape:
+            raise ValueError(
+                f"CanvasLayout: spatial_shape must be a non-empty tuple of positive integers, got {self.spatial_shape!r}"
+            )
+        for label in ("T", "d_model"):
+            value = as_integer(getattr(self, label))
+            if value is None or value < 1:
+                raise ValueError(f"CanvasLayout: {label} must be a positive integer, got {getattr(self, label)!r}")
+            setattr(self, label, value)
+        sizes = tuple(as_integer(size) for size in self.spatial_shape)
+        for axis, size in enumerate(sizes):
+            if size is None or size < 1:
                 raise ValueError(
                     f"CanvasLayout: spatial_shape must hold positive integers, got "
-                    f"{self.spatial_shape!r} (axis {axis})"
+                    f"{tuple(self.spatial_shape)!r} (axis {axis})"
                 )
+        self.spatial_shape = sizes
+        self.H = sizes[0]
+        self.W = sizes[1] if len(sizes) >= 2 else None
+        t_current = as_integer(self.t_current)
+        if t_current is None or not 0 <= t_current <= self.T:
+            raise ValueError(f"CanvasLayout: t_current must be an integer in [0, T={self.T}], got {self.t_current!r}")
+        self.t_current = t_current
+        if not isinstance(self.regions, Mapping):
+            raise TypeError(
+                f"CanvasLayout: regions must be a dict of name -> bounds tuple or RegionSpec, "
+                f"got {type(self.regions).__name__}"
+            )
         extents = (self.T,) + self.spatial_shape
         for name in self.regions:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"CanvasLayout: region names must be non-empty strings, got {name!r}")
-            bounds = check_bounds(self._raw_bounds(name), f"region {name!r}")
+            region = self.regions[name]
+            bounds = check_bounds(region.bounds if isinstance(region, RegionSpec) else region, f"region {name!r}")
             if len(bounds) != 2 * len(extents):
                 raise ValueError(
                     f"region {name!r}: bounds {bounds!r} have {len(bounds)} entries; a canvas "
@@ -231,7 +279,7 @@ class CanvasLayout:
 
     def _raw_bounds(self, name: str) -> Bounds:
         region = self.regions[name]
-        return region.bounds if isinstance(region, RegionSpec) else region
+        return region.bounds if isinstance(region, RegionSpec) else tuple(map(operator.index, region))
 
     def region_spec(self, name: str) -> RegionSpec:
         """The region's :class:`RegionSpec` (raw bounds get the defaults). KeyError if unknown."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from canvas_engineering.canvas import CanvasLayout
+from canvas_engineering.canvas import CanvasLayout, as_integer, as_real
 
 
 class TemporalFill(str, Enum):
@@ -54,6 +54,9 @@ class Connection:
             (only used when ``t_dst`` is set).
         interpolation_order: order of :attr:`TemporalFill.INTERPOLATE` (>= 1).
 
+    Integers may be NumPy integers and the weight any real number; they are stored as
+    ``int`` and ``float``.
+
     Raises:
         ValueError: for an empty region name or fn, a weight that is negative or not
             finite, a non-integer offset, an unknown fill mode or an order below 1.
@@ -75,23 +78,22 @@ class Connection:
             value = getattr(self, label)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"Connection: {label} must be a non-empty region name, got {value!r}")
-        if (
-            isinstance(self.weight, bool)
-            or not isinstance(self.weight, (int, float))
-            or not math.isfinite(self.weight)
-            or self.weight < 0
-        ):
+        weight = as_real(self.weight)
+        if weight is None or not math.isfinite(weight) or weight < 0:
             raise ValueError(
                 f"Connection {self.src!r} -> {self.dst!r}: weight must be a finite number >= 0, "
                 f"got {self.weight!r}"
             )
+        object.__setattr__(self, "weight", weight)
         for label in ("t_src", "t_dst"):
             value = getattr(self, label)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            offset = None if value is None else as_integer(value)
+            if value is not None and offset is None:
                 raise ValueError(
                     f"Connection {self.src!r} -> {self.dst!r}: {label} must be an integer frame "
                     f"offset or None, got {value!r}"
                 )
+            object.__setattr__(self, label, offset)
         if self.fn is not None and (not isinstance(self.fn, str) or not self.fn):
             raise ValueError(
                 f"Connection {self.src!r} -> {self.dst!r}: fn must be a non-empty attention "
@@ -104,15 +106,13 @@ class Connection:
                 f"Connection {self.src!r} -> {self.dst!r}: temporal_fill must be one of "
                 f"{[m.value for m in TemporalFill]}, got {self.temporal_fill!r}"
             ) from None
-        if (
-            isinstance(self.interpolation_order, bool)
-            or not isinstance(self.interpolation_order, int)
-            or self.interpolation_order < 1
-        ):
+        order = as_integer(self.interpolation_order)
+        if order is None or order < 1:
             raise ValueError(
                 f"Connection {self.src!r} -> {self.dst!r}: interpolation_order must be an "
                 f"integer >= 1, got {self.interpolation_order!r}"
             )
+        object.__setattr__(self, "interpolation_order", order)
 
     @property
     def is_temporal(self) -> bool:

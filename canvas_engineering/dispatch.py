@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from canvas_engineering.attention import create_attention
 from canvas_engineering.attention.dot_product import SegmentAttention
-from canvas_engineering.attention.validation import check_heads
+from canvas_engineering.attention.validation import check_dropout, check_heads
 from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology
 from canvas_engineering.ops.segments import SegmentIndex
@@ -44,7 +45,8 @@ class AttentionDispatcher(nn.Module):
 
     The topology is compiled once into an :class:`ExecutionPlan`: a forward runs each
     attention type once, over all of its edges, frames and fill anchors together
-    (``explain()`` shows the plan).
+    (``explain()`` shows the plan, and lists the connections that run nothing: every
+    frame dropped, an offset outside the canvas, a region skipped with ``strict=False``).
 
     Args:
         topology: the connections.
@@ -56,9 +58,15 @@ class AttentionDispatcher(nn.Module):
         strict: raise for a connection naming a region the layout lacks; with False such
             edges are skipped with a warning.
 
+    Attributes:
+        segments: the compiled segments, in declaration order.
+        idle_connections: ``(index, reason)`` of every declared connection that runs nothing.
+
     Raises:
         ValueError: at construction, for bad geometry, a missing region (strict), an unknown
-            attention type (the message lists the registered ones) or bad sizes.
+            attention type (the message lists the registered ones), bad sizes or a dropout
+            outside [0, 1].
+        TypeError: for a topology, layout or connection of the wrong class.
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class AttentionDispatcher(nn.Module):
     ):
         super().__init__()
         check_heads("AttentionDispatcher", d_model, n_heads)
+        d_model, n_heads = operator.index(d_model), operator.index(n_heads)
+        dropout = check_dropout("AttentionDispatcher", dropout)
         if not isinstance(topology, CanvasTopology):
             raise TypeError(f"AttentionDispatcher: topology must be a CanvasTopology, got {type(topology).__name__}")
         if not isinstance(layout, CanvasLayout):
@@ -84,8 +94,10 @@ class AttentionDispatcher(nn.Module):
         self.d_model = d_model
         self.n_heads = n_heads
         self.skip_temporal = skip_temporal
-        connections = resolve_connections(topology, layout, strict)
-        self.segments: List[Segment] = compile_segments(connections, layout, skip_temporal)
+        connections, skipped = resolve_connections(topology, layout, strict)
+        segments, idle = compile_segments(connections, layout, skip_temporal)
+        self.segments: List[Segment] = segments
+        self.idle_connections: List[Tuple[int, str]] = sorted(skipped + idle)
         modules: Dict[str, nn.Module] = {}
         for _, _, fn in connections:
             if fn not in modules:
@@ -117,26 +129,65 @@ class AttentionDispatcher(nn.Module):
         return plan
 
     def _apply(self, fn, recurse=True):
-        """After ``.to()``/``.cuda()``, compile the default plan for the new device at once."""
+        """After ``.to()``/``.cuda()``, compile the default plan for the new device at once
+        (not for the meta device, whose tensors hold no index data)."""
         result = super()._apply(fn, recurse)
         parameter = next(self.parameters(), None)
-        if parameter is not None:
+        if parameter is not None and parameter.device.type != "meta":
             self.plan(None, parameter.device)
         return result
 
     def explain(self, active_regions: Optional[Iterable[str]] = None) -> str:
         """A readable table of what a forward runs: per attention type its segments, key
-        sets, packed rows, padded batches and query-key pairs."""
-        active = None if active_regions is None else frozenset(active_regions)
-        return self.plan(active).explain(ATTENTION_TYPES)
+        sets, packed rows, padded batches and query-key pairs; then every declared
+        connection that runs nothing, with the reason."""
+        active = self.check_active_regions(active_regions)
+        idle = dict(self.idle_connections)
+        if active is not None:
+            for segment in self.segments:
+                if segment.src not in active:
+                    idle.setdefault(segment.connection_index, f"src {segment.src!r} is not in active_regions")
+        connections = self.topology.connections
+        lines = [
+            f"connection {i} ({connections[i].src!r} -> {connections[i].dst!r}): {reason}" for i, reason in sorted(idle.items())
+        ]
+        return self.plan(None if active is None else frozenset(active)).explain(ATTENTION_TYPES, lines)
+
+    def check_active_regions(self, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
+        """``active_regions`` as a set of layout region names (None stays None).
+
+        Raises:
+            TypeError: for a single string (pass ``{name}``) or an entry that is not a string.
+            ValueError: for a name the layout lacks.
+        """
+        if active_regions is None:
+            return None
+        if isinstance(active_regions, (str, bytes)):
+            raise TypeError(
+                f"AttentionDispatcher: active_regions must be a collection of region names, got the "
+                f"string {active_regions!r}; pass {{{active_regions!r}}} for one region"
+            )
+        active = list(active_regions)
+        wrong = [name for name in active if not isinstance(name, str)]
+        if wrong:
+            raise TypeError(f"AttentionDispatcher: active_regions must hold region names (strings), got {wrong!r}")
+        unknown = sorted(set(active) - set(self.layout.regions))
+        if unknown:
+            raise ValueError(
+                f"AttentionDispatcher: active_regions names unknown region(s) {unknown}; "
+                f"layout regions: {sorted(self.layout.regions)}"
+            )
+        return set(active)
 
     def check_input(self, x: torch.Tensor, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
         """Validate a forward's arguments; returns ``active_regions`` as a set.
 
         Raises:
-            TypeError: when x is not a floating-point tensor.
+            TypeError: when x is not a floating-point tensor, or for ``active_regions``
+                that is a string or holds a non-string.
             ValueError: for a shape other than ``(B, num_positions, d_model)``, a device or
-                dtype other than the parameters', or an unknown region in ``active_regions``.
+                dtype other than the parameters', a tensor on the meta device, or an
+                unknown region in ``active_regions``.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(
@@ -154,16 +205,13 @@ class AttentionDispatcher(nn.Module):
                 f"{parameter.dtype} on {parameter.device}; move one to match (e.g. "
                 f"dispatcher.to(x.device, x.dtype))"
             )
-        if active_regions is None:
-            return None
-        active = set(active_regions)
-        unknown = sorted(active - set(self.layout.regions))
-        if unknown:
+        if x.device.type == "meta":
             raise ValueError(
-                f"AttentionDispatcher: active_regions names unknown region(s) {unknown}; "
-                f"layout regions: {sorted(self.layout.regions)}"
+                "AttentionDispatcher: x is on the meta device, which holds no data, and the plan's "
+                "index tensors need data; materialise the dispatcher first (dispatcher.to_empty(device=...) "
+                "and load a state_dict) and pass x on that device"
             )
-        return active
+        return self.check_active_regions(active_regions)
 
     def forward(self, x: torch.Tensor, active_regions: Optional[Iterable[str]] = None) -> torch.Tensor:
         """Run every active connection and combine.
@@ -175,9 +223,12 @@ class AttentionDispatcher(nn.Module):
 
         Returns:
             ``(B, num_positions, d_model)``: per position, the weighted average of the
-            outputs written to it, or ``x`` where nothing was written.
+            outputs written to it, or ``x`` where nothing was written. A zero-size batch
+            (B = 0) gives an empty copy of x without running any module.
         """
         active = self.check_input(x, active_regions)
+        if x.shape[0] == 0:
+            return x.clone()
         plan = self.plan(None if active is None else frozenset(active), x.device)
         accumulator_dtype = torch.promote_types(x.dtype, torch.float32)
         output = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,7 +50,7 @@ class Segment:
 
 def resolve_connections(
     topology: CanvasTopology, layout: CanvasLayout, strict: bool = True
-) -> List[Tuple[int, Connection, str]]:
+) -> Tuple[List[Tuple[int, Connection, str]], List[Tuple[int, str]]]:
     """The connections that run, with their index and resolved attention type.
 
     Args:
@@ -59,11 +59,22 @@ def resolve_connections(
         strict: raise for an edge naming a region the layout lacks; when False, skip
             that edge with a warning.
 
+    Returns:
+        ``(resolved, skipped)``: ``(index, connection, fn)`` of every edge that runs, and
+        ``(index, reason)`` of every edge skipped for a missing region (``strict=False``).
+
     Raises:
+        TypeError: when ``topology.connections`` is not a list of :class:`Connection`.
         ValueError: for a missing region (strict) or an unregistered attention type.
     """
-    resolved = []
+    if not isinstance(topology.connections, (list, tuple)):
+        raise TypeError(
+            f"CanvasTopology.connections must be a list of Connection, got {type(topology.connections).__name__}"
+        )
+    resolved, skipped = [], []
     for index, connection in enumerate(topology.connections):
+        if not isinstance(connection, Connection):
+            raise TypeError(f"connection {index} must be a Connection, got {type(connection).__name__} {connection!r}")
         missing = [r for r in (connection.src, connection.dst) if r not in layout.regions]
         if missing:
             message = (
@@ -73,17 +84,18 @@ def resolve_connections(
             if strict:
                 raise ValueError(message + " (pass strict=False to skip such edges with a warning)")
             warnings.warn(message + "; the edge is skipped (strict=False)", stacklevel=3)
+            skipped.append((index, f"names region(s) {missing} that the layout lacks (skipped, strict=False)"))
             continue
         fn = topology.resolve_fn(connection, layout)
         if fn not in ATTENTION_REGISTRY:
             raise ValueError(f"connection {index} ({connection.src!r} -> {connection.dst!r}): {unknown_attention_message(fn)}")
         resolved.append((index, connection, fn))
-    return resolved
+    return resolved, skipped
 
 
 def compile_segments(
     connections: List[Tuple[int, Connection, str]], layout: CanvasLayout, skip_temporal: bool = False
-) -> List[Segment]:
+) -> Tuple[List[Segment], List[Tuple[int, str]]]:
     """Expand resolved connections (from :func:`resolve_connections`) into their segments,
     in declaration order.
 
@@ -93,7 +105,11 @@ def compile_segments(
     frame is skipped when src lacks it) and its keys are the dst positions at the real
     time ``(ref + t_dst) * period(src)`` (period 1 when ``t_src`` is None), resolved by the
     connection's temporal fill; all dst positions when ``t_dst`` is None. Each connection
-    uses its own offsets. A connection may yield no segment (every frame dropped).
+    uses its own offsets.
+
+    Returns:
+        ``(segments, idle)``: the segments, and ``(index, reason)`` for every connection
+        that yields none (every reference frame misses src, or its fill reads nothing).
     """
     frame_positions = {name: {t: tuple(layout.region_indices_at_t(name, t)) for t in layout.region_timesteps(name)} for name in layout.regions}
     all_positions = {name: tuple(layout.region_indices(name)) for name in layout.regions}
@@ -103,7 +119,8 @@ def compile_segments(
     }
     real_horizon = max([layout.T] + [max(frames) + 1 for frames in real_positions.values()])
 
-    segments = []
+    segments: List[Segment] = []
+    idle: List[Tuple[int, str]] = []
     for index, connection, fn in connections:
         src, dst = connection.src, connection.dst
 
@@ -113,6 +130,7 @@ def compile_segments(
         if not connection.is_temporal or skip_temporal:
             add(all_positions[src], all_positions[dst], float(connection.weight))
             continue
+        first, query_frames = len(segments), 0
         for ref in range(layout.T):
             if connection.t_src is None:
                 queries = all_positions[src]
@@ -120,6 +138,7 @@ def compile_segments(
                 queries = frame_positions[src][ref + connection.t_src]
             else:
                 continue
+            query_frames += 1
             if connection.t_dst is None:
                 add(queries, all_positions[dst], float(connection.weight))
                 continue
@@ -127,7 +146,23 @@ def compile_segments(
             target_real = (ref + connection.t_dst) * src_period
             for real_frame, weight in fill_anchors(connection, sorted(real_positions[dst]), target_real, real_horizon):
                 add(queries, real_positions[dst][real_frame], weight)
-    return segments
+        if len(segments) == first:
+            idle.append((index, idle_reason(connection, layout, query_frames, sorted(real_positions[dst]))))
+    return segments, idle
+
+
+def idle_reason(connection: Connection, layout: CanvasLayout, query_frames: int, dst_real_frames: List[int]) -> str:
+    """Why a temporal connection yields no segment, for :meth:`ExecutionPlan.explain`."""
+    if query_frames == 0:
+        frames = layout.region_timesteps(connection.src)
+        return (
+            f"t_src={connection.t_src} selects no frame of {connection.src!r} (frames {frames[0]}..{frames[-1]}) "
+            f"from the reference frames 0..{layout.T - 1}"
+        )
+    return (
+        f"t_dst={connection.t_dst} with temporal_fill={connection.temporal_fill.value!r} reads no frame of "
+        f"{connection.dst!r} (real frames {dst_real_frames}) from any reference frame"
+    )
 
 
 @dataclass(eq=False)
@@ -143,7 +178,8 @@ class GroupPlan:
             ``key_source`` indexes ``key_positions``).
         row_positions: ``(Tq,)`` canvas position each packed query row writes.
         row_shares: ``(Tq,)`` float64 share of each packed query row in its position's
-            result: its segment's weight over the sum of the weights written there.
+            result: its segment's weight over the sum of the weights written there (0 where
+            that sum is 0).
         covers_canvas: whether the packed rows are exactly positions ``0 .. P-1`` in order.
     """
 
@@ -157,7 +193,9 @@ class GroupPlan:
     covers_canvas: bool
 
     @staticmethod
-    def build(fn: str, segments: List[Segment], inverse_weight: torch.Tensor) -> "GroupPlan":
+    def build(fn: str, segments: List[Segment], weight_max: torch.Tensor, scaled_weight_sum: torch.Tensor) -> "GroupPlan":
+        """The group of ``segments``; ``weight_max`` and ``scaled_weight_sum`` are ``(P,)``
+        per canvas position (see :meth:`ExecutionPlan.build`)."""
         query_positions = sorted({p for s in segments for p in s.query_positions})
         key_positions = sorted({p for s in segments for p in s.key_positions})
         query_row = {p: i for i, p in enumerate(query_positions)}
@@ -175,6 +213,9 @@ class GroupPlan:
         rows = [p for s in segments for p in s.query_positions]
         weights = torch.tensor([s.weight for s in segments for _ in s.query_positions], dtype=torch.float64)
         row_positions = torch.tensor(rows, dtype=torch.long).reshape(-1)
+        row_max, row_sum = weight_max[row_positions], scaled_weight_sum[row_positions]
+        written = row_max > 0
+        shares = weights / torch.where(written, row_max, 1.0) / torch.where(written, row_sum, 1.0)
         return GroupPlan(
             fn=fn,
             segments=segments,
@@ -182,8 +223,8 @@ class GroupPlan:
             key_positions=RowSelection.of(key_positions),
             index=index,
             row_positions=row_positions,
-            row_shares=weights * inverse_weight[row_positions],
-            covers_canvas=rows == list(range(inverse_weight.shape[0])),
+            row_shares=torch.where(written, shares, 0.0),
+            covers_canvas=rows == list(range(weight_max.shape[0])),
         )
 
     def to(self, device: torch.device) -> "GroupPlan":
@@ -208,26 +249,33 @@ class ExecutionPlan:
 
     @staticmethod
     def build(segments: List[Segment], num_positions: int, active: Optional[FrozenSet[str]] = None) -> "ExecutionPlan":
-        """The plan of the segments whose src is in ``active`` (all when None)."""
+        """The plan of the segments whose src is in ``active`` (all when None).
+
+        A row's share is its weight over the sum of the weights written to its position,
+        both divided first by the largest of them, so that weights near the float64 limits
+        (1e300, 1e-310) neither overflow nor vanish.
+        """
         running = [s for s in segments if active is None or s.src in active]
         by_fn: Dict[str, List[Segment]] = {}
         for segment in running:
             by_fn.setdefault(segment.fn, []).append(segment)
-        weight_sum = torch.zeros(num_positions, dtype=torch.float64)
-        for segment in running:
-            weight_sum[list(segment.query_positions)] += segment.weight
-        written = weight_sum > 0
-        inverse = torch.where(written, 1.0 / torch.where(written, weight_sum, 1.0), 0.0)
-        groups = [GroupPlan.build(fn, group, inverse) for fn, group in by_fn.items()]
+        positions = torch.tensor([p for s in running for p in s.query_positions], dtype=torch.long)
+        weights = torch.tensor([s.weight for s in running for _ in s.query_positions], dtype=torch.float64)
+        weight_max = torch.zeros(num_positions, dtype=torch.float64).scatter_reduce(0, positions, weights, "amax")
+        written = weight_max > 0
+        scaled = weights / torch.where(written, weight_max, 1.0)[positions]
+        scaled_weight_sum = torch.zeros(num_positions, dtype=torch.float64).index_add(0, positions, scaled)
+        groups = [GroupPlan.build(fn, group, weight_max, scaled_weight_sum) for fn, group in by_fn.items()]
         return ExecutionPlan(groups, written, bool(written.all()))
 
     def to(self, device: torch.device) -> "ExecutionPlan":
         """A copy with every tensor on ``device``."""
         return moved_to(self, torch.device(device))
 
-    def explain(self, types: Dict[str, str]) -> str:
+    def explain(self, types: Dict[str, str], idle: Sequence[str] = ()) -> str:
         """A table of the groups: segments, key sets, packed rows, padded batches and the
-        number of (query, key) pairs each reads, with the complexity ``types`` claims."""
+        number of (query, key) pairs each reads, with the complexity ``types`` claims; then
+        the ``idle`` lines (the declared connections that run nothing, and why)."""
         header = ["fn", "segments", "key sets", "query rows", "key rows", "batches", "query-key pairs", "complexity"]
         rows = []
         for group in self.groups:
@@ -241,4 +289,5 @@ class ExecutionPlan:
         line = lambda values: "  ".join(str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
         written = int(self.written.sum())
         footer = f"{len(self.groups)} groups; {written} of {self.written.numel()} positions written, the rest pass through"
-        return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), footer])
+        idle_lines = [f"{len(idle)} connection(s) run nothing:", *(f"  {reason}" for reason in idle)] if idle else []
+        return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *idle_lines, footer])

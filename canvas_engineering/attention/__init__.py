@@ -23,6 +23,7 @@ from canvas_engineering.attention.gating import GatedAttention
 from canvas_engineering.attention.meta import MixtureAttention, NoneAttention, RandomFixedAttention
 from canvas_engineering.attention.recurrence import HyenaAttention, MambaAttention, RWKVAttention
 from canvas_engineering.attention.sparse import LocalAttention, SparseAttention
+from canvas_engineering.attention.validation import check_dropout
 
 BUILTIN_ATTENTION: Dict[str, Type[nn.Module]] = {
     "cross_attention": CrossAttention,
@@ -66,11 +67,15 @@ def create_attention(fn_name: str, d_model: int, n_heads: int = 4, dropout: floa
         **kwargs: type-specific options (``top_k``, ``window_size``, ``n_latents``, ...).
 
     Raises:
-        ValueError: for an unknown name (listing the known ones) or a bad option value.
+        ValueError: for an unknown name (listing the known ones), a dropout outside
+            ``[0, 1]`` or a bad option value.
+        TypeError: when ``fn_name`` is not a string, or for an option the type does not take.
     """
+    if not isinstance(fn_name, str):
+        raise TypeError(f"create_attention: fn_name must be a string, got {type(fn_name).__name__} {fn_name!r}")
     if fn_name not in ATTENTION_REGISTRY:
         raise ValueError(unknown_attention_message(fn_name))
-    return ATTENTION_REGISTRY[fn_name](d_model, n_heads, dropout, **kwargs)
+    return ATTENTION_REGISTRY[fn_name](d_model, n_heads, check_dropout(fn_name, dropout), **kwargs)
 
 
 def register_attention(name: str, cls: Type[nn.Module], *, replace: bool = False) -> None:

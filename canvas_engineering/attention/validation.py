@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from canvas_engineering.canvas import as_integer, as_real
+
 
 def check_positive(owner: str, **values: int) -> None:
-    """Raise ValueError unless every named value is a positive integer."""
+    """Raise ValueError unless every named value is a positive integer (NumPy integers too)."""
     for label, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        integer = as_integer(value)
+        if integer is None or integer < 1:
             raise ValueError(f"{owner}: {label} must be a positive integer, got {value!r}")
+
+
+def check_dropout(owner: str, dropout: float) -> float:
+    """``dropout`` as a float; ValueError unless it is a real number in ``[0, 1]``."""
+    probability = as_real(dropout)
+    if probability is None or not (0.0 <= probability <= 1.0):
+        raise ValueError(f"{owner}: dropout must be a probability in [0, 1], got {dropout!r}")
+    return probability
 
 
 def check_heads(owner: str, d_model: int, n_heads: int) -> None:
