@@ -4,9 +4,10 @@ Usage: ``python benchmarks/gpu_kernels.py OUT_DIR [--dry-run]``. On a GPU it mea
 device's ceilings (device-to-device copy bandwidth, bf16 matrix rate), then each kernel
 variant forward and forward+backward with ``triton.testing.do_bench`` (median), beside its
 anchor (``scaled_dot_product_attention`` on the same work; FlexAttention's sliding window for
-local attention where this torch has it) and beside the eager fallback, and prints a table
-with achieved TFLOP/s. ``--dry-run`` runs the same code on a CPU at toy sizes through the
-Triton interpreter (for CI); its timings mean nothing. Results go to OUT_DIR/kernels.json.
+local attention where this torch has it; the torch.fft path for Hyena's convolution) and
+beside the eager fallback, and prints a table with achieved TFLOP/s. ``--dry-run`` runs the
+same code on a CPU at toy sizes through the Triton interpreter (for CI); its timings mean
+nothing. Results go to OUT_DIR/kernels.json.
 """
 
 from __future__ import annotations
@@ -202,6 +203,56 @@ def linear_case(name: str, sequences: int, length: int, heads: int, head_dim: in
     }
 
 
+def dft_flops(length: int) -> int:
+    """Floating-point operations of the Hyena kernels' forward DFT matrix products for one
+    segment and one channel at FFT length ``length`` (padding included)."""
+    from canvas_engineering.kernels.fftconv import DENSE_MAX, factors
+
+    if length <= DENSE_MAX:
+        return 8 * max(16, length) ** 2
+    cols, rows = factors(length)
+    return 8 * rows * length + 16 * max(16, cols) ** 2 * rows
+
+
+def hyena_case(name: str, sequences: int, length: int, channels: int, dtype: torch.dtype) -> Dict:
+    """Hyena's gated FFT convolution over ``sequences`` segments of ``length`` rows: the Triton
+    kernels (DFTs as matrix products, gate fused) against the eager torch.fft path on the same
+    work; achieved bandwidth (mixed and gate read, y written, once) and the rate of the
+    kernels' DFT matrix products."""
+    from canvas_engineering.ops.fftconv import fft_length, segment_gated_fft_conv
+
+    index = SegmentIndex.build([length] * sequences, list(range(sequences)), [length] * sequences).to(DEVICE)
+    rows = sequences * length
+    make = lambda: torch.randn(1, rows, channels, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    mixed, gate = make(), make()
+    spectrum = (torch.randn(channels, fft_length(length) // 2 + 1, 2, device=DEVICE) * 0.02).requires_grad_(True)
+    run = lambda: segment_gated_fft_conv(mixed, gate, torch.view_as_complex(spectrum).transpose(0, 1), index)  # noqa: E731
+    grad = torch.randn_like(mixed)
+    backward = lambda: torch.autograd.grad(run(), (mixed, gate, spectrum), grad)  # noqa: E731
+    with kernel_context():
+        kernel_ms = timed(run)
+        kernel_bwd_ms = timed(backward)
+    with eager_ops():
+        eager_ms = timed(run)
+        eager_bwd_ms = timed(backward)
+    moved = 3 * mixed.numel() * mixed.element_size()
+    return {
+        "variant": name, "segments": sequences, "length": length, "heads": 1, "head_dim": channels,
+        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "eager_fwd_ms": eager_ms, "eager_fwd_bwd_ms": eager_bwd_ms, "anchor": "torch.fft", "anchor_fwd_ms": eager_ms,
+        "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": dft_flops(fft_length(length)) * sequences * channels / kernel_ms / 1e9,
+        "speedup_vs_anchor": eager_ms / kernel_ms,
+    }
+
+
+def hyena_cases() -> List[Dict]:
+    """The gated FFT convolution at FFT lengths 256 to 8192 (float32, the eager path's dtype),
+    ``2**16`` rows of 512 channels each (two toy lengths in a dry run)."""
+    if DEVICE != "cuda":
+        return [hyena_case(f"hyena_L{length}", 1, length, 4, torch.float32) for length in (16, 128)]
+    return [hyena_case(f"hyena_L{length}", (1 << 16) // length, length, 512, torch.float32) for length in (256, 1024, 4096, 8192)]
+
+
 def cases() -> List[Dict]:
     length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
     heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
@@ -215,6 +266,7 @@ def cases() -> List[Dict]:
         scan_case("rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
         linear_case("linear", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
         selective_scan_case("mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
+        *hyena_cases(),
     ]
 
 

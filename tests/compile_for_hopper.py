@@ -15,15 +15,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from canvas_engineering.kernels import segment_attention as attention
-from canvas_engineering.kernels import linear_attention, selective_scan, wkv
+from canvas_engineering.kernels import fftconv, linear_attention, selective_scan, wkv
 
 STATISTICS = {
     "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
     "STATE", "NORMALISER", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
+    "SPECTRUM", "DFT", "DFT_ROWS", "DFT_COLS", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
-INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset"}
+INT_POINTERS = {
+    "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset",
+    "class_segments",
+}
 FLOATS = {"scale", "eps"}
+SHARED_MEMORY = 227 * 1024
+"""Shared memory one program may use on an H100."""
 
 
 def signature(kernel, data_type: str) -> dict:
@@ -85,16 +91,40 @@ def linear_configs():
                                       "BLOCK": linear_attention.BLOCK_ROWS, "RELU": relu}
 
 
-CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs(), *linear_configs()]
+def fftconv_configs():
+    """The dense kernels at L = 16 and 64; the three passes at L = 256 and 8192 (both variants
+    of the row passes at 8192), with the launchers' block sizes and warps for 1024 channels."""
+    for data_type, length in (("bf16", 16), ("fp32", 64)):
+        launch = fftconv.launch_config("dense", length, 1024)
+        for kernel in (fftconv.fftconv_dense_fwd_kernel, fftconv.fftconv_dense_bwd_kernel):
+            yield kernel, data_type, {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"]}, launch["num_warps"]
+    for data_type, length, flags in (("fp32", 256, (True,)), ("bf16", 8192, (True, False))):
+        cols, rows = fftconv.factors(length)
+        shape = {"LENGTH": length, "ROWS": rows, "COLS": cols}
+        launch = fftconv.launch_config("rows", length, 1024)
+        for flag in flags:
+            passes = {"BLOCK_K": fftconv.BLOCK_K, "BLOCK_C": launch["BLOCK_C"]}
+            yield fftconv.fftconv_rows_kernel, data_type, {**shape, **passes, "GATED": flag}, launch["num_warps"]
+            yield fftconv.fftconv_inverse_rows_kernel, data_type, {**shape, **passes, "BACKWARD": flag}, launch["num_warps"]
+        launch = fftconv.launch_config("columns", length, 1024)
+        for kernel in (fftconv.fftconv_columns_fwd_kernel, fftconv.fftconv_columns_bwd_kernel):
+            yield kernel, data_type, {**shape, "BLOCK_COLS": max(16, cols), "BLOCK_C": launch["BLOCK_C"]}, launch["num_warps"]
+
+
+CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs(), *linear_configs(), *fftconv_configs()]
 
 
 def main() -> int:
     failures = 0
-    for kernel, data_type, constexprs in CONFIGS:
-        label = f"{kernel.fn.__name__} {data_type} {constexprs}"
+    for kernel, data_type, constexprs, *warps in CONFIGS:
+        options = {"num_warps": warps[0]} if warps else {}
+        label = f"{kernel.fn.__name__} {data_type} {constexprs}" + (f" num_warps={warps[0]}" if warps else "")
         try:
-            compiled = triton.compile(ASTSource(kernel, signature(kernel, data_type), constexprs), target=GPUTarget("cuda", 90, 32))
-            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
+            source = ASTSource(kernel, signature(kernel, data_type), constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            if compiled.metadata.shared > SHARED_MEMORY:
+                raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory, more than {SHARED_MEMORY}")
+            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.metadata.shared} bytes shared")
         except Exception:
             failures += 1
             print(f"FAIL {label}\n{traceback.format_exc()}")

@@ -12,7 +12,7 @@ from einops import rearrange
 
 from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
-from canvas_engineering.ops.fftconv import fft_length, segment_fft_conv
+from canvas_engineering.ops.fftconv import fft_length, prepare_fft_conv, segment_gated_fft_conv
 from canvas_engineering.ops.backend import HAS_TRITON
 from canvas_engineering.ops.rwkv import prepare_wkv, segment_wkv
 from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
@@ -122,6 +122,8 @@ class HyenaAttention(SegmentAttention):
 
     The convolution uses an FFT of length ``fft_length(N)`` (a power of two); the filters
     hold ``max_len // 2 + 1`` frequencies, so ``fft_length(N) // 2 <= max_len // 2`` is required.
+    Gate and convolution run as one op (:func:`segment_gated_fft_conv`: the Triton kernels
+    for FFTs up to 8192, torch.fft beyond).
 
     Args:
         d_model: model width.
@@ -172,7 +174,10 @@ class HyenaAttention(SegmentAttention):
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
     def prepare(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The pooling of ``index`` (built once)."""
+        """The pooling of ``index`` (built once); the convolution kernels' tables too where
+        Triton is installed."""
+        if HAS_TRITON:
+            prepare_fft_conv(index)
         return self._pooling.get(index, lambda: self._pooling_table(index))
 
     def forward_segments(
@@ -198,5 +203,5 @@ class HyenaAttention(SegmentAttention):
         mixed = streams[0]
         for i, frequencies in enumerate(self.filter_params):
             response = torch.view_as_complex(frequencies.contiguous()).transpose(0, 1)
-            mixed = segment_fft_conv(mixed * torch.sigmoid(self.gates[i](streams[i + 1])), response, index)
+            mixed = segment_gated_fft_conv(mixed, self.gates[i](streams[i + 1]), response, index)
         return self.out_proj(mixed)

@@ -1,0 +1,455 @@
+"""Gated FFT long convolution of packed segments, forward and backward, with the DFTs as
+matrix products (``tl.dot``).
+
+Layout: ``mixed`` and ``gate`` ``(B, T, D)`` packed segment after segment (segment ``s``
+owns rows ``cu_seqlens[s] .. cu_seqlens[s+1]``), all contiguous; the filter ``spectrum``
+``(F, D, 2)`` float32 holds (real, imaginary) of ``H_k`` for ``k < F``. Per segment of N rows,
+batch row and channel, with ``x = mixed * sigmoid(gate)`` and ``L`` a power of two >= N:
+
+    y[n] = (1/L) Re sum_k exp(2 pi i n k / L) H_k X_k,   X_k = sum_{m<N} exp(-2 pi i m k / L) x[m],
+
+for n < N, where ``H_{L-k} = conj(H_k)`` gives the frequencies above L/2 and the imaginary
+parts of ``H_0`` and ``H_{L/2}`` drop out (as in ``irfft``). The backward pass runs the same
+transforms on ``dy``: ``dx`` is the inverse transform of ``DY conj(H)``, and the filter
+gradient at ``k <= L/2`` is ``c_k / L * DY_k conj(X_k)`` summed over batch rows and segments
+(``c_k = 1`` at 0 and L/2, else 2), written per (batch row, segment) and summed by the
+launcher, so the result does not depend on scheduling.
+
+Segments are launched by class: all segments of one FFT length L share a launch.
+- ``L <= DENSE_MAX``: one program per (segment, channel block, batch row) holds the
+  ``(L, BLOCK_C)`` tile and multiplies it by the ``L x L`` DFT matrix (padded to 16 rows).
+- Larger L, ``L = COLS * ROWS`` (:func:`factors`; ``ROWS >= 16``, pass 2 pads COLS to
+  ``BLOCK_COLS >= 16``): a three-pass Cooley-Tukey factorisation through a float32 scratch
+  buffer (``(2, B, S, L, D)``: real and imaginary parts). With ``n = n1 + COLS n2`` and
+  ``k = k2 + ROWS k1``,
+  pass 1 (per n1): ``A[n1, k2] = w^(n1 k2) sum_n2 W_ROWS[k2, n2] x[n1 + COLS n2]``,
+  pass 2 (per k2): ``X = W_COLS A`` along n1 gives ``X[k2 + ROWS k1]``; multiply by H (or form
+  the filter gradient and ``DY conj(H)``); the inverse ``B[n1, k2] = w^(-n1 k2) conj(W_COLS) Y``,
+  pass 3 (per n1): ``y[n1 + COLS n2] = (1/L) Re sum_k2 conj(W_ROWS)[n2, k2] B[n1, k2]``,
+  with ``w = exp(-2 pi i / L)``. Passes 1 and 3 loop over the ``ROWS x ROWS`` DFT matrix in
+  blocks of ``BLOCK_K`` columns; pass 2 holds the ``COLS x COLS`` one.
+The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import new_output
+
+DENSE_MAX = 64
+"""Longest FFT run as one dense DFT per program; longer ones use the three passes."""
+BLOCK_K = 16
+"""Columns of the ``ROWS x ROWS`` DFT matrix that passes 1 and 3 multiply at a time."""
+TWO_PI = 2.0 * math.pi
+
+
+@triton.jit
+def _gated(MIXED, GATE, offsets, mask, GATED: tl.constexpr):
+    """``mixed * sigmoid(gate)`` (or ``mixed`` alone) at ``offsets``, in float32, 0 outside ``mask``."""
+    x = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        x = x * tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH: tl.constexpr):
+    """(real, imaginary) ``(R, C)`` of the filter at ``frequencies (R,)`` of an FFT of LENGTH,
+    the upper half read as the conjugate of the lower half."""
+    mirrored = frequencies > LENGTH // 2
+    stored = tl.where(mirrored, LENGTH - frequencies, frequencies)
+    offsets = (stored[:, None] * n_channels + channels[None, :]) * 2
+    real = tl.load(SPECTRUM + offsets, mask=mask, other=0.0)
+    imag = tl.load(SPECTRUM + offsets + 1, mask=mask, other=0.0)
+    return real, tl.where(mirrored[:, None], -imag, imag)
+
+
+@triton.jit
+def _store_filter_gradient(
+    PARTIAL, slot, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH: tl.constexpr,
+):
+    """``c_k / L * G conj(X)`` at the ``frequencies <= L/2`` into the partial sum ``slot``
+    (``(L/2 + 1, D, 2)`` floats per slot)."""
+    weight = tl.where((frequencies == 0) | (frequencies == LENGTH // 2), 1.0, 2.0) / LENGTH
+    offsets = ((slot * (LENGTH // 2 + 1) + frequencies[:, None]) * n_channels + channels[None, :]) * 2
+    mask = (frequencies <= LENGTH // 2)[:, None] & c_mask[None, :]
+    tl.store(PARTIAL + offsets, (gr * xr + gi * xi) * weight[:, None], mask=mask)
+    tl.store(PARTIAL + offsets + 1, (gi * xr - gr * xi) * weight[:, None], mask=mask)
+
+
+@triton.jit
+def _complex_matmul(ar, ai, br, bi, CONJUGATE: tl.constexpr):
+    """``a @ b`` for complex ``a (M, K)`` and ``b (K, N)`` given as (real, imaginary) parts;
+    ``conj(a) @ b`` when CONJUGATE."""
+    zeros = tl.zeros([ar.shape[0], br.shape[1]], dtype=tl.float32)
+    if CONJUGATE:
+        ai = -ai
+    real = tl.dot(ar, br, tl.dot(-ai, bi, zeros))
+    imag = tl.dot(ar, bi, tl.dot(ai, br, zeros))
+    return real, imag
+
+
+@triton.jit
+def _twiddle(real, imag, n1, k2, SIGN: tl.constexpr, LENGTH: tl.constexpr):
+    """``(real + i imag) * exp(SIGN * 2 pi i n1 k2 / LENGTH)`` elementwise (n1, k2 broadcast)."""
+    angle = ((n1 * k2) % LENGTH).to(tl.float32) * (6.283185307179586 / LENGTH)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle) * SIGN
+    return real * cos - imag * sin, real * sin + imag * cos
+
+
+@triton.jit
+def _segment(cu_seqlens, class_segments, index, n_segments):
+    """(first packed row, length, total packed rows) of the class's segment ``index``."""
+    segment = tl.load(class_segments + index)
+    begin = tl.load(cu_seqlens + segment).to(tl.int64)
+    length = tl.load(cu_seqlens + segment + 1) - begin
+    total = tl.load(cu_seqlens + n_segments).to(tl.int64)
+    return begin, length, total
+
+
+@triton.jit
+def fftconv_dense_fwd_kernel(
+    MIXED, GATE, SPECTRUM, DFT, Y, cu_seqlens, class_segments, n_segments, n_channels,
+    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y of one segment and channel block: ``X = W x``, ``y = (1/L) Re(conj(W) (H X))``."""
+    index = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
+    rows = tl.arange(0, PADDED)
+    c_mask = channels < n_channels
+    offsets = ((b * total + begin + rows) * n_channels)[:, None] + channels[None, :]
+    mask = (rows < length)[:, None] & c_mask[None, :]
+    x = _gated(MIXED, GATE, offsets, mask, True)
+    matrix = rows[:, None] * PADDED + rows[None, :]
+    fr = tl.load(DFT + matrix)
+    fi = tl.load(DFT + PADDED * PADDED + matrix)
+    zeros = tl.zeros([PADDED, BLOCK_C], dtype=tl.float32)
+    xr = tl.dot(fr, x, zeros)
+    xi = tl.dot(fi, x, zeros)
+    hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
+    y = tl.dot(fr, xr * hr - xi * hi, tl.dot(fi, xr * hi + xi * hr, zeros)) / LENGTH
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fftconv_dense_bwd_kernel(
+    GRAD, MIXED, GATE, SPECTRUM, DFT, DMIXED, DGATE, DSPECTRUM_PARTIAL, cu_seqlens, class_segments, n_segments, n_channels,
+    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Gradients of one segment and channel block: ``G = W dy`` and ``X = W x`` give the
+    filter gradient's share; ``dx = (1/L) Re(conj(W) (conj(H) G))``, then the gate's chain rule."""
+    index = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
+    rows = tl.arange(0, PADDED)
+    c_mask = channels < n_channels
+    offsets = ((b * total + begin + rows) * n_channels)[:, None] + channels[None, :]
+    mask = (rows < length)[:, None] & c_mask[None, :]
+    grad = tl.load(GRAD + offsets, mask=mask, other=0.0).to(tl.float32)
+    mixed = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
+    matrix = rows[:, None] * PADDED + rows[None, :]
+    fr = tl.load(DFT + matrix)
+    fi = tl.load(DFT + PADDED * PADDED + matrix)
+    zeros = tl.zeros([PADDED, BLOCK_C], dtype=tl.float32)
+    gr = tl.dot(fr, grad, zeros)
+    gi = tl.dot(fi, grad, zeros)
+    xr = tl.dot(fr, mixed * gate, zeros)
+    xi = tl.dot(fi, mixed * gate, zeros)
+    slot = b * tl.num_programs(0) + index
+    _store_filter_gradient(DSPECTRUM_PARTIAL, slot, rows, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
+    hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
+    dx = tl.dot(fr, gr * hr + gi * hi, tl.dot(fi, gi * hr - gr * hi, zeros)) / LENGTH
+    tl.store(DMIXED + offsets, (dx * gate).to(DMIXED.dtype.element_ty), mask=mask)
+    tl.store(DGATE + offsets, (dx * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fftconv_rows_kernel(
+    MIXED, GATE, DFT_ROWS, SCRATCH, cu_seqlens, class_segments, n_segments, n_channels,
+    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """Pass 1 for one n1: ``A[n1, k2]`` for every k2 (x is ``mixed * sigmoid(gate)`` when
+    GATED, else ``mixed``)."""
+    index = tl.program_id(0) // COLS
+    n1 = tl.program_id(0) % COLS
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
+    c_mask = channels < n_channels
+    k2 = tl.arange(0, ROWS)
+    acc_r = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_i = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for start in range(0, tl.cdiv(tl.maximum(length - n1, 0), COLS), BLOCK_K):
+        n2 = start + tl.arange(0, BLOCK_K)
+        t = n1 + COLS * n2
+        offsets = ((b * total + begin + t) * n_channels)[:, None] + channels[None, :]
+        x = _gated(MIXED, GATE, offsets, (t < length)[:, None] & c_mask[None, :], GATED)
+        matrix = k2[:, None] * ROWS + n2[None, :]
+        acc_r = tl.dot(tl.load(DFT_ROWS + matrix), x, acc_r)
+        acc_i = tl.dot(tl.load(DFT_ROWS + ROWS * ROWS + matrix), x, acc_i)
+    ar, ai = _twiddle(acc_r, acc_i, n1, k2[:, None], -1.0, LENGTH)
+    n_class = tl.num_programs(0) // COLS
+    half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
+    place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
+    offsets = place[:, None] + channels[None, :]
+    tl.store(SCRATCH + offsets, ar, mask=c_mask[None, :])
+    tl.store(SCRATCH + half + offsets, ai, mask=c_mask[None, :])
+
+
+@triton.jit
+def _load_column(SCRATCH, offsets, half, mask):
+    """(real, imaginary) parts at ``offsets`` of a scratch buffer whose halves are ``half`` apart."""
+    return tl.load(SCRATCH + offsets, mask=mask, other=0.0), tl.load(SCRATCH + half + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def fftconv_columns_fwd_kernel(
+    SCRATCH, SPECTRUM, DFT_COLS, n_channels,
+    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
+    the result replaces the column in SCRATCH (each stored value depends, through the matrix
+    products, on every value the program loaded)."""
+    index = tl.program_id(0) // ROWS
+    k2 = tl.program_id(0) % ROWS
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    c_mask = channels < n_channels
+    n1 = tl.arange(0, BLOCK_COLS)
+    n_class = tl.num_programs(0) // ROWS
+    half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
+    place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
+    offsets = place[:, None] + channels[None, :]
+    mask = c_mask[None, :] & (n1 < COLS)[:, None]
+    ar, ai = _load_column(SCRATCH, offsets, half, mask)
+    matrix = n1[:, None] * BLOCK_COLS + n1[None, :]
+    fr = tl.load(DFT_COLS + matrix)
+    fi = tl.load(DFT_COLS + BLOCK_COLS * BLOCK_COLS + matrix)
+    xr, xi = _complex_matmul(fr, fi, ar, ai, False)
+    hr, hi = _filter(SPECTRUM, k2 + ROWS * n1, channels, n_channels, mask, LENGTH)
+    br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True)
+    br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
+    tl.store(SCRATCH + offsets, br, mask=mask)
+    tl.store(SCRATCH + half + offsets, bi, mask=mask)
+
+
+@triton.jit
+def fftconv_columns_bwd_kernel(
+    SCRATCH, SCRATCH_X, SPECTRUM, DFT_COLS, DSPECTRUM_PARTIAL, n_channels,
+    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2 of the backward for one k2: transform both columns (of dy in SCRATCH, of x in
+    SCRATCH_X) along n1, write the filter gradient, transform ``DY conj(H)`` back into SCRATCH."""
+    index = tl.program_id(0) // ROWS
+    k2 = tl.program_id(0) % ROWS
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    c_mask = channels < n_channels
+    n1 = tl.arange(0, BLOCK_COLS)
+    n_class = tl.num_programs(0) // ROWS
+    half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
+    place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
+    offsets = place[:, None] + channels[None, :]
+    mask = c_mask[None, :] & (n1 < COLS)[:, None]
+    matrix = n1[:, None] * BLOCK_COLS + n1[None, :]
+    fr = tl.load(DFT_COLS + matrix)
+    fi = tl.load(DFT_COLS + BLOCK_COLS * BLOCK_COLS + matrix)
+    ar, ai = _load_column(SCRATCH, offsets, half, mask)
+    gr, gi = _complex_matmul(fr, fi, ar, ai, False)
+    ar, ai = _load_column(SCRATCH_X, offsets, half, mask)
+    xr, xi = _complex_matmul(fr, fi, ar, ai, False)
+    frequencies = k2 + ROWS * n1
+    _store_filter_gradient(DSPECTRUM_PARTIAL, b * n_class + index, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
+    hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
+    br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True)
+    br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
+    tl.store(SCRATCH + offsets, br, mask=mask)
+    tl.store(SCRATCH + half + offsets, bi, mask=mask)
+
+
+@triton.jit
+def fftconv_inverse_rows_kernel(
+    SCRATCH, DFT_ROWS, MIXED, GATE, OUT, DGATE, cu_seqlens, class_segments, n_segments, n_channels,
+    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    """Pass 3 for one n1: the real inverse along k2, rows ``n1 + COLS n2 < N``. Forward: OUT
+    is y. BACKWARD: the result is dx, and OUT, DGATE receive ``dx * s`` and
+    ``dx * mixed * s * (1 - s)`` with ``s = sigmoid(gate)``."""
+    index = tl.program_id(0) // COLS
+    n1 = tl.program_id(0) % COLS
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
+    c_mask = channels < n_channels
+    n_class = tl.num_programs(0) // COLS
+    half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
+    n2 = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_K):
+        k2 = start + tl.arange(0, BLOCK_K)
+        place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
+        br, bi = _load_column(SCRATCH, place[:, None] + channels[None, :], half, c_mask[None, :])
+        matrix = n2[:, None] * ROWS + k2[None, :]
+        acc = tl.dot(tl.load(DFT_ROWS + matrix), br, acc)
+        acc = tl.dot(tl.load(DFT_ROWS + ROWS * ROWS + matrix), bi, acc)
+    result = acc / LENGTH
+    t = n1 + COLS * n2
+    offsets = ((b * total + begin + t) * n_channels)[:, None] + channels[None, :]
+    mask = (t < length)[:, None] & c_mask[None, :]
+    if BACKWARD:
+        mixed = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
+        tl.store(OUT + offsets, (result * gate).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(DGATE + offsets, (result * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
+    else:
+        tl.store(OUT + offsets, result.to(OUT.dtype.element_ty), mask=mask)
+
+
+@lru_cache(maxsize=None)
+def dft_matrix(size: int, padded: int, device: torch.device) -> torch.Tensor:
+    """``(2, padded, padded)`` float32: ``cos`` and ``-sin`` of ``2 pi k n / size`` for
+    ``k, n < size`` (the real and imaginary parts of the DFT matrix), zero elsewhere."""
+    k = torch.arange(size, dtype=torch.float64)
+    angle = (torch.outer(k, k) % size) * (TWO_PI / size)
+    parts = torch.stack([torch.cos(angle), -torch.sin(angle)])
+    parts = torch.where(parts.abs() < 1e-12, torch.zeros_like(parts), parts)
+    matrix = torch.zeros(2, padded, padded, dtype=torch.float64)
+    matrix[:, :size, :size] = parts
+    return matrix.to(device=device, dtype=torch.float32)
+
+
+def factors(length: int) -> Tuple[int, int]:
+    """(COLS, ROWS) with ``COLS * ROWS = length``, ROWS the larger when they differ."""
+    rows = 1 << ((length.bit_length() - 1 + 1) // 2)
+    return length // rows, rows
+
+
+def _tables(rows: int, cols: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16)."""
+    return dft_matrix(rows, rows, device), dft_matrix(cols, max(16, cols), device)
+
+
+def launch_config(kernel: str, length: int, n_channels: int) -> dict:
+    """``BLOCK_C`` and ``num_warps`` of ``kernel`` (``"dense"``, ``"rows"`` for passes 1 and 3,
+    ``"columns"`` for pass 2) at FFT length ``length``: sizes whose sm_90 build keeps every
+    tile in registers (no spill to the stack)."""
+    cols, rows = factors(length)
+    widest = 16 if kernel == "columns" and cols >= 64 else 32
+    warps = 8 if kernel == "rows" and rows >= 128 else 4
+    return dict(BLOCK_C=min(widest, max(16, triton.next_power_of_2(n_channels))), num_warps=warps)
+
+
+def _classes(class_segments: torch.Tensor, class_lengths: Sequence[int], class_sizes: Sequence[int]):
+    """(FFT length, segment ids, count) of each class, in order."""
+    first = 0
+    for length, size in zip(class_lengths, class_sizes):
+        yield length, class_segments[first : first + size], size
+        first += size
+
+
+def _scratch(batch: int, count: int, length: int, n_channels: int, device: torch.device) -> torch.Tensor:
+    """The three passes' buffer ``(2, B, count, L, D)`` float32: real and imaginary parts."""
+    return torch.empty(2, batch, count, length, n_channels, dtype=torch.float32, device=device)
+
+
+def _grid(programs: int, config: dict, n_channels: int, batch: int) -> Tuple[int, int, int]:
+    return programs, triton.cdiv(n_channels, config["BLOCK_C"]), batch
+
+
+def fftconv_fwd(
+    mixed: torch.Tensor, gate: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
+) -> torch.Tensor:
+    """``y (B, T, D)``, the convolution of ``mixed * sigmoid(gate)`` (both ``(B, T, D)``) with
+    the filter ``spectrum (F, D, 2)`` float32, per segment.
+
+    ``class_segments`` lists segment ids grouped by FFT length: ``class_sizes[j]`` ids of
+    length ``class_lengths[j]`` (a power of two >= 2 whose :func:`factors` keep the tiles in
+    registers: up to 8192 on sm_90; ``F >= L/2 + 1``); segments in no class (length 0) have
+    no rows.
+    """
+    batch, _, n_channels = mixed.shape
+    n_segments = cu_seqlens.shape[0] - 1
+    y = new_output(mixed, mixed.shape, mixed.dtype)
+    for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
+        if length <= DENSE_MAX:
+            config = launch_config("dense", length, n_channels)
+            padded = max(16, length)
+            fftconv_dense_fwd_kernel[_grid(count, config, n_channels, batch)](
+                mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), y, cu_seqlens, segments, n_segments, n_channels,
+                LENGTH=length, PADDED=padded, **config,
+            )
+            continue
+        cols, rows = factors(length)
+        scratch = _scratch(batch, count, length, n_channels, mixed.device)
+        table_rows, table_cols = _tables(rows, cols, mixed.device)
+        shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
+        config = launch_config("rows", length, n_channels)
+        fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
+            mixed, gate, table_rows, scratch, cu_seqlens, segments, n_segments, n_channels,
+            BLOCK_K=BLOCK_K, GATED=True, **shape, **config,
+        )
+        columns = launch_config("columns", length, n_channels)
+        fftconv_columns_fwd_kernel[_grid(count * rows, columns, n_channels, batch)](
+            scratch, spectrum, table_cols, n_channels, BLOCK_COLS=table_cols.shape[1], **shape, **columns,
+        )
+        fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
+            scratch, table_rows, mixed, gate, y, y, cu_seqlens, segments, n_segments, n_channels,
+            BLOCK_K=BLOCK_K, BACKWARD=False, **shape, **config,
+        )
+    return y
+
+
+def fftconv_bwd(
+    grad: torch.Tensor, mixed: torch.Tensor, gate: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (d mixed, d gate, d spectrum ``(F, D, 2)`` float32) of :func:`fftconv_fwd`."""
+    batch, _, n_channels = mixed.shape
+    n_segments = cu_seqlens.shape[0] - 1
+    d_mixed, d_gate = new_output(mixed, mixed.shape, mixed.dtype), new_output(gate, gate.shape, gate.dtype)
+    d_spectrum = torch.zeros(spectrum.shape, dtype=torch.float32, device=spectrum.device)
+    for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
+        partial = new_output(mixed, (batch, count, length // 2 + 1, n_channels, 2), torch.float32)
+        if length <= DENSE_MAX:
+            config = launch_config("dense", length, n_channels)
+            padded = max(16, length)
+            fftconv_dense_bwd_kernel[_grid(count, config, n_channels, batch)](
+                grad, mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), d_mixed, d_gate, partial,
+                cu_seqlens, segments, n_segments, n_channels, LENGTH=length, PADDED=padded, **config,
+            )
+        else:
+            cols, rows = factors(length)
+            signal, grad_signal = (_scratch(batch, count, length, n_channels, mixed.device) for _ in range(2))
+            table_rows, table_cols = _tables(rows, cols, mixed.device)
+            shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
+            config = launch_config("rows", length, n_channels)
+            for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):
+                fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
+                    source, gate, table_rows, target, cu_seqlens, segments, n_segments, n_channels,
+                    BLOCK_K=BLOCK_K, GATED=gated, **shape, **config,
+                )
+            columns = launch_config("columns", length, n_channels)
+            fftconv_columns_bwd_kernel[_grid(count * rows, columns, n_channels, batch)](
+                grad_signal, signal, spectrum, table_cols, partial, n_channels, BLOCK_COLS=table_cols.shape[1], **shape, **columns,
+            )
+            fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
+                grad_signal, table_rows, mixed, gate, d_mixed, d_gate, cu_seqlens, segments, n_segments, n_channels,
+                BLOCK_K=BLOCK_K, BACKWARD=True, **shape, **config,
+            )
+        d_spectrum[: length // 2 + 1] += partial.sum(dim=(0, 1))
+    return d_mixed, d_gate, d_spectrum
