@@ -224,11 +224,9 @@ class AttentionDispatcher(nn.Module):
         Returns:
             ``(B, num_positions, d_model)``: per position, the weighted average of the
             outputs written to it, or ``x`` where nothing was written. A zero-size batch
-            (B = 0) gives an empty copy of x without running any module.
+            (B = 0) runs too: an empty output, and zero gradients for the parameters.
         """
         active = self.check_input(x, active_regions)
-        if x.shape[0] == 0:
-            return x.clone()
         plan = self.plan(None if active is None else frozenset(active), x.device)
         accumulator_dtype = torch.promote_types(x.dtype, torch.float32)
         output = None

@@ -388,8 +388,23 @@ def test_zero_batch_gives_an_empty_output(canvas):
     x = torch.randn(0, layout.num_positions, D_MODEL, requires_grad=True)
     output = dispatcher(x, active)
     assert output.shape == x.shape and output.dtype == x.dtype
-    (grad,) = torch.autograd.grad(output.sum(), x)
-    assert grad.shape == x.shape
+    parameters = [p for p in dispatcher.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(output.sum(), [x] + parameters, allow_unused=True)
+    assert grads[0].shape == x.shape
+    for grad in grads[1:]:
+        assert grad is None or not grad.any()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_ATTENTION))
+def test_zero_batch_runs_every_module(name):
+    """Each module, called directly with B = 0, gives an empty output and a backward."""
+    module = create_attention(name, D_MODEL, N_HEADS)
+    queries = torch.randn(0, 3, D_MODEL, requires_grad=True)
+    keys = torch.randn(0, 5, D_MODEL, requires_grad=True)
+    output = module(queries, keys, keys)
+    assert output.shape == (0, 3, D_MODEL)
+    if output.requires_grad:
+        output.sum().backward()
 
 
 def strided_copy(x: torch.Tensor, order: Tuple[int, ...], step: int, expand: bool) -> torch.Tensor:

@@ -202,6 +202,7 @@ class HyenaAttention(SegmentAttention):
         streams = rearrange(self.in_proj(pooled), "b t (s d) -> s b t d", s=self.order + 1)
         mixed = streams[0]
         for i, frequencies in enumerate(self.filter_params):
-            response = torch.view_as_complex(frequencies.contiguous()).transpose(0, 1)
+            complex_parts = frequencies.to(torch.promote_types(frequencies.dtype, torch.float32))
+            response = torch.view_as_complex(complex_parts.contiguous()).transpose(0, 1)
             mixed = segment_gated_fft_conv(mixed, self.gates[i](streams[i + 1]), response, index)
         return self.out_proj(mixed)

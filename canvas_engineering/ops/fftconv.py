@@ -37,15 +37,19 @@ def segment_fft_conv(x: torch.Tensor, response: torch.Tensor, index: SegmentInde
         index: the segments (all members of a bucket share one FFT length).
 
     Returns:
-        ``(B, Tq, D)``.
+        ``(B, Tq, D)`` in the dtype of ``x``; float16 and bfloat16 inputs are transformed in
+        float32 (torch.fft has no bfloat16 kernels, nor float16 ones on CPU).
     """
+    if x.numel() == 0:
+        return x.clone()
+    transformed = x.to(torch.promote_types(x.dtype, torch.float32))
     batches = []
     for bucket in index.segment_buckets:
         length = fft_length(bucket.queries.width)
-        spectrum = torch.fft.rfft(bucket.queries.gather(x, zero_padding=True), n=length, dim=2)
+        spectrum = torch.fft.rfft(bucket.queries.gather(transformed, zero_padding=True), n=length, dim=2)
         filtered = torch.fft.irfft(spectrum * response[: spectrum.shape[2]], n=length, dim=2)
         batches.append(filtered[:, :, : bucket.queries.width])
-    return index.assemble_queries(batches)
+    return index.assemble_queries(batches).to(x.dtype)
 
 
 @torch.library.custom_op("canvas_engineering::gated_fft_conv", mutates_args=())
