@@ -86,11 +86,37 @@ class RandomFixedAttention(ProjectedAttention):
         self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
         self._patterns: Dict[Tuple[int, int], torch.Tensor] = {}
         self._row_tables = PerIndexCache()
+        self._drawn_seed = int(self.pattern_seed)
+        self._seed_stamp = self._stamp_of_seed()
+
+    def _stamp_of_seed(self) -> Tuple[torch.Tensor, int]:
+        """(the ``pattern_seed`` tensor, its version counter): the stamp changes when the
+        buffer is replaced or written in place, and reading it needs no device sync."""
+        return self.pattern_seed, self.pattern_seed._version
+
+    def _forget_patterns_of_another_seed(self) -> None:
+        """Drop the drawn patterns when ``pattern_seed`` no longer holds the seed they were
+        drawn from: after ``load_state_dict``, or after DistributedDataParallel broadcast
+        rank 0's buffers into this rank's module in place. The seed's value is read (a
+        device sync on CUDA) only when its stamp changed, not on every forward. A
+        ``torch.compile`` trace uses the patterns current when it is traced."""
+        if torch.compiler.is_compiling():
+            return
+        tensor, version = self._seed_stamp
+        if self.pattern_seed is tensor and self.pattern_seed._version == version:
+            return
+        seed = int(self.pattern_seed)
+        if seed != self._drawn_seed:
+            self._patterns.clear()
+            self._row_tables.clear()
+            self._drawn_seed = seed
+        self._seed_stamp = self._stamp_of_seed()
 
     def pattern(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """The keys each query reads: ``(N, min(n_random, M))`` int64, rows ascending."""
+        self._forget_patterns_of_another_seed()
         if (n_queries, n_keys) not in self._patterns:
-            generator = torch.Generator().manual_seed(_mix_seed(int(self.pattern_seed), n_queries, n_keys))
+            generator = torch.Generator().manual_seed(_mix_seed(self._drawn_seed, n_queries, n_keys))
             self._patterns[(n_queries, n_keys)] = sample_key_subsets(n_queries, n_keys, min(self.n_random, n_keys), generator)
         return self._patterns[(n_queries, n_keys)].to(device)
 
@@ -114,11 +140,10 @@ class RandomFixedAttention(ProjectedAttention):
         )
         if prefix + "pattern_seed" in missing_keys:
             missing_keys.remove(prefix + "pattern_seed")
-        self._patterns.clear()
-        self._row_tables.clear()
 
     def prepare(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The per-row key table of ``index`` (built once)."""
+        """The per-row key table of ``index`` (built once per seed)."""
+        self._forget_patterns_of_another_seed()
         return self._row_tables.get(index, lambda: self._row_table(index))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:

@@ -95,6 +95,8 @@ def selective_scan(
     entering each chunk follows from a loop over chunks; (3) each step adds what the state
     entering its chunk contributes, decayed by ``exp(A * sum of dt since the chunk start)``.
     Every exponent is ``dt * A <= 0`` or a sum of such, so nothing overflows at any length.
+    The sums of dt accumulate in the loop over positions, not through ``torch.cumsum``,
+    which ``torch.use_deterministic_algorithms(True)`` refuses on CUDA tensors.
 
     Args:
         x, dt: ``(batch, L, channels)``.
@@ -117,16 +119,18 @@ def selective_scan(
     dt_steps, B_steps, C_steps = dt_c.unbind(2), B_c.unbind(2), C_c.unbind(2)
     drive_steps = (dt_c * x_c).unbind(2)
     state = x.new_zeros(batch, n_chunks, channels, A.shape[1])
-    outputs = []
+    outputs, elapsed = [], []
+    since_chunk_start = torch.zeros_like(dt_steps[0])
     for dt_t, drive_t, B_t, C_t in zip(dt_steps, drive_steps, B_steps, C_steps):
         state = torch.exp(dt_t.unsqueeze(-1) * A) * state + drive_t.unsqueeze(-1) * B_t.unsqueeze(-2)
         outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_t))
+        since_chunk_start = since_chunk_start + dt_t
+        elapsed.append(since_chunk_start)
     chunk_decay = torch.exp(dt_c.sum(dim=2).unsqueeze(-1) * A)
     entering = [torch.zeros_like(state[:, 0])]
     for decay_j, state_j in zip(chunk_decay.unbind(1)[:-1], state.unbind(1)[:-1]):
         entering.append(decay_j * entering[-1] + state_j)
     entering = torch.stack(entering, dim=1)
-    elapsed = torch.cumsum(dt_c, dim=2).unbind(2)
     y = torch.stack([out + torch.einsum("bcdn,bcn->bcd", torch.exp(e.unsqueeze(-1) * A) * entering, C_t)
                      for out, e, C_t in zip(outputs, elapsed, C_steps)], dim=2) + D * x_c
     return y.flatten(1, 2)[:, :length]
