@@ -110,24 +110,26 @@ def segment_linear_attention(
 
     Returns:
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
+
+    The eager version appends a column of ones to the values, so that one product gives each
+    key set's state and normaliser, and one product per query gives numerator and denominator.
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
         tables = prepare_linear_attention(index)
         out, _, _ = _linear_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu")
         return out
     phi_q, phi_k = FEATURE_MAPS[feature_map](q), FEATURE_MAPS[feature_map](k)
-    states, normalisers = [], []
+    states = []
     for bucket in index.keyset_buckets:
-        keys, values = bucket.keys.gather(phi_k, zero_padding=True), bucket.keys.gather(v)
-        states.append(torch.einsum("bnlhd,bnlhe->bnhde", keys, values))
-        normalisers.append(keys.sum(dim=2))
+        keys = bucket.keys.gather(phi_k, zero_padding=True)
+        values_and_ones = F.pad(bucket.keys.gather(v), (0, 1), value=1.0)
+        states.append(torch.einsum("bnlhd,bnlhe->bnhde", keys, values_and_ones))
     order = torch.cat([bucket.members for bucket in index.keyset_buckets]).argsort()
-    state, normaliser = torch.cat(states, dim=1)[:, order], torch.cat(normalisers, dim=1)[:, order]
+    state = torch.cat(states, dim=1)[:, order]
     batches = []
     for bucket in index.segment_buckets:
         queries = bucket.queries.gather(phi_q)
-        keyset = index.segment_keyset[bucket.members]
-        numerator = torch.einsum("bnqhd,bnhde->bnqhe", queries, state[:, keyset])
-        denominator = torch.einsum("bnqhd,bnhd->bnqh", queries, normaliser[:, keyset]).unsqueeze(-1)
+        numerator_and_denominator = torch.einsum("bnqhd,bnhde->bnqhe", queries, state[:, index.segment_keyset[bucket.members]])
+        numerator, denominator = numerator_and_denominator.split([v.shape[-1], 1], dim=-1)
         batches.append(numerator / (denominator + eps))
     return index.assemble_queries(batches)
