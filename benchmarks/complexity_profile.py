@@ -44,10 +44,10 @@ Point = Tuple[int, float, int]
 def claimed(name: str) -> str:
     """The complexity the type's description claims, e.g. ``O(N*M)``; an alias
     (``self_attention``) has the claim of the type it names."""
-    from canvas_engineering import ATTENTION_REGISTRY, ATTENTION_TYPES
+    from canvas_engineering import ATTENTION_TYPES, BUILTIN_ATTENTION
 
     if name not in ATTENTION_TYPES:
-        name = next(t for t in ATTENTION_TYPES if ATTENTION_REGISTRY[t] is ATTENTION_REGISTRY[name])
+        name = next(t for t in ATTENTION_TYPES if BUILTIN_ATTENTION[t] is BUILTIN_ATTENTION[name])
     found = re.findall(r"O\([^)]*\)", ATTENTION_TYPES[name])
     return found[-1] if found else "?"
 

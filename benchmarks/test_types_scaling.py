@@ -26,7 +26,7 @@ from typing import Dict
 import pytest
 import torch
 
-from canvas_engineering import ATTENTION_REGISTRY
+from canvas_engineering import BUILTIN_ATTENTION
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_timing import time_on_peer  # noqa: E402
@@ -84,7 +84,7 @@ def peer_measurement(name: str, sweep: str) -> Dict:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("sweep", sorted(SWEEPS), ids=lambda sweep: sweep.replace("=", ""))
-@pytest.mark.parametrize("name", sorted(ATTENTION_REGISTRY))
+@pytest.mark.parametrize("name", sorted(BUILTIN_ATTENTION))
 def test_type_scaling(benchmark, name, sweep, size, mode):
     n, m = SWEEPS[sweep](size)
     options = OPTIONS.get(name, {})

@@ -22,7 +22,7 @@ from peer_timing import time_on_peer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer import peer_dir  # noqa: E402
 
-from canvas_engineering import ATTENTION_REGISTRY  # noqa: E402
+from canvas_engineering import BUILTIN_ATTENTION  # noqa: E402
 
 SIZES = [256, 1024, 4096]
 TIME_EXPONENT = {"forward": 1.5, "forward+backward": 1.75}
@@ -40,7 +40,7 @@ def synthetic_profile() -> dict:
     of N = M, and in the N = 256 sweep gave up at the largest size and ran at the middle one,
     except for ``mamba``, which it ran at no size."""
     benchmarks = []
-    for name in ATTENTION_REGISTRY:
+    for name in BUILTIN_ATTENTION:
         for sweep in ("N=M", "N=256"):
             for size in SIZES:
                 for mode in ("forward", "forward+backward"):
@@ -67,7 +67,7 @@ def parse_table(lines: list) -> list:
 
 def test_report_table_has_every_type_both_modes_and_the_peer():
     rows = parse_table(complexity_profile.table(synthetic_profile(), "data.json"))
-    assert sorted((row["type"], row["sweep"]) for row in rows) == sorted((name, sweep) for name in ATTENTION_REGISTRY for sweep in ("N=M", "N=256"))
+    assert sorted((row["type"], row["sweep"]) for row in rows) == sorted((name, sweep) for name in BUILTIN_ATTENTION for sweep in ("N=M", "N=256"))
     for row in rows:
         for mode, short in (("forward", "fwd"), ("forward+backward", "fwd+bwd")):
             assert float(row[f"time slope {short}"]) == pytest.approx(TIME_EXPONENT[mode], abs=0.005)
