@@ -6,17 +6,17 @@ callers use)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import complexity_profile  # noqa: E402
-from peak_memory import measure  # noqa: E402
 from peer_timing import time_on_peer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,23 +100,37 @@ def test_report_replaces_only_the_marked_block_and_draws_both_modes(tmp_path):
         "profile-N256-forward.png", "profile-N256.png", "profile-NM-forward.png", "profile-NM.png"]
 
 
-class Allocates(torch.nn.Module):
-    """Forward allocates one (mib * 2**18,) float32 tensor, exp of a broadcast parameter,
-    and keeps it for the backward, which multiplies the broadcast gradient by it into
-    another of the same size: forward peaks at ``mib`` MiB, forward+backward at twice."""
+MEASURE_KNOWN_ALLOCATIONS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from peak_memory import measure
 
-    def __init__(self, mib: int) -> None:
+
+class Allocates(torch.nn.Module):
+    # Forward allocates one (64 * 2**18,) float32 tensor, exp of a broadcast parameter, and keeps
+    # it for the backward, which multiplies the broadcast gradient by it into another of the same
+    # size: forward peaks at 64 MiB, forward+backward at twice that.
+
+    def __init__(self):
         super().__init__()
-        self.mib = mib
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return self.scale.expand(self.mib * 2**18).exp().sum()
+    def forward(self, queries, keys, values):
+        return self.scale.expand(64 * 2**18).exp().sum()
+
+
+queries = torch.zeros(1, 1, 1)
+print(json.dumps(measure(Allocates(), queries, queries)))
+"""
 
 
 def test_peak_memory_sees_known_allocations():
-    queries = torch.zeros(1, 1, 1)
-    memory = measure(Allocates(64), queries, queries)
+    """In a fresh process with the allocator setting the profile uses (scaling.peak_memory)."""
+    completed = subprocess.run(
+        [sys.executable, "-c", MEASURE_KNOWN_ALLOCATIONS, str(BENCHMARKS)],
+        check=True, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    memory = json.loads(completed.stdout.strip().splitlines()[-1])
     assert 64 <= memory["forward_peak_bytes"] / 2**20 < 64 + 16
     assert 128 <= memory["peak_bytes"] / 2**20 < 128 + 16
 
