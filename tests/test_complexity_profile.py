@@ -102,6 +102,7 @@ def test_report_replaces_only_the_marked_block_and_draws_both_modes(tmp_path):
 
 MEASURE_KNOWN_ALLOCATIONS = """
 import json, sys
+import torch
 sys.path.insert(0, sys.argv[1])
 from peak_memory import measure
 
