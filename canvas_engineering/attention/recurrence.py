@@ -199,7 +199,7 @@ class HyenaAttention(SegmentAttention):
             out_rows, pooled_rows, weights = pooling
             contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
             pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
-        streams = rearrange(self.in_proj(pooled), "b t (s d) -> s b t d", s=self.order + 1)
+        streams = self.in_proj(pooled).chunk(self.order + 1, dim=-1)
         mixed = streams[0]
         for i, frequencies in enumerate(self.filter_params):
             complex_parts = frequencies.to(torch.promote_types(frequencies.dtype, torch.float32))
