@@ -121,18 +121,6 @@ def test_module_kernels_match_eager(n, m):
 
 
 @pytest.mark.gpu
-def test_custom_op_passes_opcheck():
-    pytest.importorskip("triton")
-    from canvas_engineering.ops.fftconv import _gated_fft_conv_op, prepare_fft_conv
-
-    lengths = [5, 1, 3]
-    mixed, gate, spectrum, _ = data(torch.float32, lengths, channels=3)
-    tables = prepare_fft_conv(index_of(lengths).to(DEVICE))
-    args = [t.to(DEVICE, copy=True).requires_grad_(True) for t in (mixed, gate, spectrum)] + list(tables)
-    with kernels():
-        torch.library.opcheck(_gated_fft_conv_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
 def test_ffts_longer_than_the_kernels_run_eagerly():
     pytest.importorskip("triton")
     from canvas_engineering.ops.fftconv import MAX_KERNEL_LENGTH

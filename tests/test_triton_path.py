@@ -1,6 +1,6 @@
 """The modules and the dispatcher give the same results through the Triton kernels
-(compiled on CUDA, the interpreter on CPU) as through the eager ops, and the custom op
-passes torch's checks."""
+(compiled on CUDA, the interpreter on CPU) as through the eager ops (the custom ops pass
+torch's checks in test_opcheck.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, create_attention  # noqa: E402
 from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
-from canvas_engineering.ops.segment_attention import KernelTables, _segment_attention_op  # noqa: E402
-from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
 from conftest import assert_all_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,16 +72,3 @@ def test_dispatcher_kernels_match_eager():
     with kernels():
         through_kernels = results(dispatcher, x, dispatcher)
     assert_all_close(through_kernels, eager, tolerance=TOLERANCE, zero_floor=1e-7)
-
-
-@pytest.mark.gpu
-def test_custom_op_passes_opcheck():
-    index = SegmentIndex.build([5, 3], [0, 1], [4, 6]).to(DEVICE)
-    tables = KernelTables.build(index, 16)
-    q = torch.randn(1, 8, 2, 16, device=DEVICE, requires_grad=True)
-    k = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
-    v = torch.randn(1, 10, 2, 16, device=DEVICE, requires_grad=True)
-    args = (q, k, v, tables.cu_seqlens_q, tables.cu_seqlens_k, tables.q_block_segment, tables.q_block_start,
-            tables.k_block_segment, tables.k_block_start, 0.25, 16, 3, 0, False)
-    with kernels():
-        torch.library.opcheck(_segment_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -113,6 +113,10 @@ def segment_linear_attention(
 
     The eager version appends a column of ones to the values, so that one product gives each
     key set's state and normaliser, and one product per query gives numerator and denominator.
+    (A separate denominator product has a single column; CPU inductor computes such a product
+    as a reduction and fuses its backward into the scatter of the gathered normalisers, the
+    transposed accumulating ``index_put`` that torch 2.13 miscompiles with more than one
+    thread, pytorch/pytorch#191837.)
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
         tables = prepare_linear_attention(index)

@@ -7,7 +7,7 @@ op ``canvas_engineering::wkv``) where :func:`use_triton` says so, else the chunk
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,9 @@ def wkv_scan(
     into each chunk come from a short loop over chunks. Every exponent of w is
     ``<= 0``, so nothing grows beyond the sums themselves (at most L * e^10), and the
     current step's ``exp(u + k_t)`` is divided out of the ratio when it exceeds 1, so a large
-    bonus cannot overflow either. O(L * chunk) work per channel.
+    bonus cannot overflow either. O(L * chunk) work per channel. Half-precision inputs are
+    scanned in float32, outside any autocast region (whose half-precision products would
+    round the sums carried from chunk to chunk), and the result is returned in v's dtype.
 
     Args:
         k, v: ``(batch, L, H, d)``.
@@ -88,9 +90,17 @@ def wkv_scan(
     Returns:
         ``(batch, L, H, d)``.
     """
-    batch, length, heads = k.shape[:3]
-    if length == 0 or batch == 0:
+    if k.shape[0] == 0 or k.shape[1] == 0:
         return torch.zeros_like(v)
+    with torch.autocast(v.device.type, enabled=False):
+        compute_dtype = torch.promote_types(v.dtype, torch.float32)
+        out = _chunked_wkv(*(t.to(compute_dtype) for t in (k, v, w, u)), eps, chunk)
+    return out.to(v.dtype)
+
+
+def _chunked_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, eps: float, chunk: int) -> torch.Tensor:
+    """:func:`wkv_scan` of a non-empty batch of non-empty sequences, all inputs in one dtype."""
+    batch, length, heads = k.shape[:3]
     size = min(chunk, length)
     n_chunks = -(-length // size)
     pad = n_chunks * size - length
@@ -120,8 +130,9 @@ def wkv_scan(
     return rearrange(out, "(h d) (b c) s -> b (c s) h d", h=heads, b=batch)[:, :length]
 
 
-def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, torch.Tensor]:
-    """(the key sets cut to the steps anyone reads, the step each packed query row reads).
+def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, List[torch.Tensor], torch.Tensor]:
+    """(the key sets cut to the steps anyone reads, per key-set bucket of the cut the packed
+    key row behind each of its ``count * width`` slots, the step each packed query row reads).
 
     A query at position i of a segment reads step ``min(i, M - 1)``, so a key set is scanned
     only up to the longest ``min(N, M)`` among the segments that read it.
@@ -134,8 +145,22 @@ def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, torch.Tensor]:
         [n for n, _ in index.shapes], index.keyset_of, needed,
         key_source=[start + step for start, count in zip(starts, needed) for step in range(count)],
     ).to(index.query_segment.device)
+    bucket_rows = [scan.key_source.index[bucket.keys.slots.index] for bucket in scan.keyset_buckets]
     read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
-    return scan, read
+    return scan, bucket_rows, read
+
+
+def _gather_rows(packed: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``packed (B, T, H, d)`` at ``rows`` (``count * width`` of them) as ``(B * count, width, H, d)``.
+
+    ``torch.gather``, not ``index_select``: the gradient of the rows, laid out by the scan's
+    per-channel products, reaches the scatter transposed, and torch 2.13's CPU inductor
+    miscompiles the multi-threaded accumulating ``index_put`` that ``index_select``'s
+    backward becomes in such a tiled kernel (pytorch/pytorch#191837), while it runs
+    ``gather``'s backward (``scatter_add``) through ATen.
+    """
+    index = rows.view(1, -1, 1, 1).expand(packed.shape[0], -1, *packed.shape[2:])
+    return torch.gather(packed, 1, index).unflatten(1, (count, -1)).flatten(0, 1)
 
 
 _scan_plans = PerIndexCache()
@@ -147,7 +172,7 @@ def _keyset_offsets_of(scan: SegmentIndex) -> torch.Tensor:
 
 def prepare_wkv(index: SegmentIndex) -> None:
     """Build ahead of a forward what :func:`segment_wkv` derives from ``index``."""
-    scan, _ = _scan_plans.get(index, lambda: _scan_plan(index))
+    scan, _, _ = _scan_plans.get(index, lambda: _scan_plan(index))
     _keyset_offsets_of(scan)
 
 
@@ -163,17 +188,16 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     Returns:
         ``(B, Tq, H, d)``; zeros for queries whose key set is empty.
     """
-    scan, read = _scan_plans.get(index, lambda: _scan_plan(index))
+    scan, bucket_rows, read = _scan_plans.get(index, lambda: _scan_plan(index))
     if scan.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
-    k, v = scan.pack_keys(k), scan.pack_keys(v)
     if use_triton(k):
-        scanned, _, _ = _wkv_op(k.contiguous(), v.contiguous(), w, u, _keyset_offsets_of(scan))
+        scanned, _, _ = _wkv_op(scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan))
     else:
         scanned = scan.assemble_keys(
             [
-                wkv_scan(bucket.keys.gather(k).flatten(0, 1), bucket.keys.gather(v).flatten(0, 1), w, u).unflatten(0, (k.shape[0], len(bucket.members)))
-                for bucket in scan.keyset_buckets
+                wkv_scan(_gather_rows(k, rows, len(bucket.members)), _gather_rows(v, rows, len(bucket.members)), w, u).unflatten(0, (k.shape[0], len(bucket.members)))
+                for bucket, rows in zip(scan.keyset_buckets, bucket_rows)
             ]
         )
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)

@@ -139,6 +139,8 @@ def _segment_attention_op(
     if top_k:
         threshold = segment_topk_threshold(q, k, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, top_k)
     out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, window, threshold, sigmoid)
+    if sigmoid:
+        lse.zero_()  # sigmoid weights have no log-sum-exp: the kernel leaves it unwritten
     return out, lse, threshold if threshold is not None else lse.new_empty(0)
 
 

@@ -97,6 +97,9 @@ def selective_scan(
     Every exponent is ``dt * A <= 0`` or a sum of such, so nothing overflows at any length.
     The sums of dt accumulate in the loop over positions, not through ``torch.cumsum``,
     which ``torch.use_deterministic_algorithms(True)`` refuses on CUDA tensors.
+    Half-precision inputs are scanned in float32, outside any autocast region (whose
+    half-precision products would round the state at every step), and the result is
+    returned in x's dtype.
 
     Args:
         x, dt: ``(batch, L, channels)``.
@@ -108,9 +111,19 @@ def selective_scan(
     Returns:
         y: ``(batch, L, channels)``.
     """
-    batch, length, channels = x.shape
-    if length == 0:
+    if x.shape[1] == 0:
         return torch.zeros_like(x)
+    with torch.autocast(x.device.type, enabled=False):
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        y = _two_level_scan(*(t.to(compute_dtype) for t in (x, dt, A, B, C, D)), chunk)
+    return y.to(x.dtype)
+
+
+def _two_level_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """:func:`selective_scan` of a non-empty sequence, all inputs in one dtype."""
+    batch, length, channels = x.shape
     size = chunk or max(16, math.ceil(math.sqrt(length)))
     n_chunks = -(-length // size)
     pad = n_chunks * size - length

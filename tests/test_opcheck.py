@@ -1,0 +1,129 @@
+"""Every custom op of the package (each Triton forward and backward) passes
+``torch.library.opcheck``: its schema, its fake (meta) implementation against the real one,
+its autograd registration, and its tracing by AOT autograd with static and dynamic shapes.
+
+The ops run their Triton kernels: on CUDA tensors when there is a GPU, else through Triton's
+interpreter on CPU tensors (so the inputs are tiny)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
+
+from canvas_engineering.ops.backend import interpreted_triton  # noqa: E402
+from canvas_engineering.ops.fftconv import _gated_fft_conv_backward_op, _gated_fft_conv_op, prepare_fft_conv  # noqa: E402
+from canvas_engineering.ops.linear import _linear_attention_backward_op, _linear_attention_op, prepare_linear_attention  # noqa: E402
+from canvas_engineering.ops.rwkv import _wkv_backward_op, _wkv_op  # noqa: E402
+from canvas_engineering.ops.segment_attention import KernelTables, _segment_attention_backward_op, _segment_attention_op  # noqa: E402
+from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
+from canvas_engineering.ops.selective_scan import SCAN_CHUNK, _selective_scan_backward_op, _selective_scan_op, prepare_selective_scan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INDEX = SegmentIndex.build([5, 3, 4], [0, 1, 0], [4, 6])
+"""Three segments over two key sets, the first read twice; padded blocks everywhere."""
+
+
+def kernels():
+    """The context that runs the Triton kernels on DEVICE."""
+    return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
+
+
+def leaves(*shapes: Sequence[int], seed: int = 0):
+    """Seeded float32 tensors of ``shapes`` on DEVICE that require grad."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_(True) for shape in shapes]
+
+
+def check(op, args) -> None:
+    with kernels():
+        torch.library.opcheck(op, args)
+
+
+def check_with_backward(forward_op, backward_op, args, backward_args) -> None:
+    """opcheck ``forward_op(*args)``, then ``backward_op`` on ``backward_args(outputs)``."""
+    check(forward_op, args)
+    with kernels(), torch.no_grad():
+        outputs = forward_op(*args)
+    check(backward_op, backward_args(outputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, top_k, sigmoid", [(0, 0, False), (3, 0, False), (0, 2, False), (0, 0, True)])
+def test_segment_attention_ops(window, top_k, sigmoid):
+    index = INDEX.to(DEVICE)
+    tables = KernelTables.build(index, 16)
+    q, k, v = leaves((1, index.n_queries, 2, 16), (1, tables.segment_keys.index.shape[0], 2, 16), (1, tables.segment_keys.index.shape[0], 2, 16))
+    table_args = (tables.cu_seqlens_q, tables.cu_seqlens_k, tables.q_block_segment, tables.q_block_start, tables.k_block_segment, tables.k_block_start)
+    options = (0.25, 16, window, top_k, sigmoid)
+    grad_out, = leaves(q.shape, seed=1)
+
+    def backward_args(outputs):
+        out, lse, threshold = outputs
+        return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, lse, threshold, *table_args, *options)
+
+    check_with_backward(_segment_attention_op, _segment_attention_backward_op, (q, k, v, *table_args, *options), backward_args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_attention_ops(relu):
+    index = INDEX.to(DEVICE)
+    tables = prepare_linear_attention(index)
+    q, k, v = leaves((1, index.n_queries, 2, 8), (1, index.n_keys, 2, 8), (1, index.n_keys, 2, 4))
+    grad_out, = leaves((1, index.n_queries, 2, 4), seed=1)
+
+    def backward_args(outputs):
+        out, state, normaliser = outputs
+        return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, state, normaliser, *tables, 1e-6, relu)
+
+    check_with_backward(_linear_attention_op, _linear_attention_backward_op, (q, k, v, *tables, 1e-6, relu), backward_args)
+
+
+@pytest.mark.gpu
+def test_wkv_ops():
+    index = INDEX.to(DEVICE)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    k, v, u = leaves((1, index.n_keys, 2, 8), (1, index.n_keys, 2, 8), (2, 8))
+    w = (-torch.linspace(0.1, 2.0, 16).view(2, 8)).to(DEVICE).requires_grad_(True)
+    grad_y, = leaves(v.shape, seed=1)
+
+    def backward_args(outputs):
+        y, inv_den, share = outputs
+        return (grad_y.detach(), k.detach(), v.detach(), w.detach(), y, inv_den, share, cu_seqlens)
+
+    check_with_backward(_wkv_op, _wkv_backward_op, (k, v, w, u, cu_seqlens), backward_args)
+
+
+@pytest.mark.gpu
+def test_selective_scan_ops():
+    index = INDEX.to(DEVICE)
+    cu_seqlens, checkpoint_offsets, n_checkpoints = prepare_selective_scan(index)
+    x, B, C, D = leaves((1, index.n_keys, 4), (1, index.n_keys, 3), (1, index.n_keys, 3), (4,))
+    dt = torch.linspace(0.05, 0.5, index.n_keys * 4).view(1, index.n_keys, 4).to(DEVICE).requires_grad_(True)
+    A = (-torch.linspace(0.5, 2.0, 12).view(4, 3)).to(DEVICE).requires_grad_(True)
+    grad_y, = leaves(x.shape, seed=1)
+    args = (x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
+
+    def backward_args(outputs):
+        _, checkpoints = outputs
+        return (grad_y.detach(), *(t.detach() for t in (x, dt, A, B, C, D)), checkpoints, cu_seqlens, checkpoint_offsets, SCAN_CHUNK)
+
+    check_with_backward(_selective_scan_op, _selective_scan_backward_op, args, backward_args)
+
+
+@pytest.mark.gpu
+def test_gated_fft_conv_ops():
+    index = INDEX.to(DEVICE)
+    tables = prepare_fft_conv(index)
+    mixed, gate_logits, spectrum = leaves((1, index.n_queries, 3), (1, index.n_queries, 3), (5, 3, 2))
+    grad, = leaves(mixed.shape, seed=1)
+
+    def backward_args(output):
+        return (grad.detach(), mixed.detach(), gate_logits.detach(), spectrum.detach(), *tables)
+
+    check_with_backward(_gated_fft_conv_op, _gated_fft_conv_backward_op, (mixed, gate_logits, spectrum, *tables), backward_args)
