@@ -1,11 +1,11 @@
 """torch.compile(fullgraph=True) with inductor, on CPU: the forward and backward of a small
 model whose types cover every kernel family match eager within float32 rounding, and the
 first forward of a dispatcher with every other type compiles (the plan and everything the
-modules derive from it are built at construction)."""
+modules derive from it are built at construction). Building another model afterwards does
+not recompile a compiled one."""
 
 from __future__ import annotations
 
-import gc
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -25,7 +25,6 @@ attention), and the FFT convolution."""
 
 
 def test_first_forward_compiles_with_every_other_type():
-    gc.collect()  # the trace reads the ops' per-index caches (weak dicts): drop earlier tests' indexes before guards on them are built
     names = sorted(set(BUILTIN_ATTENTION) - {name for types in LAYER_TYPES for name in types})
     layout = CanvasLayout(
         T=2, spatial_shape=(len(names), 4), d_model=16,
@@ -80,11 +79,15 @@ def output_and_gradients(model: nn.Module, run, tokens: torch.Tensor) -> Dict[st
 
 
 def test_model_forward_and_backward_compile_and_match_eager():
-    gc.collect()  # the trace reads the ops' per-index caches (weak dicts): drop earlier tests' indexes before guards on them are built
     torch.manual_seed(0)
     model = TokenModel(LAYER_TYPES)
     tokens = torch.randint(0, VOCABULARY, (2, model.layers[0].layout.num_positions))
     eager = output_and_gradients(model, model, tokens)
-    compiled = output_and_gradients(model, torch.compile(model, fullgraph=True), tokens)
+    compiled_model = torch.compile(model, fullgraph=True)
+    compiled = output_and_gradients(model, compiled_model, tokens)
     assert all(gradient is not None for gradient in eager.values())
     assert_all_close(compiled, eager, tolerance=FLOAT32_TOLERANCE, zero_floor=1e-7)
+    other_model = TokenModel(LAYER_TYPES)
+    other_model(tokens)  # its indexes enter the ops' caches, and stay while it lives
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled_model(tokens)

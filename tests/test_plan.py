@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, TemporalFill
-from canvas_engineering.ops.segments import PerIndexCache, RowSelection
+from canvas_engineering.ops.segments import RowSelection
 
 
 LAYOUT_ONLY = {torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.contiguous.default}
@@ -89,22 +89,21 @@ TYPE_PAIRS = [
 
 
 def row_selections(dispatcher: AttentionDispatcher) -> int:
-    """How many row selections the plan and the indexes its modules derived from it hold:
-    each may be a view or a gather."""
+    """How many row selections the plan holds, with what the ops and modules derived from
+    its indexes (``SegmentIndex.derived``): each may be a view or a gather."""
 
     def count(obj) -> int:
         if isinstance(obj, RowSelection):
             return 1
-        if isinstance(obj, PerIndexCache):
-            return sum(count(value) for value in obj._values.values())
+        if isinstance(obj, dict):
+            return sum(count(value) for value in obj.values())
         if isinstance(obj, (list, tuple)):
             return sum(count(item) for item in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return sum(count(getattr(obj, f.name)) for f in dataclasses.fields(obj))
         return 0
 
-    caches = [value for module in dispatcher.modules() for value in vars(module).values() if isinstance(value, PerIndexCache)]
-    return count(dispatcher.plan()) + count(caches)
+    return count(dispatcher.plan())
 
 
 def assert_constant_work(dispatchers, make_input):

@@ -13,8 +13,8 @@ moved to a device once.
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, fields, replace
+import itertools
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -169,6 +169,8 @@ class SegmentIndex:
         shapes: per segment ``(N_s, M_s)``; keyset_of: per segment its key set;
         keyset_sizes: per key set its length (Python values, for building derived indexes).
         n_queries: Tq; n_keys: Tk.
+        derived: what :class:`PerIndexCache` instances derived from this index, by cache key
+            (device-specific: :meth:`to` starts it empty; not pickled).
     """
 
     query_source: RowSelection
@@ -190,6 +192,7 @@ class SegmentIndex:
     keyset_sizes: Tuple[int, ...]
     n_queries: int
     n_keys: int
+    derived: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(
@@ -248,8 +251,11 @@ class SegmentIndex:
         )
 
     def to(self, device: torch.device) -> "SegmentIndex":
-        """A copy with every tensor on ``device``."""
-        return moved_to(self, torch.device(device))
+        """A copy with every tensor on ``device`` (and nothing derived yet)."""
+        return replace(moved_to(self, torch.device(device)), derived={})
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "derived": {}}
 
     def pack_queries(self, query_input: torch.Tensor) -> torch.Tensor:
         """Rows of the op's query input ``(B, Rq, *f)`` in packed order: ``(B, Tq, *f)``."""
@@ -280,21 +286,27 @@ T = TypeVar("T")
 class PerIndexCache:
     """Values a module derives from a :class:`SegmentIndex`, computed once per index.
 
-    Indexes are held weakly, and the cache pickles (and deep-copies) as empty.
+    The values live on the index (``index.derived``, under this cache's key), so they go
+    when the index goes, and a compiled forward that looks one up depends on that index
+    only, not on which other indexes exist. The cache pickles (and deep-copies) as a new,
+    empty one.
     """
 
+    _keys = itertools.count()
+
     def __init__(self) -> None:
-        self._values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._key = next(PerIndexCache._keys)
 
     def get(self, index: SegmentIndex, build: Callable[[], T]) -> T:
         """The cached value for ``index``, built by ``build()`` the first time."""
-        if index not in self._values:
-            self._values[index] = build()
-        return self._values[index]
+        if self._key not in index.derived:
+            index.derived[self._key] = build()
+        return index.derived[self._key]
 
     def clear(self) -> None:
-        """Forget every value (e.g. after the module's state changed)."""
-        self._values = weakref.WeakKeyDictionary()
+        """Forget every value (e.g. after the module's state changed): later lookups use a
+        new key, and the old values go with their indexes."""
+        self._key = next(PerIndexCache._keys)
 
     def __getstate__(self) -> dict:
         return {}
