@@ -216,13 +216,14 @@ def _load_column(SCRATCH, offsets, half, mask):
 
 
 @triton.jit
-def fftconv_columns_fwd_kernel(
-    SCRATCH, SPECTRUM, DFT_COLS, n_channels,
+def _column_program(
+    DFT_COLS, n_channels,
     LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
-    the result replaces the column in SCRATCH (each stored value depends, through the matrix
-    products, on every value the program loaded)."""
+    """What a pass-2 program works on: its k2; the n1 of its column; its channels and their
+    mask; its row ``b * n_class + segment`` of the per-segment partials; the scratch offsets
+    ``(BLOCK_COLS, BLOCK_C)`` of its column, their mask and the distance to the imaginary
+    half; the (real, imaginary) COLS-point DFT matrix."""
     index = tl.program_id(0) // ROWS
     k2 = tl.program_id(0) % ROWS
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -234,10 +235,24 @@ def fftconv_columns_fwd_kernel(
     place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
     offsets = place[:, None] + channels[None, :]
     mask = c_mask[None, :] & (n1 < COLS)[:, None]
-    ar, ai = _load_column(SCRATCH, offsets, half, mask)
     matrix = n1[:, None] * BLOCK_COLS + n1[None, :]
     fr = tl.load(DFT_COLS + matrix)
     fi = tl.load(DFT_COLS + BLOCK_COLS * BLOCK_COLS + matrix)
+    return k2, n1, channels, c_mask, b * n_class + index, offsets, mask, half, fr, fi
+
+
+@triton.jit
+def fftconv_columns_fwd_kernel(
+    SCRATCH, SPECTRUM, DFT_COLS, n_channels,
+    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
+    the result replaces the column in SCRATCH (each stored value depends, through the matrix
+    products, on every value the program loaded)."""
+    k2, n1, channels, c_mask, segment_row, offsets, mask, half, fr, fi = _column_program(
+        DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
+    )
+    ar, ai = _load_column(SCRATCH, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False)
     hr, hi = _filter(SPECTRUM, k2 + ROWS * n1, channels, n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True)
@@ -253,26 +268,15 @@ def fftconv_columns_bwd_kernel(
 ):
     """Pass 2 of the backward for one k2: transform both columns (of dy in SCRATCH, of x in
     SCRATCH_X) along n1, write the filter gradient, transform ``DY conj(H)`` back into SCRATCH."""
-    index = tl.program_id(0) // ROWS
-    k2 = tl.program_id(0) % ROWS
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2).to(tl.int64)
-    c_mask = channels < n_channels
-    n1 = tl.arange(0, BLOCK_COLS)
-    n_class = tl.num_programs(0) // ROWS
-    half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
-    place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
-    offsets = place[:, None] + channels[None, :]
-    mask = c_mask[None, :] & (n1 < COLS)[:, None]
-    matrix = n1[:, None] * BLOCK_COLS + n1[None, :]
-    fr = tl.load(DFT_COLS + matrix)
-    fi = tl.load(DFT_COLS + BLOCK_COLS * BLOCK_COLS + matrix)
+    k2, n1, channels, c_mask, segment_row, offsets, mask, half, fr, fi = _column_program(
+        DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
+    )
     ar, ai = _load_column(SCRATCH, offsets, half, mask)
     gr, gi = _complex_matmul(fr, fi, ar, ai, False)
     ar, ai = _load_column(SCRATCH_X, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False)
     frequencies = k2 + ROWS * n1
-    _store_filter_gradient(DSPECTRUM_PARTIAL, b * n_class + index, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
+    _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
     hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
