@@ -116,11 +116,11 @@ def _segment(cu_seqlens, class_segments, index, n_segments):
 
 
 @triton.jit
-def fftconv_dense_fwd_kernel(
-    MIXED, GATE, SPECTRUM, DFT, Y, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """y of one segment and channel block: ``X = W x``, ``y = (1/L) Re(conj(W) (H X))``."""
+def _dense_program(DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a dense-DFT program works on: its row ``b * n_class + segment`` of the
+    per-segment partials; the rows 0..PADDED-1 of its segment; its channels and their mask;
+    the offsets ``(PADDED, BLOCK_C)`` of its tile and their mask; the (real, imaginary)
+    PADDED-point DFT matrix; a zero accumulator."""
     index = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -129,11 +129,23 @@ def fftconv_dense_fwd_kernel(
     c_mask = channels < n_channels
     offsets = ((b * total + begin + rows) * n_channels)[:, None] + channels[None, :]
     mask = (rows < length)[:, None] & c_mask[None, :]
-    x = _gated(MIXED, GATE, offsets, mask, True)
     matrix = rows[:, None] * PADDED + rows[None, :]
     fr = tl.load(DFT + matrix)
     fi = tl.load(DFT + PADDED * PADDED + matrix)
     zeros = tl.zeros([PADDED, BLOCK_C], dtype=tl.float32)
+    return b * tl.num_programs(0) + index, rows, channels, c_mask, offsets, mask, fr, fi, zeros
+
+
+@triton.jit
+def fftconv_dense_fwd_kernel(
+    MIXED, GATE, SPECTRUM, DFT, Y, cu_seqlens, class_segments, n_segments, n_channels,
+    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y of one segment and channel block: ``X = W x``, ``y = (1/L) Re(conj(W) (H X))``."""
+    segment_row, rows, channels, c_mask, offsets, mask, fr, fi, zeros = _dense_program(
+        DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED, BLOCK_C
+    )
+    x = _gated(MIXED, GATE, offsets, mask, True)
     xr = tl.dot(fr, x, zeros)
     xi = tl.dot(fi, x, zeros)
     hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
@@ -148,27 +160,17 @@ def fftconv_dense_bwd_kernel(
 ):
     """Gradients of one segment and channel block: ``G = W dy`` and ``X = W x`` give the
     filter gradient's share; ``dx = (1/L) Re(conj(W) (conj(H) G))``, then the gate's chain rule."""
-    index = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2).to(tl.int64)
-    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
-    rows = tl.arange(0, PADDED)
-    c_mask = channels < n_channels
-    offsets = ((b * total + begin + rows) * n_channels)[:, None] + channels[None, :]
-    mask = (rows < length)[:, None] & c_mask[None, :]
+    segment_row, rows, channels, c_mask, offsets, mask, fr, fi, zeros = _dense_program(
+        DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED, BLOCK_C
+    )
     grad = tl.load(GRAD + offsets, mask=mask, other=0.0).to(tl.float32)
     mixed = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
-    matrix = rows[:, None] * PADDED + rows[None, :]
-    fr = tl.load(DFT + matrix)
-    fi = tl.load(DFT + PADDED * PADDED + matrix)
-    zeros = tl.zeros([PADDED, BLOCK_C], dtype=tl.float32)
     gr = tl.dot(fr, grad, zeros)
     gi = tl.dot(fi, grad, zeros)
     xr = tl.dot(fr, mixed * gate, zeros)
     xi = tl.dot(fi, mixed * gate, zeros)
-    slot = b * tl.num_programs(0) + index
-    _store_filter_gradient(DSPECTRUM_PARTIAL, slot, rows, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
+    _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, rows, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
     hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
     dx = tl.dot(fr, gr * hr + gi * hi, tl.dot(fi, gi * hr - gr * hi, zeros)) / LENGTH
     tl.store(DMIXED + offsets, (dx * gate).to(DMIXED.dtype.element_ty), mask=mask)

@@ -39,22 +39,55 @@ def _feature_slope(x, RELU: tl.constexpr):
 
 
 @triton.jit
-def linear_state_kernel(
-    K, V, STATE, NORMALISER, cu_seqlens_k, n_heads, n_keysets,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr,
-):
+def _state_offsets(slot, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Offsets of the ``(BLOCK_D, BLOCK_E)`` state and the ``(BLOCK_D,)`` normaliser in
+    ``slot`` of their buffers."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :], slot * BLOCK_D + offs_d
+
+
+@triton.jit
+def _keyset_program(cu_seqlens_k, n_heads, n_keysets):
+    """What a key-set program (grid: key set, batch x head) works on: (b, h, first packed
+    key row, length, total packed key rows, its state slot)."""
     keyset = tl.program_id(0)
     batch_head = tl.program_id(1)
     b = (batch_head // n_heads).to(tl.int64)
     h = (batch_head % n_heads).to(tl.int64)
     begin = tl.load(cu_seqlens_k + keyset).to(tl.int64)
     length = tl.load(cu_seqlens_k + keyset + 1).to(tl.int64) - begin
+    total = tl.load(cu_seqlens_k + n_keysets).to(tl.int64)
+    return b, h, begin, length, total, (b * n_heads + h) * n_keysets + keyset
+
+
+@triton.jit
+def _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK: tl.constexpr):
+    """What a query-block program (grid: block, batch x head) works on: its rows within the
+    segment, their mask, the packed (row, head) index of each, the state slot of the key set
+    the segment reads."""
+    batch_head = tl.program_id(1)
+    b = (batch_head // n_heads).to(tl.int64)
+    h = (batch_head % n_heads).to(tl.int64)
+    segment = tl.load(block_segment + tl.program_id(0))
+    keyset = tl.load(segment_keyset + segment).to(tl.int64)
+    begin = tl.load(cu_seqlens_q + segment).to(tl.int64)
+    length = tl.load(cu_seqlens_q + segment + 1) - begin
+    total = tl.load(cu_seqlens_q + n_segments).to(tl.int64)
+    rows = tl.load(block_start + tl.program_id(0)) + tl.arange(0, BLOCK)
+    return rows, rows < length, (b * total + begin + rows) * n_heads + h, (b * n_heads + h) * n_keysets + keyset
+
+
+@triton.jit
+def linear_state_kernel(
+    K, V, STATE, NORMALISER, cu_seqlens_k, n_heads, n_keysets,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr,
+):
+    b, h, begin, length, total, slot = _keyset_program(cu_seqlens_k, n_heads, n_keysets)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     d_mask = offs_d < HEAD_DIM
     e_mask = offs_e < VALUE_DIM
-    total = tl.load(cu_seqlens_k + n_keysets).to(tl.int64)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     normaliser = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK):
@@ -66,9 +99,9 @@ def linear_state_kernel(
         phi_k = tl.where(r_mask[:, None] & d_mask[None, :], _features(k, RELU), 0.0)
         state = tl.dot(tl.trans(phi_k), v, state)
         normaliser += tl.sum(phi_k, axis=0)
-    slot = (b * n_heads + h) * n_keysets + keyset
-    tl.store(STATE + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], state)
-    tl.store(NORMALISER + slot * BLOCK_D + offs_d, normaliser)
+    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    tl.store(STATE + matrix_at, state)
+    tl.store(NORMALISER + vector_at, normaliser)
 
 
 @triton.jit
@@ -78,26 +111,14 @@ def linear_apply_kernel(
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK: tl.constexpr, RELU: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    first = tl.load(block_start + block)
-    keyset = tl.load(segment_keyset + segment).to(tl.int64)
-    begin = tl.load(cu_seqlens_q + segment).to(tl.int64)
-    length = tl.load(cu_seqlens_q + segment + 1) - begin
-    total = tl.load(cu_seqlens_q + n_segments).to(tl.int64)
+    rows, r_mask, base, slot = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
-    rows = first + tl.arange(0, BLOCK)
-    r_mask = rows < length
-    base = ((b * total + begin + rows) * n_heads + h)
     q = tl.load(Q + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
     phi_q = tl.where((offs_d < HEAD_DIM)[None, :], _features(q, RELU), 0.0)
-    slot = (b * n_heads + h) * n_keysets + keyset
-    state = tl.load(STATE + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    normaliser = tl.load(NORMALISER + slot * BLOCK_D + offs_d)
+    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    state = tl.load(STATE + matrix_at)
+    normaliser = tl.load(NORMALISER + vector_at)
     numerator = tl.dot(phi_q, state, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
     denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
     tl.store(O + base[:, None] * VALUE_DIM + offs_e[None, :], (numerator / denominator[:, None]).to(O.dtype.element_ty),
@@ -114,30 +135,18 @@ def linear_query_bwd_kernel(
 ):
     """dq for a query block, and the block's share of dS and dz: with d = phi(q).z + eps,
     dn = dO / d and dd = -(dO . O) / d, dphi(q) = dn S^T + dd z, dS += phi(q)^T dn, dz += dd phi(q)."""
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    segment = tl.load(block_segment + block)
-    first = tl.load(block_start + block)
-    keyset = tl.load(segment_keyset + segment).to(tl.int64)
-    begin = tl.load(cu_seqlens_q + segment).to(tl.int64)
-    length = tl.load(cu_seqlens_q + segment + 1) - begin
-    total = tl.load(cu_seqlens_q + n_segments).to(tl.int64)
+    rows, r_mask, base, slot = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     d_mask = offs_d < HEAD_DIM
     e_mask = offs_e < VALUE_DIM
-    rows = first + tl.arange(0, BLOCK)
-    r_mask = rows < length
-    base = ((b * total + begin + rows) * n_heads + h)
     q = tl.load(Q + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     out = tl.load(O + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
     grad = tl.load(DO + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
     phi_q = tl.where(r_mask[:, None] & d_mask[None, :], _features(q, RELU), 0.0)
-    slot = (b * n_heads + h) * n_keysets + keyset
-    state = tl.load(STATE + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    normaliser = tl.load(NORMALISER + slot * BLOCK_D + offs_d)
+    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    state = tl.load(STATE + matrix_at)
+    normaliser = tl.load(NORMALISER + vector_at)
     denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
     d_numerator = grad / denominator[:, None]
     d_denominator = -tl.sum(grad * out, axis=1) / denominator
@@ -146,9 +155,9 @@ def linear_query_bwd_kernel(
     tl.store(DQ + base[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
     d_state = tl.dot(tl.trans(phi_q), d_numerator, tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32))
     d_normaliser = tl.sum(phi_q * d_denominator[:, None], axis=0)
-    partial = batch_head.to(tl.int64) * tl.num_programs(0) + block
-    tl.store(DSTATE_PARTIAL + partial * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], d_state)
-    tl.store(DNORMALISER_PARTIAL + partial * BLOCK_D + offs_d, d_normaliser)
+    partial_at, partial_vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
+    tl.store(DSTATE_PARTIAL + partial_at, d_state)
+    tl.store(DNORMALISER_PARTIAL + partial_vector_at, d_normaliser)
 
 
 @triton.jit
@@ -158,20 +167,14 @@ def linear_key_bwd_kernel(
     BLOCK: tl.constexpr, RELU: tl.constexpr,
 ):
     """dk and dv of a key set: dphi(k) = v dS^T + dz, dv = phi(k) dS."""
-    keyset = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    begin = tl.load(cu_seqlens_k + keyset).to(tl.int64)
-    length = tl.load(cu_seqlens_k + keyset + 1).to(tl.int64) - begin
-    total = tl.load(cu_seqlens_k + n_keysets).to(tl.int64)
+    b, h, begin, length, total, slot = _keyset_program(cu_seqlens_k, n_heads, n_keysets)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     d_mask = offs_d < HEAD_DIM
     e_mask = offs_e < VALUE_DIM
-    slot = (b * n_heads + h) * n_keysets + keyset
-    d_state = tl.load(DSTATE + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    d_normaliser = tl.load(DNORMALISER + slot * BLOCK_D + offs_d)
+    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    d_state = tl.load(DSTATE + matrix_at)
+    d_normaliser = tl.load(DNORMALISER + vector_at)
     for start in range(0, length, BLOCK):
         rows = start + tl.arange(0, BLOCK)
         r_mask = rows < length

@@ -27,6 +27,25 @@ CHUNK = 64
 
 
 @triton.jit
+def _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state):
+    """Step ``t`` (packed row ``row``) of a sequence of ``length``: (whether it is a step, for
+    the channels and for the states; x and dt of the channels, B of the states; zeros past
+    the end)."""
+    valid = (channels * 0 + t) < length
+    state_valid = (states * 0 + t) < length
+    x = tl.load(X + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
+    dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
+    bm = tl.load(BM + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+    return valid, state_valid, x, dt, bm
+
+
+@triton.jit
+def _checkpoint_slot(b, n_checkpoints, checkpoint, channels, states, n_channels, n_state):
+    """Offsets ``(BLOCK_D, BLOCK_N)`` of the state checkpoint ``checkpoint`` of batch row b."""
+    return ((b * n_checkpoints + checkpoint) * n_channels + channels[:, None]) * n_state + states[None, :]
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, cu_seqlens, checkpoint_offsets,
     n_channels, n_state,
@@ -48,16 +67,12 @@ def selective_scan_fwd_kernel(
     total = tl.load(cu_seqlens + tl.num_programs(0)).to(tl.int64)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for chunk in range(0, tl.cdiv(length, CHUNK)):
-        slot = ((b * n_checkpoints + first_checkpoint + chunk) * n_channels + channels[:, None]) * n_state + states[None, :]
+        slot = _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state)
         tl.store(CHECKPOINTS + slot, h, mask=tile_mask)
         for i in range(0, CHUNK):
             t = chunk * CHUNK + i
-            valid = (channels * 0 + t) < length
-            state_valid = (states * 0 + t) < length
             row = b * total + begin + t
-            x = tl.load(X + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            bm = tl.load(BM + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
             c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
             h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
             y = tl.sum(h * c[None, :], axis=1) + skip * x
@@ -95,34 +110,26 @@ def selective_scan_bwd_kernel(
     n_chunks = tl.cdiv(length, CHUNK)
     for reverse_chunk in range(0, n_chunks):
         chunk = n_chunks - 1 - reverse_chunk
-        slot = ((b * n_checkpoints + first_checkpoint + chunk) * n_channels + channels[:, None]) * n_state + states[None, :]
+        slot = _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state)
         h = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
         for i in range(0, CHUNK):
             t = chunk * CHUNK + i
-            valid = (channels * 0 + t) < length
-            state_valid = (states * 0 + t) < length
             row = b * total + begin + t
-            x = tl.load(X + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            bm = tl.load(BM + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
             h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
             tl.store(scratch + i * BLOCK_D * BLOCK_N, h)
         tl.debug_barrier()
         for reverse_i in range(0, CHUNK):
             i = CHUNK - 1 - reverse_i
             t = chunk * CHUNK + i
-            valid = (channels * 0 + t) < length
-            state_valid = (states * 0 + t) < length
             row = b * total + begin + t
-            x = tl.load(X + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            bm = tl.load(BM + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
             c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
             g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
             h = tl.load(scratch + i * BLOCK_D * BLOCK_N)
             not_first = (states * 0 + i) > 0
             previous = tl.load(scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0)
-            entering = tl.load(CHECKPOINTS + ((b * n_checkpoints + first_checkpoint + chunk) * n_channels + channels[:, None]) * n_state + states[None, :], mask=tile_mask & ~not_first[None, :], other=0.0)
+            entering = tl.load(CHECKPOINTS + _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state), mask=tile_mask & ~not_first[None, :], other=0.0)
             previous = previous + entering
             dh = tl.where(valid[:, None], dh + g[:, None] * c[None, :], dh)
             decay = tl.exp(dt[:, None] * a)

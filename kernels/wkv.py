@@ -26,19 +26,23 @@ KEY_CLAMP = 10.0
 
 
 @triton.jit
+def _channel_program(cu_seqlens, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program (grid: sequence, batch x head, channel block) works on: (b, h, its
+    channels, their mask, the sequence's first packed row, its length)."""
+    batch_head = tl.program_id(1)
+    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    begin = tl.load(cu_seqlens + tl.program_id(0)).to(tl.int64)
+    length = tl.load(cu_seqlens + tl.program_id(0) + 1).to(tl.int64) - begin
+    return (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), channels, channels < HEAD_DIM, begin, length
+
+
+@triton.jit
 def wkv_fwd_kernel(
     K, V, W, U, Y, INV_DEN, BONUS_SHARE, cu_seqlens,
     stride_b, stride_t, stride_h, n_heads, eps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    sequence = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c_mask = channels < HEAD_DIM
-    begin = tl.load(cu_seqlens + sequence).to(tl.int64)
-    length = tl.load(cu_seqlens + sequence + 1).to(tl.int64) - begin
+    b, h, channels, c_mask, begin, length = _channel_program(cu_seqlens, n_heads, HEAD_DIM, BLOCK_D)
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     base = b * stride_b + h * stride_h + channels
@@ -76,14 +80,7 @@ def wkv_bwd_kernel(
     """Reverse scan. With alpha_t = dy_t / den_t and beta_t = -dy_t y_t / den_t (the adjoints
     of a_t and b_t), the running sums A_s = sum_{t>s} alpha_t exp((t-1-s) w), B_s (the same
     for beta) and their lag-weighted versions C_s, E_s give dv_s, dk_s and dw."""
-    sequence = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c_mask = channels < HEAD_DIM
-    begin = tl.load(cu_seqlens + sequence).to(tl.int64)
-    length = tl.load(cu_seqlens + sequence + 1).to(tl.int64) - begin
+    b, h, channels, c_mask, begin, length = _channel_program(cu_seqlens, n_heads, HEAD_DIM, BLOCK_D)
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     decay = tl.exp(w)
     base = b * stride_b + h * stride_h + channels
@@ -118,7 +115,7 @@ def wkv_bwd_kernel(
         sum_alpha = alpha + decay * sum_alpha
         sum_beta = beta + decay * sum_beta
         offset -= stride_t
-    partial = ((sequence * tl.num_programs(1) + batch_head) * HEAD_DIM).to(tl.int64)
+    partial = ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * HEAD_DIM).to(tl.int64)
     tl.store(DW_PARTIAL + partial + channels, dw, mask=c_mask)
     tl.store(DU_PARTIAL + partial + channels, du, mask=c_mask)
 
