@@ -4,8 +4,9 @@ against the peer at 4096.
 Run: ``python -m pytest benchmarks/test_linear_hyena_scaling.py --benchmark-json=PATH``.
 One module each, d_model 256, 4 heads, batch 1; linear at N = M from 1024 to 65536, Hyena
 (max_len 16384) from 1024 to 16384; the last size of each series records the fitted
-log-log slope; at 4096 the peer times the same module and shapes in a subprocess (its Hyena
-with max_len 4096: the filters' length changes the parameters, not the work at N = 4096).
+log-log slope; at 4096 the peer times the same case (``scaling.build_case``: the same
+options, and Hyena's max_len sets the size of the filter parameters and so of their
+gradients; queries and keys/values drawn apart) in a subprocess.
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from canvas_engineering import create_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import loglog_slope  # noqa: E402
+from scaling import build_case, loglog_slope  # noqa: E402
 from test_dispatch_speed import run_peer_timing  # noqa: E402
 
 SERIES = {
@@ -36,14 +34,12 @@ measured: dict = {}
 )
 def test_scaling(benchmark, name, size):
     sizes, options = SERIES[name]
-    torch.manual_seed(0)
-    module = create_attention(name, 256, 4, **options)
-    x = torch.randn(1, size, 256, requires_grad=True)
-    benchmark.pedantic(lambda: module(x, x, x).sum().backward(), rounds=3, warmup_rounds=1)
+    module, queries, keys = build_case(name, size, size, options)
+    benchmark.pedantic(lambda: module(queries, keys, keys).sum().backward(), rounds=5, warmup_rounds=1)
     ours = benchmark.stats.stats.median
     benchmark.extra_info.update({"n": size, "m": size, **options})
     if size == PEER_SIZE:
-        peer = run_peer_timing({"module": name, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 3})
+        peer = run_peer_timing({"module": name, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 3, "options": options})
         benchmark.extra_info.update({"peer_times_s": peer, "speedup_vs_peer": statistics.median(peer) / ours})
         print(f"\n{name} {size}: ours {ours * 1e3:.1f} ms, peer {statistics.median(peer) * 1e3:.1f} ms, {statistics.median(peer) / ours:.2f}x")
     runs = measured.setdefault(name, {})

@@ -36,7 +36,7 @@ def test_scan_scaling(benchmark, name, queries, size):
     n = size if queries == "N=M" else 256
     q = torch.randn(1, n, 256, requires_grad=True)
     kv = torch.randn(1, size, 256, requires_grad=True)
-    benchmark.pedantic(lambda: module(q, kv, kv).sum().backward(), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: module(q, kv, kv).sum().backward(), rounds=5, warmup_rounds=1)
     ours = benchmark.stats.stats.median
     benchmark.extra_info.update({"n": n, "m": size})
     if size == PEER_SIZE:
@@ -62,7 +62,7 @@ def test_selective_scan_op_scaling(benchmark, size):
     A = -torch.arange(1, 17, dtype=torch.float32).repeat(256, 1)
     B, C = torch.randn(1, size, 16, generator=generator), torch.randn(1, size, 16, generator=generator)
     D = torch.ones(256)
-    benchmark.pedantic(lambda: selective_scan(x, dt, A, B, C, D).sum().backward(), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: selective_scan(x, dt, A, B, C, D).sum().backward(), rounds=5, warmup_rounds=1)
     runs = measured.setdefault("selective_scan", {})
     runs[size] = benchmark.stats.stats.median
     benchmark.extra_info.update({"n": size})

@@ -89,13 +89,16 @@ def test_eager_matches_the_oracle():
         assert relative_error(actual.cpu(), reference) < 1e-12
 
 
-def test_eager_gradcheck():
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["gradcheck", "gradgradcheck"])
+def test_eager_gradcheck(check):
+    """First and second derivatives of the eager version, filter included (its backward is
+    written out; differentiated again, it runs autograd through the composite)."""
     lengths = [1, 6]
     mixed, gate, spectrum, _ = data(torch.float64, lengths, channels=1)
     index = index_of(lengths)
     inputs = [t.requires_grad_(True) for t in (mixed[:1], gate[:1], spectrum)]
     with eager_ops():
-        assert torch.autograd.gradcheck(lambda m, g, s: segment_gated_fft_conv(m, g, torch.view_as_complex(s), index), inputs)
+        assert check(lambda m, g, s: segment_gated_fft_conv(m, g, torch.view_as_complex(s), index), inputs)
 
 
 @pytest.mark.gpu
@@ -140,3 +143,4 @@ def test_a_filter_too_short_is_refused():
     mixed, gate, spectrum, _ = data(torch.float32, [40], channels=2)
     with pytest.raises(ValueError, match="the filter needs 33 frequencies, got 32"):
         segment_gated_fft_conv(mixed, gate, torch.view_as_complex(spectrum[:32]), index_of([40]))
+

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from canvas_engineering.ops.rwkv import segment_wkv, wkv_scan
+from canvas_engineering.attention.recurrence import RWKVAttention
+from canvas_engineering.ops.rwkv import keys_read, segment_wkv, wkv_scan
 from canvas_engineering.ops.segments import SegmentIndex
 from conftest import relative_error
 from reference.recurrence import wkv_reference
@@ -111,3 +112,30 @@ def test_segment_reads_follow_query_positions():
     read = segment_wkv(k, v, w, u, index)
     expected_rows = [0, 1, 2, 0, 1, 2, 3, 3, 3, 4, 5]
     assert torch.allclose(read, scanned[:, expected_rows])
+
+
+def test_keys_read_cuts_each_key_set_to_the_steps_read():
+    """Key set 0 (input rows 0..7) is read up to step 5 by a segment of 6 queries, key set 1
+    (rows 3..7, overlapping) up to step 1: the rows read are 0..5, each once, and the WKV
+    over the cut index equals the WKV over the whole one."""
+    index = SegmentIndex.build([3, 6, 2], [0, 0, 1], [8, 5], key_source=list(range(8)) + list(range(3, 8)))
+    rows, cut = keys_read(index)
+    assert rows.index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert cut.keyset_sizes == (6, 2)
+    k, v, w, u = inputs([8], heads=2, head_dim=3)
+    whole = segment_wkv(index.pack_keys(k), index.pack_keys(v), w, u, index)
+    assert torch.equal(segment_wkv(cut.pack_keys(rows.take(k)), cut.pack_keys(rows.take(v)), w, u, cut), whole)
+
+
+@pytest.mark.parametrize("n, m", [(3, 11), (11, 3), (4, 4)])
+def test_module_projects_only_the_keys_it_reads(n, m):
+    module = RWKVAttention(8, 2)
+    projected_rows = []
+    for projection in (module.k_proj, module.v_proj):
+        projection.register_forward_hook(lambda _, args, __: projected_rows.append(args[0].shape[1]))
+    keys = torch.randn(2, m, 8, requires_grad=True)
+    module(torch.randn(2, n, 8), keys, keys).sum().backward()
+    read = min(n, m)
+    assert projected_rows == [read, read]
+    assert (keys.grad[:, :read].abs().sum(-1) > 0).all()
+    assert (keys.grad[:, read:] == 0).all()

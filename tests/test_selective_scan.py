@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +22,8 @@ def scan_inputs(length, channels=6, state=4, seed=0, step_scale=1.0, dtype=torch
     return x, dt, A, draw(2, length, state), draw(2, length, state), draw(channels)
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 0), (15, 0), (16, 0), (17, 0), (100, 0), (100, 7), (300, 64)])
-def test_matches_the_oracle(length, chunk):
-    inputs = scan_inputs(length)
+def assert_matches_the_oracle(inputs, chunk):
+    """Output and every gradient of the float32 scan equal the float64 step-by-step oracle."""
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     exact = [t.double().requires_grad_(True) for t in inputs]
     y = selective_scan(*leaves, chunk=chunk)
@@ -33,6 +34,19 @@ def test_matches_the_oracle(length, chunk):
     assert relative_error(y, expected) < 1e-5
     for leaf, reference in zip(leaves, exact):
         assert relative_error(leaf.grad, reference.grad) < 1e-5
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 0), (15, 0), (16, 0), (17, 0), (100, 0), (100, 7), (300, 64)])
+def test_matches_the_oracle(length, chunk):
+    assert_matches_the_oracle(scan_inputs(length), chunk)
+
+
+def test_decays_below_the_floor_match_the_oracle():
+    """Steps so large that dt * A (and the sums of dt the chunks carry) go far below the
+    exponent floor: outputs and every gradient still equal the unfloored float64 oracle."""
+    inputs = scan_inputs(100, step_scale=60.0)
+    assert (inputs[1].unsqueeze(-1) * inputs[2] < math.log(torch.finfo(torch.float32).tiny) / 2).float().mean() > 0.5
+    assert_matches_the_oracle(inputs, chunk=10)
 
 
 def test_gradcheck():

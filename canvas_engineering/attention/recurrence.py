@@ -14,7 +14,7 @@ from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
 from canvas_engineering.ops.fftconv import fft_length, prepare_fft_conv, segment_gated_fft_conv
 from canvas_engineering.ops.backend import HAS_TRITON
-from canvas_engineering.ops.rwkv import prepare_wkv, segment_wkv
+from canvas_engineering.ops.rwkv import keys_read, prepare_wkv, segment_wkv
 from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
 from canvas_engineering.ops.selective_scan import prepare_selective_scan, segment_selective_scan
@@ -80,7 +80,8 @@ class RWKVAttention(SegmentAttention):
     """RWKV time mixing: the WKV recurrence over dst with a learned per-channel decay
     ``w = -exp(decay)`` and current-step bonus, gated by ``sigmoid(r)`` of the queries.
     Query i reads the recurrence at step i (the last step when i >= M). Each key set is
-    scanned once, whatever number of segments read it. O(M).
+    scanned once, whatever number of segments read it, and only as far as anyone reads:
+    keys and values are projected for those rows only. O(N) (a scan of min(N, M) steps).
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -106,13 +107,14 @@ class RWKVAttention(SegmentAttention):
     ) -> torch.Tensor:
         split = "b t (h d) -> b t h d"
         r = index.pack_queries(rearrange(self.r_proj(query_rows), split, h=self.n_heads))
-        k = index.pack_keys(rearrange(self.k_proj(key_rows), split, h=self.n_heads))
-        v = index.pack_keys(rearrange(self.v_proj(value_rows), split, h=self.n_heads))
-        wkv = segment_wkv(k, v, -torch.exp(self.decay), self.bonus, index)
+        rows, scan_index = keys_read(index)
+        k = scan_index.pack_keys(rearrange(self.k_proj(rows.take(key_rows)), split, h=self.n_heads))
+        v = scan_index.pack_keys(rearrange(self.v_proj(rows.take(value_rows)), split, h=self.n_heads))
+        wkv = segment_wkv(k, v, -torch.exp(self.decay), self.bonus, scan_index)
         return self.out_proj(rearrange(torch.sigmoid(r) * wkv, "b t h d -> b t (h d)"))
 
     def prepare(self, index: SegmentIndex) -> None:
-        prepare_wkv(index)
+        prepare_wkv(keys_read(index)[1])
 
 
 class HyenaAttention(SegmentAttention):
@@ -201,8 +203,9 @@ class HyenaAttention(SegmentAttention):
             pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
         streams = self.in_proj(pooled).chunk(self.order + 1, dim=-1)
         mixed = streams[0]
+        n_frequencies = fft_length(longest) // 2 + 1
         for i, frequencies in enumerate(self.filter_params):
             complex_parts = frequencies.to(torch.promote_types(frequencies.dtype, torch.float32))
-            response = torch.view_as_complex(complex_parts.contiguous()).transpose(0, 1)
+            response = torch.view_as_complex(complex_parts.contiguous())[:, :n_frequencies].transpose(0, 1)
             mixed = segment_gated_fft_conv(mixed, self.gates[i](streams[i + 1]), response, index)
         return self.out_proj(mixed)

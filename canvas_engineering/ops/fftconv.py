@@ -4,7 +4,7 @@
 ``canvas_engineering.kernels.fftconv`` (the custom op ``canvas_engineering::gated_fft_conv``,
 DFTs as matrix products, the sigmoid gate fused) where :func:`use_triton` says so and every
 segment's FFT is at most ``MAX_KERNEL_LENGTH`` long, else the eager ``torch.fft`` version,
-:func:`segment_fft_conv` of the gated input.
+:func:`eager_gated_fft_conv`.
 """
 
 from __future__ import annotations
@@ -27,29 +27,85 @@ def fft_length(n: int) -> int:
     return 1 << max(1, (n - 1).bit_length())
 
 
-def segment_fft_conv(x: torch.Tensor, response: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-    """Per segment of N rows: zero-pad to ``fft_length(N)``, multiply the spectrum by the
-    filter's first ``fft_length(N) // 2 + 1`` frequencies, invert, keep the first N rows.
+def _gated_circular_conv(
+    mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, length: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output ``(B, S, W, D)``, the gate, the spectrum of the gated input) of
+    ``irfft(rfft(mixed * sigmoid(gate_logits), n=length) * response, n=length)[:W]`` along
+    dim 2. The output is made row-major: torch.fft returns the transform dimension
+    innermost, and elementwise products of that layout with row-major tensors run several
+    times slower."""
+    gate = torch.sigmoid(gate_logits)
+    spectrum = torch.fft.rfft(mixed * gate, n=length, dim=2)
+    out = torch.fft.irfft(spectrum * response, n=length, dim=2)[:, :, : mixed.shape[2]].contiguous()
+    return out, gate, spectrum
+
+
+class _GatedCircularConv(torch.autograd.Function):
+    """:func:`_gated_circular_conv` with the backward written out: one forward FFT of the
+    gradient and one inverse per call (autograd's version adds a full complex FFT and
+    zero-fills for the padding and the cut).
+
+    With G the spectrum of the gradient (zero-padded to L) and U that of the gated input,
+    d gated input ``= irfft(G * conj(response), n=L)[:W]`` (the correlation with the filter;
+    irfft drops the imaginary parts of bins 0 and L/2 in both directions) and d response
+    ``= c_k / L * sum over batches of G * conj(U)`` with ``c_k = 1`` at bins 0 and L/2 and
+    2 between (each interior bin stands for itself and its mirror). Where the backward is
+    itself differentiated (``create_graph=True``), it runs autograd through the composite
+    instead, so higher derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, length: int) -> torch.Tensor:
+        out, gate, spectrum = _gated_circular_conv(mixed, gate_logits, response, length)
+        ctx.save_for_backward(mixed, gate_logits, response, gate, spectrum)
+        ctx.length = length
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mixed, gate_logits, response, gate, spectrum = ctx.saved_tensors
+        length = ctx.length
+        if torch.is_grad_enabled():
+            inputs = [t for t, needed in zip((mixed, gate_logits, response), ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(_gated_circular_conv(mixed, gate_logits, response, length)[0], inputs, grad, create_graph=True))
+            return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]) + (None,)
+        grad_spectrum = torch.fft.rfft(grad, n=length, dim=2)
+        d_gated = torch.fft.irfft(grad_spectrum * response.conj(), n=length, dim=2)[:, :, : mixed.shape[2]].contiguous()
+        d_mixed = d_gated * gate
+        d_gate_logits = d_mixed * mixed * (1 - gate) if ctx.needs_input_grad[1] else None
+        d_response = None
+        if ctx.needs_input_grad[2]:
+            bin_weight = torch.full((response.shape[0], 1), 2.0 / length, dtype=gate.dtype, device=gate.device)
+            bin_weight[[0, -1]] = 1.0 / length
+            d_response = ((grad_spectrum * spectrum.conj()).sum(dim=(0, 1)) * bin_weight).to(response.dtype)
+        return d_mixed, d_gate_logits, d_response, None
+
+
+def eager_gated_fft_conv(mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+    """Per segment of N rows: gate (``mixed * sigmoid(gate_logits)``), zero-pad to
+    ``fft_length(N)``, multiply the spectrum by the filter's first ``fft_length(N) // 2 + 1``
+    frequencies, invert, keep the first N rows; with torch.fft.
 
     Args:
-        x: ``(B, Tq, D)`` packed query rows.
+        mixed, gate_logits: ``(B, Tq, D)`` packed query rows.
         response: ``(F, D)`` complex filter, ``F >= fft_length(max N) // 2 + 1``.
         index: the segments (all members of a bucket share one FFT length).
 
     Returns:
-        ``(B, Tq, D)`` in the dtype of ``x``; float16 and bfloat16 inputs are transformed in
-        float32 (torch.fft has no bfloat16 kernels, nor float16 ones on CPU).
+        ``(B, Tq, D)`` in the dtype of ``mixed``; float16 and bfloat16 inputs are transformed
+        in float32 (torch.fft has no bfloat16 kernels, nor float16 ones on CPU).
     """
-    if x.numel() == 0:
-        return x.clone()
-    transformed = x.to(torch.promote_types(x.dtype, torch.float32))
+    if mixed.numel() == 0:
+        return (mixed * gate_logits).clone()
+    compute_dtype = torch.promote_types(mixed.dtype, torch.float32)
+    mixed_c, gate_c = mixed.to(compute_dtype), gate_logits.to(compute_dtype)
     batches = []
     for bucket in index.segment_buckets:
         length = fft_length(bucket.queries.width)
-        spectrum = torch.fft.rfft(bucket.queries.gather(transformed, zero_padding=True), n=length, dim=2)
-        filtered = torch.fft.irfft(spectrum * response[: spectrum.shape[2]], n=length, dim=2)
-        batches.append(filtered[:, :, : bucket.queries.width])
-    return index.assemble_queries(batches).to(x.dtype)
+        gathered = bucket.queries.gather(mixed_c, zero_padding=True), bucket.queries.gather(gate_c)
+        batches.append(_GatedCircularConv.apply(*gathered, response[: length // 2 + 1], length))
+    return index.assemble_queries(batches).to(mixed.dtype)
 
 
 @torch.library.custom_op("canvas_engineering::gated_fft_conv", mutates_args=())
@@ -124,7 +180,7 @@ def prepare_fft_conv(index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, L
 def segment_gated_fft_conv(
     mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, index: SegmentIndex
 ) -> torch.Tensor:
-    """:func:`segment_fft_conv` of ``mixed * sigmoid(gate_logits)``.
+    """:func:`eager_gated_fft_conv` (``mixed`` gated by ``sigmoid(gate_logits)``, then convolved).
 
     The Triton kernels (DFTs as matrix products; float32 inside, TF32 matrix products on a
     GPU) run for FFTs up to ``MAX_KERNEL_LENGTH``; a group with a longer segment runs the
@@ -144,4 +200,4 @@ def segment_gated_fft_conv(
     if use_triton(mixed) and index.n_queries and longest <= MAX_KERNEL_LENGTH:
         spectrum = torch.view_as_real(response).contiguous()
         return _gated_fft_conv_op(mixed.contiguous(), gate_logits.contiguous(), spectrum, *prepare_fft_conv(index))
-    return segment_fft_conv(mixed * torch.sigmoid(gate_logits), response, index)
+    return eager_gated_fft_conv(mixed, gate_logits, response, index)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from canvas_engineering.ops.backend import use_triton
-from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
+from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
 
 
 @torch.library.custom_op("canvas_engineering::wkv", mutates_args=())
@@ -130,6 +130,42 @@ def _chunked_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Ten
     return rearrange(out, "(h d) (b c) s -> b (c s) h d", h=heads, b=batch)[:, :length]
 
 
+def _steps_read(index: SegmentIndex) -> Tuple[List[int], List[int]]:
+    """(per key set, the steps anyone reads: the longest ``min(N, M)`` among the segments
+    that read it; the packed key rows of those steps, key set after key set)."""
+    needed = [0] * len(index.keyset_sizes)
+    for (n, m), keyset in zip(index.shapes, index.keyset_of):
+        needed[keyset] = max(needed[keyset], min(n, m))
+    starts = [sum(index.keyset_sizes[:k]) for k in range(len(needed))]
+    return needed, [start + step for start, count in zip(starts, needed) for step in range(count)]
+
+
+def _keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
+    needed, read_rows = _steps_read(index)
+    input_rows = index.key_source.index[read_rows] if read_rows else index.key_source.index[:0]
+    distinct, position = torch.unique(input_rows, return_inverse=True)
+    rows = RowSelection.of(distinct.tolist())
+    cut = SegmentIndex.build(
+        [n for n, _ in index.shapes], index.keyset_of, needed, query_source=index.query_source.index.tolist(), key_source=position.tolist()
+    )
+    device = index.query_segment.device
+    return RowSelection(rows.index.to(device), rows.start), cut.to(device)
+
+
+_reads = PerIndexCache()
+
+
+def keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
+    """(the rows of the op's key/value input that the WKV of ``index`` reads, once each and
+    in order; ``index`` over just those rows, each key set cut to the steps anyone reads).
+
+    A query at position i of a segment reads step ``min(i, M - 1)``, which the cut key set
+    still holds, so :func:`segment_wkv` over the cut index gives the same outputs; a module
+    projects only the rows it takes (``rows.take(key_input)``) instead of all M.
+    """
+    return _reads.get(index, lambda: _keys_read(index))
+
+
 def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, List[torch.Tensor], torch.Tensor]:
     """(the key sets cut to the steps anyone reads, per key-set bucket of the cut the packed
     key row behind each of its ``count * width`` slots, the step each packed query row reads).
@@ -137,14 +173,8 @@ def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, List[torch.Tensor], t
     A query at position i of a segment reads step ``min(i, M - 1)``, so a key set is scanned
     only up to the longest ``min(N, M)`` among the segments that read it.
     """
-    needed = [0] * len(index.keyset_sizes)
-    for (n, m), keyset in zip(index.shapes, index.keyset_of):
-        needed[keyset] = max(needed[keyset], min(n, m))
-    starts = [sum(index.keyset_sizes[:k]) for k in range(len(needed))]
-    scan = SegmentIndex.build(
-        [n for n, _ in index.shapes], index.keyset_of, needed,
-        key_source=[start + step for start, count in zip(starts, needed) for step in range(count)],
-    ).to(index.query_segment.device)
+    needed, read_rows = _steps_read(index)
+    scan = SegmentIndex.build([n for n, _ in index.shapes], index.keyset_of, needed, key_source=read_rows).to(index.query_segment.device)
     bucket_rows = [scan.key_source.index[bucket.keys.slots.index] for bucket in scan.keyset_buckets]
     read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     return scan, bucket_rows, read
