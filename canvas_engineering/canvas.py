@@ -34,7 +34,8 @@ ATTENTION_TYPES: Dict[str, str] = {
     "copy": "Direct transfer of dst rows to src rows (truncated or zero-padded), no parameters. O(N).",
     "mamba": "Selective state-space scan (S6) over dst, read out by each query through scaled "
     "dot-product attention. O(M) scan.",
-    "rwkv": "Linear attention with learned per-channel exponential decay (the WKV recurrence). O(M).",
+    "rwkv": "Linear attention with learned per-channel exponential decay (the WKV recurrence over the "
+    "min(N, M) steps the queries read). O(N).",
     "hyena": "Data-gated long convolutions computed with the FFT. O(N log N).",
     "sparse_attention": "Top-k attention: only the k largest logits of each row survive the "
     "softmax. O(N*K) kept entries.",
