@@ -41,6 +41,21 @@ def test_matches_the_oracle(length, chunk):
     assert_matches_the_oracle(scan_inputs(length), chunk)
 
 
+@pytest.mark.parametrize("wanted", [(0,), (2,), (4, 5), (1, 3)], ids=["x", "A", "C-D", "dt-B"])
+def test_gradients_of_some_inputs(wanted):
+    """The written-out backward computes only the gradients asked for; they equal the oracle's."""
+    inputs = scan_inputs(50)
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    exact = [t.double().requires_grad_(True) for t in inputs]
+    cotangent = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(1))
+    selective_scan(*leaves, chunk=8).backward(cotangent)
+    selective_scan_reference(*exact).backward(cotangent.double())
+    for i, (leaf, reference) in enumerate(zip(leaves, exact)):
+        assert (leaf.grad is None) == (i not in wanted)
+        if i in wanted:
+            assert relative_error(leaf.grad, reference.grad) < 1e-5
+
+
 def test_decays_below_the_floor_match_the_oracle():
     """Steps so large that dt * A (and the sums of dt the chunks carry) go far below the
     exponent floor: outputs and every gradient still equal the unfloored float64 oracle."""

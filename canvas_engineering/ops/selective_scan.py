@@ -8,7 +8,7 @@ selective_scan`` (as the custom op ``canvas_engineering::selective_scan``) where
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -181,9 +181,10 @@ def _two_level_scan(
 
 def _two_level_scan_backward(
     grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor, states: torch.Tensor,
-) -> Tuple[torch.Tensor, ...]:
-    """(dx, ddt, dA, dB, dC, dD) of :func:`_two_level_scan` from the states it returned.
+    D: torch.Tensor, states: torch.Tensor, needed: Tuple[bool, ...],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dx, ddt, dA, dB, dC, dD) of :func:`_two_level_scan` from the states it returned;
+    None for those ``needed`` says no to.
 
     The adjoint ``g_t = grad_y_t C_t + a_{t+1} g_{t+1}`` (``a_t = exp(dt_t A)``, floored
     as in the forward) is the forward's recurrence run backwards, in the same two levels:
@@ -198,36 +199,40 @@ def _two_level_scan_backward(
     x_c, dt_c, B_c, C_c, grad_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C, grad_y))
     floor = math.log(torch.finfo(x.dtype).tiny) / 2
     decay = lambda exponent: torch.exp(exponent.clamp(min=floor))  # noqa: E731
-    step_decays = [decay(dt_t.unsqueeze(-1) * A) for dt_t in dt_c.unbind(2)]
+    step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)  # noqa: E731
+    need_x, need_dt, need_A, need_B, need_C, need_D = needed
+    unchunked = lambda t: t.flatten(1, 2)[:, :length]  # noqa: E731
+    grad_C = unchunked(torch.einsum("bcsdn,bcsd->bcsn", states, grad_c)) if need_C else None
+    grad_D = (grad_c * x_c).sum(dim=(0, 1, 2)) if need_D else None
+    if not (need_x or need_dt or need_A or need_B):
+        return None, None, None, None, grad_C, grad_D
     adjoint = torch.empty_like(states)
     local = None
     for t in reversed(range(size)):
         injected = grad_c[:, :, t].unsqueeze(-1) * C_c[:, :, t].unsqueeze(-2)
-        local = injected if local is None else torch.addcmul(injected, step_decays[t + 1], local)
+        local = injected if local is None else torch.addcmul(injected, step_decay(t + 1), local)
         adjoint[:, :, t] = local
     chunk_decay = decay(dt_c.sum(dim=2).unsqueeze(-1) * A)
+    first_decay = step_decay(0)
     arriving = torch.zeros_like(states[:, :, 0])
     for c in reversed(range(n_chunks - 1)):
-        arriving[:, c] = step_decays[0][:, c + 1] * adjoint[:, c + 1, 0] + chunk_decay[:, c + 1] * arriving[:, c + 1]
+        arriving[:, c] = first_decay[:, c + 1] * adjoint[:, c + 1, 0] + chunk_decay[:, c + 1] * arriving[:, c + 1]
     after = torch.zeros_like(dt_c[:, :, 0])
     for t in reversed(range(size)):
         adjoint[:, :, t] += decay(after.unsqueeze(-1) * A) * arriving
         after = after + dt_c[:, :, t]
+    grad_B = unchunked(torch.einsum("bcsdn,bcsd->bcsn", adjoint, dt_c * x_c)) if need_B else None
     grad_drive = torch.einsum("bcsdn,bcsn->bcsd", adjoint, B_c)
-    grad_B = torch.einsum("bcsdn,bcsd->bcsn", adjoint, dt_c * x_c)
-    grad_C = torch.einsum("bcsdn,bcsd->bcsn", states, grad_c)
-    grad_dt = grad_drive * x_c
-    grad_A = torch.zeros_like(A)
-    previous = torch.cat([torch.zeros_like(states[:, :1, 0]), states[:, :-1, size - 1]], dim=1)
-    for t in range(size):
-        through_decay = adjoint[:, :, t] * previous * step_decays[t]
-        grad_dt[:, :, t] += (through_decay * A).sum(-1)
-        grad_A += torch.einsum("bcdn,bcd->dn", through_decay, dt_c[:, :, t])
-        previous = states[:, :, t]
-    grad_x = grad_drive * dt_c + D * grad_c
-    grad_D = (grad_c * x_c).sum(dim=(0, 1, 2))
-    unchunked = lambda t: t.flatten(1, 2)[:, :length]  # noqa: E731
-    return unchunked(grad_x), unchunked(grad_dt), grad_A, unchunked(grad_B), unchunked(grad_C), grad_D
+    grad_x = unchunked(grad_drive * dt_c + D * grad_c) if need_x else None
+    grad_dt, grad_A = grad_drive * x_c, torch.zeros_like(A)
+    if need_dt or need_A:
+        previous = torch.cat([torch.zeros_like(states[:, :1, 0]), states[:, :-1, size - 1]], dim=1)
+        for t in range(size):
+            through_decay = adjoint[:, :, t] * previous * step_decay(t)
+            grad_dt[:, :, t] += (through_decay * A).sum(-1)
+            grad_A += torch.einsum("bcdn,bcd->dn", through_decay, dt_c[:, :, t])
+            previous = states[:, :, t]
+    return grad_x, unchunked(grad_dt) if need_dt else None, grad_A if need_A else None, grad_B, grad_C, grad_D
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -251,7 +256,7 @@ class _SelectiveScan(torch.autograd.Function):
             needed = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
             grads = iter(torch.autograd.grad(_two_level_scan(*inputs, ctx.size)[0], needed, grad_y, create_graph=True))
             return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:6]) + (None,)
-        return _two_level_scan_backward(grad_y, x, dt, A, B, C, D, states) + (None,)
+        return _two_level_scan_backward(grad_y, x, dt, A, B, C, D, states, ctx.needs_input_grad[:6]) + (None,)
 
 
 def segment_selective_scan(
