@@ -198,7 +198,7 @@ def _two_level_scan_backward(
     n_chunks, size = states.shape[1:3]
     x_c, dt_c, B_c, C_c, grad_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C, grad_y))
     floor = math.log(torch.finfo(x.dtype).tiny) / 2
-    decay = lambda exponent: torch.exp(exponent.clamp(min=floor))  # noqa: E731
+    decay = lambda exponent: (exponent.clamp_(min=floor)).exp_()  # noqa: E731
     step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)  # noqa: E731
     need_x, need_dt, need_A, need_B, need_C, need_D = needed
     unchunked = lambda t: t.flatten(1, 2)[:, :length]  # noqa: E731
@@ -207,11 +207,10 @@ def _two_level_scan_backward(
     if not (need_x or need_dt or need_A or need_B):
         return None, None, None, None, grad_C, grad_D
     adjoint = torch.empty_like(states)
-    local = None
     for t in reversed(range(size)):
-        injected = grad_c[:, :, t].unsqueeze(-1) * C_c[:, :, t].unsqueeze(-2)
-        local = injected if local is None else torch.addcmul(injected, step_decay(t + 1), local)
-        adjoint[:, :, t] = local
+        adjoint[:, :, t] = grad_c[:, :, t].unsqueeze(-1) * C_c[:, :, t].unsqueeze(-2)
+        if t < size - 1:
+            adjoint[:, :, t].addcmul_(step_decay(t + 1), adjoint[:, :, t + 1])
     chunk_decay = decay(dt_c.sum(dim=2).unsqueeze(-1) * A)
     first_decay = step_decay(0)
     arriving = torch.zeros_like(states[:, :, 0])
@@ -219,7 +218,7 @@ def _two_level_scan_backward(
         arriving[:, c] = first_decay[:, c + 1] * adjoint[:, c + 1, 0] + chunk_decay[:, c + 1] * arriving[:, c + 1]
     after = torch.zeros_like(dt_c[:, :, 0])
     for t in reversed(range(size)):
-        adjoint[:, :, t] += decay(after.unsqueeze(-1) * A) * arriving
+        adjoint[:, :, t].addcmul_(decay(after.unsqueeze(-1) * A), arriving)
         after = after + dt_c[:, :, t]
     grad_B = unchunked(torch.einsum("bcsdn,bcsd->bcsn", adjoint, dt_c * x_c)) if need_B else None
     grad_drive = torch.einsum("bcsdn,bcsn->bcsd", adjoint, B_c)
@@ -228,7 +227,7 @@ def _two_level_scan_backward(
     if need_dt or need_A:
         previous = torch.cat([torch.zeros_like(states[:, :1, 0]), states[:, :-1, size - 1]], dim=1)
         for t in range(size):
-            through_decay = adjoint[:, :, t] * previous * step_decay(t)
+            through_decay = step_decay(t).mul_(adjoint[:, :, t]).mul_(previous)
             grad_dt[:, :, t] += (through_decay * A).sum(-1)
             grad_A += torch.einsum("bcdn,bcd->dn", through_decay, dt_c[:, :, t])
             previous = states[:, :, t]
