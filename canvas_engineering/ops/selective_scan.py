@@ -8,7 +8,7 @@ selective_scan`` (as the custom op ``canvas_engineering::selective_scan``) where
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -152,10 +152,13 @@ def _chunked(t: torch.Tensor, n_chunks: int, size: int) -> torch.Tensor:
 
 def _two_level_scan(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, size: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y ``(batch, L, channels)``, the state after every step ``(batch, n_chunks, size,
-    channels, state)``) of :func:`selective_scan` of a non-empty sequence in chunks of
-    ``size`` steps, all inputs in one dtype; differentiable."""
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(y ``(batch, L, channels)``, per position t of a chunk the state after that step in
+    every chunk, ``(batch, n_chunks, channels, state)``) of :func:`selective_scan` of a
+    non-empty sequence in chunks of ``size`` steps, all inputs in one dtype;
+    differentiable. (Per-step tensors rather than one of all steps: a tensor that large
+    is mapped fresh from the system at each call, and its page faults cost more than the
+    steps' own products.)"""
     batch, length, channels = x.shape
     n_chunks = -(-length // size)
     x_c, dt_c, B_c, C_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C))
@@ -174,14 +177,14 @@ def _two_level_scan(
     for decay_j, state_j in zip(chunk_decay.unbind(1)[:-1], state.unbind(1)[:-1]):
         entering.append(decay_j * entering[-1] + state_j)
     entering = torch.stack(entering, dim=1)
-    states = torch.stack([local + _FlooredExp.apply(e.unsqueeze(-1) * A) * entering for local, e in zip(local_states, elapsed)], dim=2)
-    y = (states * C_c.unsqueeze(-2)).sum(-1) + D * x_c
+    states = [local + _FlooredExp.apply(e.unsqueeze(-1) * A) * entering for local, e in zip(local_states, elapsed)]
+    y = torch.stack([(state * C_t.unsqueeze(-2)).sum(-1) for state, C_t in zip(states, C_c.unbind(2))], dim=2) + D * x_c
     return y.flatten(1, 2)[:, :length], states
 
 
 def _two_level_scan_backward(
     grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor, states: torch.Tensor, needed: Tuple[bool, ...],
+    D: torch.Tensor, states: Sequence[torch.Tensor], needed: Tuple[bool, ...],
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, ddt, dA, dB, dC, dD) of :func:`_two_level_scan` from the states it returned;
     None for those ``needed`` says no to.
@@ -195,43 +198,46 @@ def _two_level_scan_backward(
     ``q_t = g_t h_{t-1} a_t`` gives ``ddt_t += sum_n q_t A`` and ``dA = sum_t q_t dt_t``.
     """
     length = x.shape[1]
-    n_chunks, size = states.shape[1:3]
+    n_chunks, size = states[0].shape[1], len(states)
     x_c, dt_c, B_c, C_c, grad_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C, grad_y))
     floor = math.log(torch.finfo(x.dtype).tiny) / 2
     decay = lambda exponent: (exponent.clamp_(min=floor)).exp_()  # noqa: E731
     step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)  # noqa: E731
+    per_step = lambda equation, tensors, other: torch.stack(  # noqa: E731
+        [torch.einsum(equation, tensor, other[:, :, t]) for t, tensor in enumerate(tensors)], dim=2
+    ).flatten(1, 2)[:, :length]
     need_x, need_dt, need_A, need_B, need_C, need_D = needed
-    unchunked = lambda t: t.flatten(1, 2)[:, :length]  # noqa: E731
-    grad_C = unchunked(torch.einsum("bcsdn,bcsd->bcsn", states, grad_c)) if need_C else None
+    grad_C = per_step("bcdn,bcd->bcn", states, grad_c) if need_C else None
     grad_D = (grad_c * x_c).sum(dim=(0, 1, 2)) if need_D else None
     if not (need_x or need_dt or need_A or need_B):
         return None, None, None, None, grad_C, grad_D
-    adjoint = torch.empty_like(states)
+    adjoint = [None] * size
     for t in reversed(range(size)):
-        adjoint[:, :, t] = grad_c[:, :, t].unsqueeze(-1) * C_c[:, :, t].unsqueeze(-2)
+        adjoint[t] = grad_c[:, :, t].unsqueeze(-1) * C_c[:, :, t].unsqueeze(-2)
         if t < size - 1:
-            adjoint[:, :, t].addcmul_(step_decay(t + 1), adjoint[:, :, t + 1])
+            adjoint[t].addcmul_(step_decay(t + 1), adjoint[t + 1])
     chunk_decay = decay(dt_c.sum(dim=2).unsqueeze(-1) * A)
     first_decay = step_decay(0)
-    arriving = torch.zeros_like(states[:, :, 0])
+    arriving = torch.zeros_like(states[0])
     for c in reversed(range(n_chunks - 1)):
-        arriving[:, c] = first_decay[:, c + 1] * adjoint[:, c + 1, 0] + chunk_decay[:, c + 1] * arriving[:, c + 1]
+        arriving[:, c] = first_decay[:, c + 1] * adjoint[0][:, c + 1] + chunk_decay[:, c + 1] * arriving[:, c + 1]
     after = torch.zeros_like(dt_c[:, :, 0])
     for t in reversed(range(size)):
-        adjoint[:, :, t].addcmul_(decay(after.unsqueeze(-1) * A), arriving)
+        adjoint[t].addcmul_(decay(after.unsqueeze(-1) * A), arriving)
         after = after + dt_c[:, :, t]
-    grad_B = unchunked(torch.einsum("bcsdn,bcsd->bcsn", adjoint, dt_c * x_c)) if need_B else None
-    grad_drive = torch.einsum("bcsdn,bcsn->bcsd", adjoint, B_c)
-    grad_x = unchunked(grad_drive * dt_c + D * grad_c) if need_x else None
-    grad_dt, grad_A = grad_drive * x_c, torch.zeros_like(A)
+    grad_B = per_step("bcdn,bcd->bcn", adjoint, dt_c * x_c) if need_B else None
+    grad_drive = per_step("bcdn,bcn->bcd", adjoint, B_c)
+    x_flat, dt_flat = x_c.flatten(1, 2)[:, :length], dt_c.flatten(1, 2)[:, :length]
+    grad_x = grad_drive * dt_flat + D * grad_y if need_x else None
+    grad_dt, grad_A = _chunked(grad_drive * x_flat, n_chunks, size), torch.zeros_like(A)
     if need_dt or need_A:
-        previous = torch.cat([torch.zeros_like(states[:, :1, 0]), states[:, :-1, size - 1]], dim=1)
+        previous = torch.cat([torch.zeros_like(states[-1][:, :1]), states[-1][:, :-1]], dim=1)
         for t in range(size):
-            through_decay = step_decay(t).mul_(adjoint[:, :, t]).mul_(previous)
+            through_decay = step_decay(t).mul_(adjoint[t]).mul_(previous)
             grad_dt[:, :, t] += (through_decay * A).sum(-1)
             grad_A += torch.einsum("bcdn,bcd->dn", through_decay, dt_c[:, :, t])
-            previous = states[:, :, t]
-    return grad_x, unchunked(grad_dt) if need_dt else None, grad_A if need_A else None, grad_B, grad_C, grad_D
+            previous = states[t]
+    return grad_x, grad_dt.flatten(1, 2)[:, :length] if need_dt else None, grad_A if need_A else None, grad_B, grad_C, grad_D
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -243,13 +249,13 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, size: int) -> torch.Tensor:
         y, states = _two_level_scan(x, dt, A, B, C, D, size)
-        ctx.save_for_backward(x, dt, A, B, C, D, states)
+        ctx.save_for_backward(x, dt, A, B, C, D, *states)
         ctx.size = size
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, dt, A, B, C, D, states = ctx.saved_tensors
+        x, dt, A, B, C, D, *states = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, dt, A, B, C, D)
             needed = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
