@@ -3,7 +3,7 @@ recurrence) and Hyena (gated FFT long convolutions)."""
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -151,47 +151,36 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(self, index: SegmentIndex) -> Tuple[List[Tuple[RowSelection, int, int, int]], RowSelection]:
-        """Adaptive average pooling of each key set to its segment's length (output i of a
-        segment averages keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``), by groups of the
-        segments of one shape (N, M): per group, the packed key rows of its segments in turn,
-        their number, N and M; and where the groups' outputs, concatenated, go among the
-        packed query rows."""
+    def _pooling_table(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Adaptive average pooling of each key set to its segment's length, as
+        (packed query row, packed key row, weight) triples: output i of a segment averages
+        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``. When every segment has M == N, pooling
+        is the identity and this is just the key row behind each packed query row."""
         starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
-        query_starts = [sum(n for n, _ in index.shapes[:s]) for s in range(len(index.shapes))]
-        by_shape: dict = {}
-        for segment, (n, m) in enumerate(index.shapes):
-            if n:
-                by_shape.setdefault((n, m), []).append(segment)
-        device = index.query_segment.device
-        groups, placed = [], []
-        for (n, m), members in by_shape.items():
-            rows = RowSelection.of([starts[index.keyset_of[s]] + j for s in members for j in range(m)])
-            groups.append((RowSelection(rows.index.to(device), rows.start), len(members), n, m))
-            placed += [query_starts[s] + i for s in members for i in range(n)]
-        order = RowSelection.of(torch.argsort(torch.tensor(placed, dtype=torch.long)).tolist())
-        return groups, RowSelection(order.index.to(device), order.start)
+        if all(n == m for n, m in index.shapes):
+            rows = RowSelection.of([starts[k] + i for (n, _), k in zip(index.shapes, index.keyset_of) for i in range(n)])
+            return RowSelection(rows.index.to(index.query_segment.device), rows.start)
+        out_rows, key_rows, weights = [], [], []
+        query_start = 0
+        for (n, m), keyset in zip(index.shapes, index.keyset_of):
+            outputs = torch.arange(n)
+            first = torch.div(outputs * m, n, rounding_mode="floor")
+            count = -torch.div(-(outputs + 1) * m, n, rounding_mode="floor") - first
+            owner = torch.repeat_interleave(outputs, count)
+            within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+            out_rows.append(owner + query_start)
+            key_rows.append(first[owner] + within + starts[keyset])
+            weights.append(1.0 / count[owner].double())
+            query_start += n
+        device = index.query_source.index.device
+        return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
-    def prepare(self, index: SegmentIndex) -> Tuple[List[Tuple[RowSelection, int, int, int]], RowSelection]:
+    def prepare(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The pooling of ``index`` (built once); the convolution kernels' tables too where
         Triton is installed."""
         if HAS_TRITON:
             prepare_fft_conv(index)
         return self._pooling.get(index, lambda: self._pooling_table(index))
-
-    def _pool(self, values: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        """Packed key rows ``(B, Tk, D)`` pooled to each segment's query length: ``(B, Tq, D)``
-        (``F.adaptive_avg_pool1d`` per group of segments of one shape; the rows themselves
-        where N == M)."""
-        groups, order = self.prepare(index)
-        parts = []
-        for rows, count, n, m in groups:
-            keys = rows.take(values).unflatten(1, (count, m)).flatten(0, 1)
-            pooled = keys if n == m else F.adaptive_avg_pool1d(keys.transpose(1, 2), n).transpose(1, 2)
-            parts.append(pooled.unflatten(0, (values.shape[0], count)).flatten(1, 2))
-        if not parts:
-            return values.new_zeros(values.shape[0], 0, values.shape[2])
-        return order.take(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
@@ -204,7 +193,15 @@ class HyenaAttention(SegmentAttention):
             )
         if [shape for shape in index.shapes if shape[1] == 0 and shape[0] > 0]:
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
-        streams = self.in_proj(self._pool(index.pack_keys(value_rows), index)).chunk(self.order + 1, dim=-1)
+        values = index.pack_keys(value_rows)
+        pooling = self.prepare(index)
+        if isinstance(pooling, RowSelection):
+            pooled = pooling.take(values)
+        else:
+            out_rows, pooled_rows, weights = pooling
+            contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
+            pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
+        streams = self.in_proj(pooled).chunk(self.order + 1, dim=-1)
         mixed = streams[0]
         n_frequencies = fft_length(longest) // 2 + 1
         for i, frequencies in enumerate(self.filter_params):
