@@ -144,3 +144,23 @@ def test_a_filter_too_short_is_refused():
     with pytest.raises(ValueError, match="the filter needs 33 frequencies, got 32"):
         segment_gated_fft_conv(mixed, gate, torch.view_as_complex(spectrum[:32]), index_of([40]))
 
+
+
+@pytest.mark.parametrize("shapes", [[(4, 12)], [(3, 12), (2, 8)], [(5, 9)], [(9, 5)], [(4, 12), (3, 7)], [(6, 6), (0, 3)]])
+def test_module_pools_as_adaptive_average_pooling(shapes):
+    """Each segment's values reach the streams' projection pooled to its query length as
+    ``F.adaptive_avg_pool1d`` pools them: a mean over every k rows when all segments have
+    M = k * N, the weighted table otherwise."""
+    module = create_attention("hyena", d_model=8, order=1, max_len=16).double()
+    index = SegmentIndex.build([n for n, _ in shapes], list(range(len(shapes))), [m for _, m in shapes])
+    values = torch.randn(2, index.n_keys, 8, dtype=torch.float64)
+    seen = []
+    module.in_proj.register_forward_hook(lambda _, args, __: seen.append(args[0]))
+    module.forward_segments(torch.zeros(2, index.n_queries, 8, dtype=torch.float64), values, values, index)
+    keyset_starts = [sum(m for _, m in shapes[:s]) for s in range(len(shapes))]
+    expected = torch.cat(
+        [torch.nn.functional.adaptive_avg_pool1d(values[:, start : start + m].transpose(1, 2), n).transpose(1, 2)
+         for (n, m), start in zip(shapes, keyset_starts) if n],
+        dim=1,
+    )
+    assert relative_error(seen[0], expected) < 1e-14

@@ -151,15 +151,20 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Adaptive average pooling of each key set to its segment's length, as
-        (packed query row, packed key row, weight) triples: output i of a segment averages
-        keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``. When every segment has M == N, pooling
-        is the identity and this is just the key row behind each packed query row."""
+    def _pooling_table(self, index: SegmentIndex) -> Union[Tuple[RowSelection, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Adaptive average pooling of each key set to its segment's length: output i of a
+        segment averages keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``.
+
+        When every segment with queries has M = k * N for one k, the windows are k
+        consecutive keys each: this is (the key rows of those segments in turn, k), and the
+        pooling a mean over each k rows (no scatter; the identity when k = 1). Otherwise
+        (packed query row, packed key row, weight) triples."""
         starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
-        if all(n == m for n, m in index.shapes):
-            rows = RowSelection.of([starts[k] + i for (n, _), k in zip(index.shapes, index.keyset_of) for i in range(n)])
-            return RowSelection(rows.index.to(index.query_segment.device), rows.start)
+        ratios = {m // n if m % n == 0 else 0 for n, m in index.shapes if n}
+        if len(ratios) <= 1 and 0 not in ratios:
+            window = ratios.pop() if ratios else 1
+            rows = RowSelection.of([starts[k] + i for (n, m), k in zip(index.shapes, index.keyset_of) if n for i in range(m)])
+            return RowSelection(rows.index.to(index.query_segment.device), rows.start), window
         out_rows, key_rows, weights = [], [], []
         query_start = 0
         for (n, m), keyset in zip(index.shapes, index.keyset_of):
@@ -175,7 +180,7 @@ class HyenaAttention(SegmentAttention):
         device = index.query_source.index.device
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
-    def prepare(self, index: SegmentIndex) -> Union[RowSelection, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def prepare(self, index: SegmentIndex) -> Union[Tuple[RowSelection, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The pooling of ``index`` (built once); the convolution kernels' tables too where
         Triton is installed."""
         if HAS_TRITON:
@@ -195,8 +200,11 @@ class HyenaAttention(SegmentAttention):
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         values = index.pack_keys(value_rows)
         pooling = self.prepare(index)
-        if isinstance(pooling, RowSelection):
-            pooled = pooling.take(values)
+        if isinstance(pooling[0], RowSelection):
+            rows, window = pooling
+            pooled = rows.take(values)
+            if window > 1:
+                pooled = pooled.unflatten(1, (-1, window)).mean(dim=2)
         else:
             out_rows, pooled_rows, weights = pooling
             contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
