@@ -15,6 +15,7 @@ from typing import List, Tuple
 import torch
 
 from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.composite import composite_gradients
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 MAX_KERNEL_LENGTH = 8192
@@ -67,9 +68,8 @@ class _GatedCircularConv(torch.autograd.Function):
         mixed, gate_logits, response, gate, spectrum = ctx.saved_tensors
         length = ctx.length
         if torch.is_grad_enabled():
-            inputs = [t for t, needed in zip((mixed, gate_logits, response), ctx.needs_input_grad) if needed]
-            grads = iter(torch.autograd.grad(_gated_circular_conv(mixed, gate_logits, response, length)[0], inputs, grad, create_graph=True))
-            return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]) + (None,)
+            convolution = lambda *inputs: _gated_circular_conv(*inputs, length)[0]  # noqa: E731
+            return composite_gradients(convolution, (mixed, gate_logits, response), ctx.needs_input_grad, grad) + (None,)
         grad_spectrum = torch.fft.rfft(grad, n=length, dim=2)
         d_gated = torch.fft.irfft(grad_spectrum * response.conj(), n=length, dim=2)[:, :, : mixed.shape[2]].contiguous()
         d_mixed = d_gated * gate

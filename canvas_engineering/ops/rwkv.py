@@ -142,8 +142,7 @@ def _steps_read(index: SegmentIndex) -> Tuple[List[int], List[int]]:
 
 def _keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
     needed, read_rows = _steps_read(index)
-    input_rows = index.key_source.index[read_rows] if read_rows else index.key_source.index[:0]
-    distinct, position = torch.unique(input_rows, return_inverse=True)
+    distinct, position = torch.unique(index.key_source.index[read_rows], return_inverse=True)
     rows = RowSelection.of(distinct.tolist())
     cut = SegmentIndex.build(
         [n for n, _ in index.shapes], index.keyset_of, needed, query_source=index.query_source.index.tolist(), key_source=position.tolist()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.composite import composite_gradients
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 SCAN_CHUNK = 64
@@ -126,6 +127,12 @@ def selective_scan(
     return y.to(x.dtype)
 
 
+def _exponent_floor(dtype: torch.dtype) -> float:
+    """Half the log of the smallest normal number of ``dtype``: a decay ``exp(e)`` with e at
+    or above it, and the product of two such, is a normal number."""
+    return math.log(torch.finfo(dtype).tiny) / 2
+
+
 class _FlooredExp(torch.autograd.Function):
     """``exp(max(exponent, floor))`` with ``floor`` half the log of the dtype's smallest
     normal number (-43.7 in float32, -354 in float64), so that decay factors and products
@@ -135,7 +142,7 @@ class _FlooredExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, exponent: torch.Tensor) -> torch.Tensor:
-        output = torch.exp(exponent.clamp(min=math.log(torch.finfo(exponent.dtype).tiny) / 2))
+        output = torch.exp(exponent.clamp(min=_exponent_floor(exponent.dtype)))
         ctx.save_for_backward(output)
         return output
 
@@ -200,8 +207,8 @@ def _two_level_scan_backward(
     length = x.shape[1]
     n_chunks, size = states[0].shape[1], len(states)
     x_c, dt_c, B_c, C_c, grad_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C, grad_y))
-    floor = math.log(torch.finfo(x.dtype).tiny) / 2
-    decay = lambda exponent: (exponent.clamp_(min=floor)).exp_()  # noqa: E731
+    floor = _exponent_floor(x.dtype)
+    decay = lambda exponent: exponent.clamp_(min=floor).exp_()  # noqa: E731
     step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)  # noqa: E731
     per_step = lambda equation, tensors, other: torch.stack(  # noqa: E731
         [torch.einsum(equation, tensor, other[:, :, t]) for t, tensor in enumerate(tensors)], dim=2
@@ -227,9 +234,8 @@ def _two_level_scan_backward(
         after = after + dt_c[:, :, t]
     grad_B = per_step("bcdn,bcd->bcn", adjoint, dt_c * x_c) if need_B else None
     grad_drive = per_step("bcdn,bcn->bcd", adjoint, B_c)
-    x_flat, dt_flat = x_c.flatten(1, 2)[:, :length], dt_c.flatten(1, 2)[:, :length]
-    grad_x = grad_drive * dt_flat + D * grad_y if need_x else None
-    grad_dt, grad_A = _chunked(grad_drive * x_flat, n_chunks, size), torch.zeros_like(A)
+    grad_x = grad_drive * dt + D * grad_y if need_x else None
+    grad_dt, grad_A = _chunked(grad_drive * x, n_chunks, size), torch.zeros_like(A)
     if need_dt or need_A:
         previous = torch.cat([torch.zeros_like(states[-1][:, :1]), states[-1][:, :-1]], dim=1)
         for t in range(size):
@@ -257,10 +263,8 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, dt, A, B, C, D, *states = ctx.saved_tensors
         if torch.is_grad_enabled():
-            inputs = (x, dt, A, B, C, D)
-            needed = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
-            grads = iter(torch.autograd.grad(_two_level_scan(*inputs, ctx.size)[0], needed, grad_y, create_graph=True))
-            return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:6]) + (None,)
+            scan = lambda *inputs: _two_level_scan(*inputs, ctx.size)[0]  # noqa: E731
+            return composite_gradients(scan, (x, dt, A, B, C, D), ctx.needs_input_grad, grad_y) + (None,)
         return _two_level_scan_backward(grad_y, x, dt, A, B, C, D, states, ctx.needs_input_grad[:6]) + (None,)
 
 
