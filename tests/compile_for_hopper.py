@@ -1,5 +1,7 @@
 """Compiles every Triton kernel, in its main configurations, to sm_90 machine code on this
-machine (Triton's bundled ptxas; no GPU needed). Run without TRITON_INTERPRET.
+machine (Triton's bundled ptxas; no GPU needed), with the divisibility hints a launch gives
+aligned pointers. Run without TRITON_INTERPRET. ``benchmarks/launch_report.py`` uses the same
+helpers on the launchers' own arguments.
 
 Usage: ``python compile_for_hopper.py`` prints one line per configuration and exits non-zero
 if any fails to compile.
@@ -7,9 +9,14 @@ if any fails to compile.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -30,6 +37,10 @@ INT_POINTERS = {
 FLOATS = {"scale", "eps"}
 SHARED_MEMORY = 227 * 1024
 """Shared memory one program may use on an H100."""
+TARGET = GPUTarget("cuda", 90, 32)
+DIVISIBLE = [["tt.divisibility", 16]]
+"""The hint the JIT attaches to a pointer (or integer) that is a multiple of 16 at launch."""
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
 def signature(kernel, data_type: str) -> dict:
@@ -50,6 +61,69 @@ def signature(kernel, data_type: str) -> dict:
         else:
             types[name] = "i32"
     return types
+
+
+def pointer_hints(kernel, types: dict) -> dict:
+    """Divisibility hints for every pointer argument: what the JIT gives a tensor whose data
+    starts 16-byte aligned (every fresh allocation of the caching allocator)."""
+    return {(i,): DIVISIBLE for i, param in enumerate(kernel.params) if types[param.name].startswith("*")}
+
+
+def launch_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, hints) the JIT derives from a launch's argument ``values`` (by
+    name): tensors become typed pointers, hinted when 16-byte aligned; integers 1 become
+    constants, others i32 (i64 past its range), hinted when multiples of 16; floats fp32."""
+    types, constexprs, hints = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            types[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            types[param.name] = f"*{TYPES[value.dtype]}"
+            if value.data_ptr() % 16 == 0:
+                hints[(i,)] = DIVISIBLE
+        elif isinstance(value, bool):
+            types[param.name] = "i1"
+        elif isinstance(value, int):
+            types[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                hints[(i,)] = DIVISIBLE
+        else:
+            types[param.name] = "fp32"
+    return types, constexprs, hints
+
+
+def compile_sm90(kernel, types: dict, constexprs: dict, hints: dict, num_warps: int = 4):
+    """The kernel compiled to sm_90 machine code (Triton's bundled ptxas, no GPU)."""
+    source = ASTSource(kernel, types, constexprs, hints)
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
+    if compiled.metadata.shared > SHARED_MEMORY:
+        raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory, more than {SHARED_MEMORY}")
+    return compiled
+
+
+def tensor_core_instruction(ptx: str) -> str:
+    """The matrix instruction of a PTX listing: ``wgmma-bf16``, ``wgmma-tf32``,
+    ``mma.sync-f16``, ... (the operand types of the first one found), or ``none``."""
+    found = re.search(r"\bwgmma\.mma_async\S*?\.(bf16|f16|tf32|e4m3|e5m2|s8)\b", ptx)
+    if found:
+        return f"wgmma-{found.group(1)}"
+    found = re.search(r"\bmma\.sync\S*?\.(bf16|f16|tf32|e4m3|e5m2|s8)\b", ptx)
+    return f"mma.sync-{found.group(1)}" if found else "none"
+
+
+def resources(compiled) -> dict:
+    """Registers per thread and stack bytes per thread (spills) of a compiled kernel, read
+    with Triton's bundled cuobjdump; shared memory per program; the tensor-core instruction."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return {"registers": registers, "spill_bytes": stack, "smem_bytes": compiled.metadata.shared,
+            "mma": tensor_core_instruction(compiled.asm["ptx"])}
 
 
 def blocks(head_dim: int) -> dict:
@@ -120,11 +194,11 @@ def main() -> int:
         options = {"num_warps": warps[0]} if warps else {}
         label = f"{kernel.fn.__name__} {data_type} {constexprs}" + (f" num_warps={warps[0]}" if warps else "")
         try:
-            source = ASTSource(kernel, signature(kernel, data_type), constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-            if compiled.metadata.shared > SHARED_MEMORY:
-                raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory, more than {SHARED_MEMORY}")
-            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.metadata.shared} bytes shared")
+            types = signature(kernel, data_type)
+            compiled = compile_sm90(kernel, types, constexprs, pointer_hints(kernel, types), **options)
+            used = resources(compiled)
+            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {used['registers']} registers, "
+                  f"{used['spill_bytes']} bytes stack, {used['smem_bytes']} bytes shared, {used['mma']}")
         except Exception:
             failures += 1
             print(f"FAIL {label}\n{traceback.format_exc()}")

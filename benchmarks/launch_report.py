@@ -1,0 +1,359 @@
+"""What every Triton kernel's launch looks like on an H100, without a GPU: an estimate.
+
+Usage: ``python benchmarks/launch_report.py [--json PATH] [--only SUBSTRING]``
+
+For each kernel family and its reference workloads, the launchers run on ``meta`` tensors
+with their launches recorded instead of executed (grid, arguments, warps). Each recorded
+launch is compiled for sm_90 with the signature, constants and divisibility hints the JIT
+derives from those arguments (``tests/compile_for_hopper.py``), and the report gives per
+(kernel, workload): programs in the grid, registers and stack (spill) bytes per thread,
+shared memory per program, programs resident per SM, the tensor-core instruction in the
+PTX, the global-memory bytes and FLOPs counted from the algorithm each kernel runs (its
+inputs and outputs once, plus the scratch and partial sums it writes and reads back), and an
+estimated time.
+
+The estimated time is a model, not a measurement, on an H100 SXM (132 SMs, 3.0 TB/s,
+990 TFLOP/s bf16/fp16 tensor cores, 495 TF32, 67 fp32 without tensor cores):
+``max(floor / fill, waves * serial_steps * 0.4 us)``, where ``floor`` (``floor_us``) is the roofline time
+``max(bytes / bandwidth, flops / rate of its instruction)``, ``fill = min(1, programs / 264)``
+(two programs per SM hide latency), ``serial_steps`` the longest chain of dependent loop
+steps in one program that each wait on a global load (the scans), 0.4 us such a wait, and
+``waves`` the number of rounds of resident programs the grid needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+from unittest import mock
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import torch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from compile_for_hopper import compile_sm90, launch_signature, resources  # noqa: E402
+
+SMS = 132
+BANDWIDTH = 3.0e12
+RATES = {"bf16": 990e12, "f16": 990e12, "tf32": 495e12, "none": 67e12}
+LOAD_WAIT_US = 0.4
+REGISTERS_PER_SM, THREADS_PER_SM, PROGRAMS_PER_SM, SHARED_PER_SM = 65536, 2048, 32, 228 * 1024
+META = torch.device("meta")
+BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass
+class Launch:
+    kernel: JITFunction
+    grid: tuple
+    values: dict
+    num_warps: int
+
+
+@dataclass
+class Cost:
+    """What one launch must do, counted from the algorithm."""
+
+    hbm_bytes: float
+    flops: float
+    serial_steps: int = 0
+
+
+def record(run: Callable[[], object]) -> List[Launch]:
+    """The launches ``run`` makes, recorded instead of executed (its tensors on ``meta``)."""
+    launches: List[Launch] = []
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        num_warps = kwargs.pop("num_warps", 4)
+        values = dict(zip([p.name for p in self.params], args))
+        values.update(kwargs)
+        launches.append(Launch(self, tuple(grid) + (1,) * (3 - len(grid)), values, num_warps))
+
+    with mock.patch.object(JITFunction, "run", capture):
+        run()
+    return launches
+
+
+def resident_per_sm(registers: int, num_warps: int, smem: int) -> int:
+    """Programs one SM holds at once: limited by registers (allocated per warp in units of
+    256), threads, shared memory (1 KB reserved per program) and 32 programs."""
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = (REGISTERS_PER_SM // per_warp) // num_warps
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    by_shared = SHARED_PER_SM // (smem + 1024) if smem else PROGRAMS_PER_SM
+    return max(0, min(by_registers, by_threads, by_shared, PROGRAMS_PER_SM))
+
+
+def floor_us(cost: Cost, mma: str) -> float:
+    """The roofline time: bytes at the bandwidth or FLOPs at the rate of ``mma``."""
+    return max(cost.hbm_bytes / BANDWIDTH, cost.flops / RATES[mma.split("-")[-1]]) * 1e6
+
+
+def estimate_us(cost: Cost, programs: int, resident: int, mma: str) -> float:
+    """The model of the module docstring, in microseconds."""
+    floor = floor_us(cost, mma)
+    fill = min(1.0, programs / (2 * SMS))
+    waves = math.ceil(programs / (SMS * max(1, resident)))
+    return max(floor / fill, waves * cost.serial_steps * LOAD_WAIT_US)
+
+
+_compiled: Dict[str, dict] = {}
+
+
+def describe(launch: Launch) -> dict:
+    types, constexprs, hints = launch_signature(launch.kernel, launch.values)
+    key = repr((launch.kernel.fn.__name__, types, constexprs, sorted(hints), launch.num_warps))
+    if key not in _compiled:
+        _compiled[key] = resources(compile_sm90(launch.kernel, types, constexprs, hints, launch.num_warps))
+    return _compiled[key]
+
+
+def rows_for(family: str, workload: str, phases: List[tuple]) -> List[dict]:
+    """One row per launch of each phase ``(name, run, costs)``: what the compile says and
+    what ``costs`` says the algorithm needs (by kernel name: a Cost, or a list of one per
+    launch of that kernel in the phase). Kernels whose name does not say fwd or bwd are
+    labelled with their phase."""
+    rows = []
+    for phase, run, costs in phases:
+        seen: Dict[str, int] = {}
+        for launch in record(run):
+            name = launch.kernel.fn.__name__
+            cost = costs[name] if isinstance(costs[name], Cost) else costs[name][seen.get(name, 0)]
+            seen[name] = seen.get(name, 0) + 1
+            label = f"{family}/{name}" if ("fwd" in name or "bwd" in name) else f"{family}/{name}[{phase}]"
+            rows.append(row(label, workload, launch, cost))
+    return rows
+
+
+def row(label: str, workload: str, launch: Launch, cost: Cost) -> dict:
+    used = describe(launch)
+    programs = math.prod(launch.grid)
+    resident = resident_per_sm(used["registers"], launch.num_warps, used["smem_bytes"])
+    return {
+        "kernel": label, "workload": workload, "programs": programs,
+        "registers": used["registers"], "spill_bytes": used["spill_bytes"], "smem_bytes": used["smem_bytes"],
+        "resident_per_sm": resident, "mma": used["mma"], "hbm_bytes": int(cost.hbm_bytes), "flops": int(cost.flops),
+        "floor_us": round(floor_us(cost, used["mma"]), 2), "est_us": round(estimate_us(cost, programs, resident, used["mma"]), 2),
+    }
+
+
+def offsets(lengths: List[int]) -> torch.Tensor:
+    return torch.empty(len(lengths) + 1, dtype=torch.int32, device=META)
+
+
+def block_table(length: int, block: int) -> tuple:
+    n = math.ceil(length / block)
+    return torch.empty(n, dtype=torch.int32, device=META), torch.empty(n, dtype=torch.int32, device=META)
+
+
+def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, heads: int = 8, dtype=torch.bfloat16,
+                   window: int = 64, top_k: int = 8) -> List[dict]:
+    """Segment attention on one segment of ``length`` queries and keys: dense, local (a
+    window of ``window``) or top-k."""
+    from canvas_engineering.kernels import segment_attention as kernels
+
+    block = kernels.block_rows(head_dim, "cuda")
+    q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(3))
+    cu = offsets([length])
+    blocks = block_table(length, block)
+    window_arg = window if variant == "local" else 0
+    pairs = batch * heads * length * (min(length, window + 1) if variant == "local" else length)
+    tensor = batch * length * heads * head_dim * BYTES[dtype]
+    statistics = batch * heads * length * 4
+
+    threshold = torch.empty(batch, heads, length, device=META) if variant == "top-k" else None
+    lse = torch.empty(batch, heads, length, device=META)
+
+    def forward():
+        if variant == "top-k":
+            kernels.segment_topk_threshold(q, k, cu, cu, *blocks, 0.125, block, top_k)
+        kernels.segment_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, window_arg, threshold)
+
+    def backward():
+        kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *blocks, *blocks, 0.125, block, window_arg, threshold)
+
+    costs = {
+        "segment_topk_threshold_kernel": Cost(2 * tensor + statistics, 4 * pairs * head_dim * top_k),
+        "segment_attention_fwd_kernel": Cost(4 * tensor + 2 * statistics, 4 * pairs * head_dim),
+        "segment_attention_bwd_dkdv_kernel": Cost(6 * tensor + 3 * statistics, 8 * pairs * head_dim),
+        "segment_attention_bwd_dq_kernel": Cost(5 * tensor + 3 * statistics, 6 * pairs * head_dim),
+    }
+    name = f"attention-{variant}" + (f"-w{window}" if variant == "local" else f"-k{top_k}" if variant == "top-k" else "")
+    return rows_for(name, f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", forward, costs), ("bwd", backward, costs)])
+
+
+def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> List[dict]:
+    """The RWKV WKV scan over one sequence of ``length`` steps."""
+    from canvas_engineering.kernels import wkv
+
+    k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(2))
+    w = torch.empty(heads, head_dim, device=META)
+    cu = offsets([length])
+
+    statistic = torch.empty(batch, length, heads, head_dim, device=META)
+    run = lambda: wkv.wkv_fwd(k, v, w, w, cu)  # noqa: E731
+    backward = lambda: wkv.wkv_bwd(k, k, v, w, v, statistic, statistic, cu)  # noqa: E731
+
+    elements = batch * length * heads * head_dim
+    size = BYTES[dtype]
+    costs = {
+        "wkv_fwd_kernel": Cost(elements * (3 * size + 8), 20 * elements, length),
+        "wkv_bwd_kernel": Cost(elements * (6 * size + 8), 30 * elements, length),
+    }
+    return rows_for("wkv", f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+
+
+def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtype=torch.bfloat16) -> List[dict]:
+    """The S6 selective scan over one sequence of ``length`` steps."""
+    from canvas_engineering.kernels import selective_scan
+
+    x, dt = (torch.empty(batch, length, channels, dtype=dtype, device=META) for _ in range(2))
+    bm, c = (torch.empty(batch, length, state, dtype=dtype, device=META) for _ in range(2))
+    a = torch.empty(channels, state, device=META)
+    skip = torch.empty(channels, device=META)
+    cu = offsets([length])
+    n_chunks = math.ceil(length / selective_scan.CHUNK)
+    chunk_offsets = torch.empty(2, dtype=torch.int32, device=META)
+
+    checkpoints = torch.empty(batch, n_chunks, channels, state, device=META)
+    run = lambda: selective_scan.selective_scan_fwd(x, dt, a, bm, c, skip, cu, chunk_offsets, n_chunks)  # noqa: E731
+    backward = lambda: selective_scan.selective_scan_bwd(x, x, dt, a, bm, c, skip, checkpoints, cu, chunk_offsets)  # noqa: E731
+
+    size = BYTES[dtype]
+    rows = batch * length
+    states = rows * channels * state
+    checkpoint_bytes = batch * n_chunks * channels * state * 4
+    channel_blocks = math.ceil(channels / 32)
+    costs = {
+        "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + checkpoint_bytes, 6 * states, length),
+        "selective_scan_bwd_kernel": Cost(rows * (6 * channels + 2 * state) * size + 2 * channel_blocks * rows * state * 4
+                                          + checkpoint_bytes + 2 * states * 4, 14 * states, 2 * length),
+    }
+    return rows_for("selective-scan", f"M{length}-B{batch}-D{channels}-N{state}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+
+
+def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtype=torch.bfloat16) -> List[dict]:
+    """Linear attention on one segment of ``length`` queries reading one key set of ``length``."""
+    from canvas_engineering.kernels import linear_attention
+
+    q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(3))
+    cu = offsets([length])
+    keyset = torch.empty(1, dtype=torch.int32, device=META)
+    blocks = block_table(length, linear_attention.BLOCK_ROWS)
+
+    padded = max(16, head_dim)
+    state = torch.empty(batch, heads, 1, padded, padded, device=META)
+    normaliser = torch.empty(batch, heads, 1, padded, device=META)
+    run = lambda: linear_attention.linear_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 1e-6)  # noqa: E731
+    backward = lambda: linear_attention.linear_attention_bwd(q, q, k, v, q, state, normaliser, cu, cu, keyset, *blocks, 1e-6)  # noqa: E731
+
+    tensor = batch * length * heads * head_dim * BYTES[dtype]
+    state_bytes = batch * heads * head_dim * (head_dim + 1) * 4
+    products = 2 * batch * heads * length * head_dim * head_dim
+    costs = {
+        "linear_state_kernel": Cost(2 * tensor + state_bytes, products),
+        "linear_apply_kernel": Cost(2 * tensor + state_bytes, products),
+        "linear_query_bwd_kernel": Cost(4 * tensor + 2 * state_bytes + len(blocks[0]) * state_bytes, 2 * products),
+        "linear_key_bwd_kernel": Cost(4 * tensor + state_bytes, 2 * products),
+    }
+    return rows_for("linear-attention", f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+
+
+def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=torch.float32) -> List[dict]:
+    """Hyena's gated FFT convolution: ``rows // length`` segments of ``length`` rows (a power
+    of two: the FFT length too), one batch row."""
+    from canvas_engineering.kernels import fftconv
+
+    segments = rows // length
+    fft = length
+    mixed, gate = (torch.empty(1, rows, channels, dtype=dtype, device=META) for _ in range(2))
+    spectrum = torch.empty(fft // 2 + 1, channels, 2, device=META)
+    cu = offsets([length] * segments)
+    classes = torch.empty(segments, dtype=torch.int32, device=META)
+
+    run = lambda: fftconv.fftconv_fwd(mixed, gate, spectrum, cu, classes, [fft], [segments])  # noqa: E731
+    backward = lambda: fftconv.fftconv_bwd(mixed, mixed, gate, spectrum, cu, classes, [fft], [segments])  # noqa: E731
+
+    size = BYTES[dtype]
+    elements = rows * channels
+    spectral = segments * fft * channels * 8
+    cols, fft_rows = fftconv.factors(fft)
+    row_flops = 4 * fft_rows * fft * segments * channels
+    column_flops = 8 * max(16, cols) ** 2 * fft_rows * segments * channels
+    dense_flops = 8 * max(16, fft) ** 2 * segments * channels
+    filter_bytes = segments * (fft // 2 + 1) * channels * 8
+    forward_costs = {
+        "fftconv_dense_fwd_kernel": Cost(3 * elements * size, dense_flops),
+        "fftconv_rows_kernel": Cost(2 * elements * size + spectral, row_flops),
+        "fftconv_columns_fwd_kernel": Cost(2 * spectral, 2 * column_flops),
+        "fftconv_inverse_rows_kernel": Cost(spectral + elements * size, row_flops),
+    }
+    backward_costs = {
+        "fftconv_dense_bwd_kernel": Cost(5 * elements * size + filter_bytes, 2 * dense_flops),
+        "fftconv_rows_kernel": [Cost(elements * size + spectral, row_flops), forward_costs["fftconv_rows_kernel"]],
+        "fftconv_columns_bwd_kernel": Cost(3 * spectral + filter_bytes, 3 * column_flops),
+        "fftconv_inverse_rows_kernel": Cost(spectral + 4 * elements * size, row_flops),
+    }
+    return rows_for("fftconv", f"L{length}-S{segments}-B1-D{channels}-{SHORT[dtype]}", [("fwd", run, forward_costs), ("bwd", backward, backward_costs)])
+
+
+def workloads() -> List[tuple]:
+    """Every reference workload: (label, the function giving its rows)."""
+    jobs = []
+    for length in (4096, 16384):
+        for head_dim in (64, 128):
+            shape = f"N{length}-d{head_dim}"
+            for variant in ("dense", "local", "top-k"):
+                jobs.append((f"attention-{variant} {shape}", lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d)))
+            jobs.append((f"linear-attention {shape}", lambda n=length, d=head_dim: linear_rows(n, d)))
+    jobs.append(("wkv M4096-H4", lambda: wkv_rows(4096, 2, 4, 64)))
+    jobs.append(("wkv M16384-H8", lambda: wkv_rows(16384, 2, 8, 64)))
+    for channels in (256, 512):
+        jobs.append((f"selective-scan D{channels}", lambda d=channels: selective_scan_rows(4096, 2, d, 16)))
+    for length in (64, 256, 1024, 4096, 8192):
+        for dtype in (torch.float32, torch.bfloat16):
+            jobs.append((f"fftconv L{length}-{SHORT[dtype]}", lambda n=length, t=dtype: fftconv_rows(n, dtype=t)))
+    return jobs
+
+
+COLUMNS = ("kernel", "workload", "programs", "registers", "spill_bytes", "smem_bytes", "resident_per_sm", "mma", "hbm_bytes", "flops", "floor_us", "est_us")
+
+
+def table(rows: List[dict]) -> str:
+    """A Markdown table of the rows (est_us: the estimate of the module docstring)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(only: Optional[str] = None) -> List[dict]:
+    """The rows of every workload whose label contains ``only`` (all when None)."""
+    return [row for label, job in workloads() if only is None or only in label for row in job()]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows as a JSON list here")
+    parser.add_argument("--only", help="run only the workloads whose label (family and shape, e.g. 'wkv M4096') contains this")
+    args = parser.parse_args(argv)
+    rows = report(args.only)
+    print("Estimates from sm_90 compiles and counted work; no GPU ran (see the module docstring).")
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
