@@ -52,14 +52,20 @@ from canvas_engineering.attention import (
     create_attention,
     register_attention,
 )
+from canvas_engineering.action_heads import ActionHead
 from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout, RegionSpec
+from canvas_engineering.cogvideox import LoopedCogVideoXBlock, detect_inner_dim
 from canvas_engineering.connectivity import CanvasTopology, Connection, TemporalFill
 from canvas_engineering.dispatch import AttentionDispatcher
+from canvas_engineering.graft import freeze_full, freeze_half, graft_looped_blocks
+from canvas_engineering.looped_block import LoopedBlockWrapper
+from canvas_engineering.spatiotemporal import PeriodEmbedding, SinusoidalPositionalEncodingND, SpatiotemporalCanvas
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTION_REGISTRY",
+    "ActionHead",
     "ATTENTION_TYPES",
     "BUILTIN_ATTENTION",
     "AttentionDispatcher",
@@ -74,17 +80,26 @@ __all__ = [
     "HyenaAttention",
     "LinearAttention",
     "LocalAttention",
+    "LoopedBlockWrapper",
+    "LoopedCogVideoXBlock",
     "MambaAttention",
     "MixtureAttention",
     "NoneAttention",
     "PerceiverAttention",
+    "PeriodEmbedding",
     "PoolingAttention",
     "RandomFixedAttention",
     "RegionSpec",
     "RWKVAttention",
     "SigmoidAttention",
+    "SinusoidalPositionalEncodingND",
     "SparseAttention",
+    "SpatiotemporalCanvas",
     "TemporalFill",
     "create_attention",
+    "detect_inner_dim",
+    "freeze_full",
+    "freeze_half",
+    "graft_looped_blocks",
     "register_attention",
 ]

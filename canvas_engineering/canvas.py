@@ -353,3 +353,18 @@ class CanvasLayout:
         if remainder or not 0 <= frame < self.region_size(name)[0]:
             return None
         return frame
+
+
+CANVAS_MODULES = ("SpatiotemporalCanvas", "SinusoidalPositionalEncodingND", "PeriodEmbedding")
+"""The canvas nn.Modules, defined in ``canvas_engineering.spatiotemporal`` and importable
+from this module too (where canvas-engineering 0.5.0 defines them)."""
+
+
+def __getattr__(name: str):
+    """Loads the names in :data:`CANVAS_MODULES` on first access, so that this module
+    itself holds no torch state."""
+    if name in CANVAS_MODULES:
+        from canvas_engineering import spatiotemporal
+
+        return getattr(spatiotemporal, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
