@@ -16,9 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from canvas_engineering.canvas import CanvasLayout, as_integer, as_real
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class TemporalFill(str, Enum):
@@ -34,6 +38,25 @@ class TemporalFill(str, Enum):
     DROP = "drop"
     HOLD = "hold"
     INTERPOLATE = "interpolate"
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Sparsity pattern of a connection, as canvas-engineering 0.5.0 declares it.
+
+    Only ``kind="full"`` (every src position reads every dst position, the default) is
+    applied by this package; a :class:`Connection` refuses the other kinds.
+
+    Args:
+        kind: "full", "tile" (spatial tiles) or "sparse" (a rectangle cover).
+        tile_h, tile_w: tile height and width of a two-dimensional "tile" mask.
+        tile_shape: tile shape of an N-dimensional "tile" mask.
+    """
+
+    kind: str = "full"
+    tile_h: int = 1
+    tile_w: int = 1
+    tile_shape: Optional[Tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -53,13 +76,17 @@ class Connection:
         temporal_fill: what to read when dst has no positions at the frame asked for
             (only used when ``t_dst`` is set).
         interpolation_order: order of :attr:`TemporalFill.INTERPOLATE` (>= 1).
+        mask: None or ``MaskSpec(kind="full")``: every src position reads every dst
+            position (the only pattern applied here).
 
     Integers may be NumPy integers and the weight any real number; they are stored as
     ``int`` and ``float``.
 
     Raises:
         ValueError: for an empty region name or fn, a weight that is negative or not
-            finite, a non-integer offset, an unknown fill mode or an order below 1.
+            finite, a non-integer offset, an unknown fill mode, an order below 1 or a
+            mask other than a full one.
+        TypeError: for a mask that is not a :class:`MaskSpec`.
     """
 
     src: str
@@ -72,6 +99,7 @@ class Connection:
     write_mode: str = "add"
     temporal_fill: TemporalFill = TemporalFill.HOLD
     interpolation_order: int = 1
+    mask: Optional[MaskSpec] = None
 
     def __post_init__(self) -> None:
         for label in ("src", "dst"):
@@ -113,6 +141,17 @@ class Connection:
                 f"integer >= 1, got {self.interpolation_order!r}"
             )
         object.__setattr__(self, "interpolation_order", order)
+        if self.mask is not None and not isinstance(self.mask, MaskSpec):
+            raise TypeError(
+                f"Connection {self.src!r} -> {self.dst!r}: mask must be None or a MaskSpec, "
+                f"got {type(self.mask).__name__} {self.mask!r}"
+            )
+        if self.mask is not None and self.mask.kind != "full":
+            raise ValueError(
+                f"Connection {self.src!r} -> {self.dst!r}: mask {self.mask!r} is not applied by this "
+                f"package; expected None or MaskSpec(kind='full') (every src position reads every dst "
+                f"position). Split the edge into several connections between smaller regions instead"
+            )
 
     @property
     def is_temporal(self) -> bool:
@@ -261,7 +300,9 @@ class CanvasTopology:
         return adjacency
 
     def summary(self) -> str:
-        """A readable multi-line description of the edges."""
+        """A readable multi-line description of the edges: each (src, dst) pair with its
+        largest weight, then the count of temporal edges per fill mode and of edges per
+        operator other than "attend" (when there are any)."""
         adjacency = self.to_block_adjacency()
         lines = [f"CanvasTopology ({len(self.connections)} ops, {len(self.regions)} regions):"]
         for (src, dst), weight in sorted(adjacency.items()):
@@ -277,4 +318,96 @@ class CanvasTopology:
                 fills[c.temporal_fill.value] = fills.get(c.temporal_fill.value, 0) + 1
             fill_text = ", ".join(f"{mode}={n}" for mode, n in sorted(fills.items()))
             lines.append(f"  [{len(temporal)} temporal constraints: {fill_text}]")
+        operators: Dict[str, int] = {}
+        for c in self.connections:
+            if c.operator != "attend":
+                operators[c.operator] = operators.get(c.operator, 0) + 1
+        if operators:
+            lines.append(f"  [operators: {', '.join(f'{op}={n}' for op, n in sorted(operators.items()))}]")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"CanvasTopology(connections={len(self.connections)}, regions={sorted(self.regions)})"
+
+    def to_attention_mask(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> "torch.Tensor":
+        """The topology as one ``(P, P)`` weight mask over the canvas (``P = layout.num_positions``).
+
+        ``mask[i, j]`` is the largest weight with which position i (a query) reads position
+        j (a key), over every connection and fill anchor; 0 where i does not read j. The
+        frames follow :func:`compile_segments`: each connection's own offsets, periods in
+        real time, DROP / HOLD / INTERPOLATE fills (an interpolated frame gets its share of
+        the weight). In torch's default dtype, on ``device``.
+
+        Raises:
+            ValueError: for a connection naming a region the layout lacks (with
+                ``strict=False``: a warning, and the connection is left out, as 0.5.0 does).
+        """
+        from canvas_engineering.masks import MaskTables
+
+        return MaskTables.build(self, layout, strict).to(device).weight_mask()
+
+    def to_additive_mask(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> "torch.Tensor":
+        """The ``(P, P)`` additive mask for one attention over the canvas (``nn.Transformer``,
+        ``scaled_dot_product_attention``): 0.0 where :meth:`to_attention_mask` is positive,
+        ``-inf`` elsewhere, except that a position reading nothing attends to itself (no
+        row is all ``-inf``, so softmax gives no NaN). Default dtype, on ``device``.
+
+        Raises:
+            ValueError: for a connection naming a region the layout lacks (with
+                ``strict=False``: a warning, and the connection is left out, as 0.5.0 does).
+        """
+        from canvas_engineering.masks import MaskTables
+
+        return MaskTables.build(self, layout, strict).to(device).additive_mask()
+
+    def to_block_mask(
+        self,
+        layout: CanvasLayout,
+        block_size: int = 128,
+        device: Union[str, "torch.device"] = "cpu",
+        self_attend_unread: bool = False,
+        strict: bool = True,
+    ) -> "BlockMask":
+        """The topology as a FlexAttention ``BlockMask`` over ``(P, P)``, never built dense.
+
+        Its pattern is exactly ``to_attention_mask(layout) > 0``; with
+        ``self_attend_unread`` it is that of :meth:`to_additive_mask` (positions that read
+        nothing attend to themselves). Blocks of ``block_size`` x ``block_size`` that hold
+        no read pair are skipped, blocks where every pair is read are full (no mask_mod),
+        and the rest are exact through a ``mask_mod`` that looks up per-position class
+        tables. Memory: ``O((P / block_size)**2)`` for the block tables plus ``O(P)``.
+        Batch and head dimensions are 1 (broadcast by ``flex_attention``). Pair it with
+        :meth:`to_score_mod` to add the log of the weights.
+
+        Raises:
+            ValueError: for a region missing from the layout (unless ``strict=False``, see
+                :meth:`to_attention_mask`), or a block_size that is not a positive integer.
+        """
+        from canvas_engineering.masks import MaskTables
+
+        return MaskTables.build(self, layout, strict).to(device).block_mask(block_size, self_attend_unread)
+
+    def to_score_mod(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> Callable:
+        """A FlexAttention ``score_mod`` adding ``log(to_attention_mask(layout)[q, k])`` to each
+        read pair's score (0 where the mask is 0, which :meth:`to_block_mask` masks out),
+        so that softmax weighs each key by its connection weight.
+
+        Raises:
+            ValueError: for a connection naming a region the layout lacks (with
+                ``strict=False``: a warning, and the connection is left out, as 0.5.0 does).
+        """
+        from canvas_engineering.masks import MaskTables
+
+        return MaskTables.build(self, layout, strict).to(device).score_mod()
+
+    def explain_mask(self, layout: CanvasLayout, block_size: int = 128, strict: bool = True) -> str:
+        """How dense the topology's mask is: the read (query, key) pairs, and the block
+        density of :meth:`to_block_mask` (computed blocks over all blocks, partial and full).
+
+        Raises:
+            ValueError: for a region missing from the layout (unless ``strict=False``), or a
+                bad block_size.
+        """
+        from canvas_engineering.masks import MaskTables
+
+        return MaskTables.build(self, layout, strict).explain(block_size)

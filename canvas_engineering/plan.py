@@ -49,7 +49,7 @@ class Segment:
 
 
 def resolve_connections(
-    topology: CanvasTopology, layout: CanvasLayout, strict: bool = True
+    topology: CanvasTopology, layout: CanvasLayout, strict: bool = True, check_types: bool = True
 ) -> Tuple[List[Tuple[int, Connection, str]], List[Tuple[int, str]]]:
     """The connections that run, with their index and resolved attention type.
 
@@ -58,6 +58,8 @@ def resolve_connections(
         layout: the canvas; every region an edge names must be in it.
         strict: raise for an edge naming a region the layout lacks; when False, skip
             that edge with a warning.
+        check_types: raise for a resolved type that is not registered (the topology's
+            masks, which read no type, pass False).
 
     Returns:
         ``(resolved, skipped)``: ``(index, connection, fn)`` of every edge that runs, and
@@ -65,7 +67,8 @@ def resolve_connections(
 
     Raises:
         TypeError: when ``topology.connections`` is not a list of :class:`Connection`.
-        ValueError: for a missing region (strict) or an unregistered attention type.
+        ValueError: for a missing region (strict) or an unregistered attention type
+            (``check_types``).
     """
     if not isinstance(topology.connections, (list, tuple)):
         raise TypeError(
@@ -87,7 +90,7 @@ def resolve_connections(
             skipped.append((index, f"names region(s) {missing} that the layout lacks (skipped, strict=False)"))
             continue
         fn = topology.resolve_fn(connection, layout)
-        if fn not in ATTENTION_REGISTRY:
+        if check_types and fn not in ATTENTION_REGISTRY:
             raise ValueError(f"connection {index} ({connection.src!r} -> {connection.dst!r}): {unknown_attention_message(fn)}")
         resolved.append((index, connection, fn))
     return resolved, skipped
