@@ -55,7 +55,7 @@ from canvas_engineering.attention import (
 from canvas_engineering.action_heads import ActionHead
 from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout, RegionSpec
 from canvas_engineering.cogvideox import LoopedCogVideoXBlock, detect_inner_dim
-from canvas_engineering.connectivity import CanvasTopology, Connection, TemporalFill
+from canvas_engineering.connectivity import CanvasTopology, Connection, MaskSpec, TemporalFill
 from canvas_engineering.dispatch import AttentionDispatcher
 from canvas_engineering.graft import freeze_full, freeze_half, graft_looped_blocks
 from canvas_engineering.looped_block import LoopedBlockWrapper
@@ -83,6 +83,7 @@ __all__ = [
     "LoopedBlockWrapper",
     "LoopedCogVideoXBlock",
     "MambaAttention",
+    "MaskSpec",
     "MixtureAttention",
     "NoneAttention",
     "PerceiverAttention",
