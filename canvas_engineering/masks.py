@@ -43,7 +43,7 @@ def position_classes(sets: Sequence[Tuple[int, ...]], num_positions: int) -> Tup
     """Group the positions ``0 .. P-1`` by the sets that hold them.
 
     Args:
-        sets: U sets of flat canvas positions (each without repeats).
+        sets: U non-empty sets of flat canvas positions (each without repeats).
         num_positions: P.
 
     Returns:
@@ -52,13 +52,19 @@ def position_classes(sets: Sequence[Tuple[int, ...]], num_positions: int) -> Tup
         ``(C, U)`` bool, which sets hold the positions of each class.
     """
     words = max(1, -(-len(sets) // BITS))
-    set_ids = torch.repeat_interleave(torch.arange(len(sets)), torch.tensor([len(s) for s in sets], dtype=torch.long))
+    lengths = [len(s) for s in sets]
+    starts = torch.tensor(list(itertools.accumulate(lengths[:-1])), dtype=torch.long)
+    set_ids = torch.zeros(sum(lengths), dtype=torch.long).index_fill_(0, starts, 1).cumsum(0)
     positions = torch.tensor(list(itertools.chain.from_iterable(sets)), dtype=torch.long)
     packed = torch.zeros(words, num_positions, dtype=torch.long)
     packed.index_put_((set_ids // BITS, positions), torch.ones_like(set_ids) << (set_ids % BITS), accumulate=True)
-    patterns, classes = torch.unique(packed.T, dim=0, return_inverse=True)
-    bits = (patterns.unsqueeze(-1) >> torch.arange(BITS)) & 1
-    return classes, bits.reshape(len(patterns), words * BITS)[:, : len(sets)].bool()
+    classes = torch.zeros(num_positions, dtype=torch.long)
+    for word in packed:
+        values, inverse = torch.unique(word, return_inverse=True)
+        _, classes = torch.unique(classes * len(values) + inverse, return_inverse=True)
+    first = torch.full((int(classes.max()) + 1,), num_positions).scatter_reduce(0, classes, torch.arange(num_positions), "amin")
+    bits = (packed[:, first].T.unsqueeze(-1) >> torch.arange(BITS)) & 1
+    return classes, bits.reshape(len(first), words * BITS)[:, : len(sets)].bool()
 
 
 def max_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ their objects from the same plain description.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -66,8 +67,13 @@ def fresh_leaf(tensor: Any, case: Dict[str, Any]) -> Any:
 
 def mask_case(package: Any, case: Dict[str, Any]) -> Dict[str, Any]:
     """The topology of ``case["declarations"]`` as masks: ``to_attention_mask`` and
-    ``to_additive_mask`` (on the CPU), ``summary()`` and ``repr``."""
+    ``to_additive_mask`` (on the CPU), ``summary()`` and ``repr``; with ``case["timed"]``,
+    only ``{"attention_mask_s": seconds}`` of one ``to_attention_mask`` call."""
     topology, layout = build_declarations(package, case["declarations"])
+    if case.get("timed"):
+        start = time.perf_counter()
+        topology.to_attention_mask(layout)
+        return {"attention_mask_s": time.perf_counter() - start}
     return {
         "attention_mask": topology.to_attention_mask(layout),
         "additive_mask": topology.to_additive_mask(layout),
