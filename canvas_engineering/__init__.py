@@ -53,6 +53,7 @@ from canvas_engineering.attention import (
     register_attention,
 )
 from canvas_engineering.action_heads import ActionHead
+from canvas_engineering.attn_processor import CanvasAttnProcessor
 from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout, RegionSpec
 from canvas_engineering.cogvideox import LoopedCogVideoXBlock, detect_inner_dim
 from canvas_engineering.connectivity import CanvasTopology, Connection, MaskSpec, TemporalFill
@@ -69,6 +70,7 @@ __all__ = [
     "ATTENTION_TYPES",
     "BUILTIN_ATTENTION",
     "AttentionDispatcher",
+    "CanvasAttnProcessor",
     "CanvasLayout",
     "CanvasTopology",
     "CogVideoXAttention",
