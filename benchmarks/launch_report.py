@@ -260,10 +260,11 @@ def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtyp
     tensor = batch * length * heads * head_dim * BYTES[dtype]
     state_bytes = batch * heads * head_dim * (head_dim + 1) * 4
     products = 2 * batch * heads * length * head_dim * head_dim
+    partials = linear_attention.parts(1, batch * heads) * state_bytes
     costs = {
-        "linear_state_kernel": Cost(2 * tensor + state_bytes, products),
+        "linear_state_kernel": Cost(2 * tensor + partials, products),
         "linear_apply_kernel": Cost(2 * tensor + state_bytes, products),
-        "linear_query_bwd_kernel": Cost(4 * tensor + 2 * state_bytes + len(blocks[0]) * state_bytes, 2 * products),
+        "linear_query_bwd_kernel": Cost(4 * tensor + state_bytes + partials, 2 * products),
         "linear_key_bwd_kernel": Cost(4 * tensor + state_bytes, 2 * products),
     }
     return rows_for("linear-attention", f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])

@@ -7,12 +7,17 @@ reads; all contiguous. With ``phi`` = elu + 1 (``RELU``: relu), per key set and 
 
     S = sum_m phi(k_m)^T v_m  (D x E),   z = sum_m phi(k_m)  (D),
 
-and per query ``out = phi(q) S / (phi(q) . z + eps)``. Phase one reduces S and z over each key
-set's blocks; phase two applies them to each query block: O(Tq + Tk) time, O(S_k * D * E)
-state. The backward pass runs the same two phases in reverse: per query block, dq and that
-block's share of dS and dz (summed over blocks by the launcher); then per key block, dk and dv.
-Query blocks are listed in block tables (``block_segment``, ``block_start``), key blocks are
-walked inside each key set's program.
+and per query ``out = phi(q) S / (phi(q) . z + eps)``. O(Tq + Tk) time, O(S_k * D * E) state.
+
+Phase one splits every key set into ``n_parts`` parts of whole ``BLOCK``-row blocks (a part
+per program, so that short key sets and few heads still fill the GPU); each program sums its
+part's blocks and the launcher adds the parts in a fixed order. Phase two applies S and z to
+each query block (listed in the block tables ``block_segment``, ``block_start``). The
+backward pass splits every query segment the same way: each program writes dq of its part
+and the part's share of dS and dz (``n_parts`` shares per segment, summed by the launcher and
+gathered per key set); then each part of a key set gives its dk and dv. Scratch:
+O(B * H * (S_q + S_k) * n_parts * D * E) floats, n_parts about 264 / (B * H * segments).
+``tl.dot`` operands stay in the inputs' dtype on the GPU (:mod:`.operands`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
+from .operands import UPCAST_OPERANDS, dot_operand
 
 
 @triton.jit
@@ -47,61 +53,71 @@ def _state_offsets(slot, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _keyset_program(cu_seqlens_k, n_heads, n_keysets):
-    """What a key-set program (grid: key set, batch x head) works on: (b, h, first packed
-    key row, length, total packed key rows, its state slot)."""
-    keyset = tl.program_id(0)
+def _batch_head(n_heads):
+    """(b, h) of this program (grid axis 1: batch x head)."""
     batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
-    begin = tl.load(cu_seqlens_k + keyset).to(tl.int64)
-    length = tl.load(cu_seqlens_k + keyset + 1).to(tl.int64) - begin
-    total = tl.load(cu_seqlens_k + n_keysets).to(tl.int64)
-    return b, h, begin, length, total, (b * n_heads + h) * n_keysets + keyset
+    return (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64)
 
 
 @triton.jit
-def _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK: tl.constexpr):
+def _part(cu_seqlens, n_sets, n_parts, BLOCK: tl.constexpr):
+    """What a part program (grid axis 0: set x part) works on: (its set, the set's first
+    packed row, the first and end row of its part within the set, total packed rows). Parts
+    are whole blocks; the trailing parts of a short set are empty."""
+    index = tl.program_id(0) // n_parts
+    part = tl.program_id(0) % n_parts
+    begin = tl.load(cu_seqlens + index)
+    length = tl.load(cu_seqlens + index + 1) - begin
+    rows = tl.cdiv(tl.cdiv(length, n_parts), BLOCK) * BLOCK
+    start = part * rows
+    return index, begin.to(tl.int64), start, tl.minimum(start + rows, length), tl.load(cu_seqlens + n_sets).to(tl.int64)
+
+
+@triton.jit
+def _rows(X, b, h, begin, total, rows, r_mask, n_heads, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows ``rows`` (within a set starting at packed row ``begin``) of head h in batch b of
+    a ``(B, T, H, WIDTH)`` tensor, ``(len(rows), BLOCK_W)`` in float32, zeros outside; and
+    their offsets and mask."""
+    offs = tl.arange(0, BLOCK_W)
+    at = ((b * total + begin + rows) * n_heads + h)[:, None] * WIDTH + offs[None, :]
+    mask = r_mask[:, None] & (offs < WIDTH)[None, :]
+    return tl.load(X + at, mask=mask, other=0.0).to(tl.float32), at, mask
+
+
+@triton.jit
+def _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_segments, BLOCK: tl.constexpr):
     """What a query-block program (grid: block, batch x head) works on: its rows within the
-    segment, their mask, the packed (row, head) index of each, the state slot of the key set
-    the segment reads."""
-    batch_head = tl.program_id(1)
-    b = (batch_head // n_heads).to(tl.int64)
-    h = (batch_head % n_heads).to(tl.int64)
+    segment, their mask, the segment's first packed row, total packed rows, the key set the
+    segment reads."""
     segment = tl.load(block_segment + tl.program_id(0))
-    keyset = tl.load(segment_keyset + segment).to(tl.int64)
     begin = tl.load(cu_seqlens_q + segment).to(tl.int64)
     length = tl.load(cu_seqlens_q + segment + 1) - begin
-    total = tl.load(cu_seqlens_q + n_segments).to(tl.int64)
     rows = tl.load(block_start + tl.program_id(0)) + tl.arange(0, BLOCK)
-    return rows, rows < length, (b * total + begin + rows) * n_heads + h, (b * n_heads + h) * n_keysets + keyset
+    return rows, rows < length, begin, tl.load(cu_seqlens_q + n_segments).to(tl.int64), tl.load(segment_keyset + segment).to(tl.int64)
 
 
 @triton.jit
 def linear_state_kernel(
-    K, V, STATE, NORMALISER, cu_seqlens_k, n_heads, n_keysets,
+    K, V, STATE_PARTIAL, NORMALISER_PARTIAL, cu_seqlens_k, n_heads, n_keysets, n_parts,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    b, h, begin, length, total, slot = _keyset_program(cu_seqlens_k, n_heads, n_keysets)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    d_mask = offs_d < HEAD_DIM
-    e_mask = offs_e < VALUE_DIM
+    """One part's share of S and z."""
+    b, h = _batch_head(n_heads)
+    keyset, begin, start, end, total = _part(cu_seqlens_k, n_keysets, n_parts, BLOCK)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     normaliser = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, length, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        r_mask = rows < length
-        base = ((b * total + begin + rows) * n_heads + h)
-        k = tl.load(K + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        v = tl.load(V + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        phi_k = tl.where(r_mask[:, None] & d_mask[None, :], _features(k, RELU), 0.0)
-        state = tl.dot(tl.trans(phi_k), v, state)
+    for first in range(start, end, BLOCK):
+        rows = first + tl.arange(0, BLOCK)
+        r_mask = rows < end
+        k, _, k_mask = _rows(K, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
+        v, _, _ = _rows(V, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
+        phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
+        state = tl.dot(tl.trans(dot_operand(phi_k, K, UPCAST)), dot_operand(v, V, UPCAST), state)
         normaliser += tl.sum(phi_k, axis=0)
-    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
-    tl.store(STATE + matrix_at, state)
-    tl.store(NORMALISER + vector_at, normaliser)
+    matrix_at, vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
+    tl.store(STATE_PARTIAL + matrix_at, state)
+    tl.store(NORMALISER_PARTIAL + vector_at, normaliser)
 
 
 @triton.jit
@@ -109,52 +125,56 @@ def linear_apply_kernel(
     Q, STATE, NORMALISER, O, cu_seqlens_q, segment_keyset, block_segment, block_start,
     n_heads, n_keysets, n_segments, eps,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    rows, r_mask, base, slot = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    q = tl.load(Q + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
-    phi_q = tl.where((offs_d < HEAD_DIM)[None, :], _features(q, RELU), 0.0)
-    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    b, h = _batch_head(n_heads)
+    rows, r_mask, begin, total, keyset = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_segments, BLOCK)
+    q, _, q_mask = _rows(Q, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
+    phi_q = tl.where(q_mask, _features(q, RELU), 0.0)
+    matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     state = tl.load(STATE + matrix_at)
     normaliser = tl.load(NORMALISER + vector_at)
-    numerator = tl.dot(phi_q, state, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
+    numerator = tl.dot(dot_operand(phi_q, Q, UPCAST), dot_operand(state, Q, UPCAST), tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
     denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
-    tl.store(O + base[:, None] * VALUE_DIM + offs_e[None, :], (numerator / denominator[:, None]).to(O.dtype.element_ty),
-             mask=r_mask[:, None] & (offs_e < VALUE_DIM)[None, :])
+    _, out_at, out_mask = _rows(O, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
+    tl.store(O + out_at, (numerator / denominator[:, None]).to(O.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def linear_query_bwd_kernel(
     Q, STATE, NORMALISER, O, DO, DQ, DSTATE_PARTIAL, DNORMALISER_PARTIAL,
-    cu_seqlens_q, segment_keyset, block_segment, block_start,
-    n_heads, n_keysets, n_segments, eps,
+    cu_seqlens_q, segment_keyset, n_heads, n_keysets, n_segments, n_parts, eps,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dq for a query block, and the block's share of dS and dz: with d = phi(q).z + eps,
-    dn = dO / d and dd = -(dO . O) / d, dphi(q) = dn S^T + dd z, dS += phi(q)^T dn, dz += dd phi(q)."""
-    rows, r_mask, base, slot = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_heads, n_keysets, n_segments, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    d_mask = offs_d < HEAD_DIM
-    e_mask = offs_e < VALUE_DIM
-    q = tl.load(Q + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    out = tl.load(O + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-    grad = tl.load(DO + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-    phi_q = tl.where(r_mask[:, None] & d_mask[None, :], _features(q, RELU), 0.0)
-    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    """dq for one part of a query segment, and the part's share of dS and dz: with
+    d = phi(q).z + eps, dn = dO / d and dd = -(dO . O) / d, dphi(q) = dn S^T + dd z,
+    dS += phi(q)^T dn, dz += dd phi(q)."""
+    b, h = _batch_head(n_heads)
+    segment, begin, start, end, total = _part(cu_seqlens_q, n_segments, n_parts, BLOCK)
+    keyset = tl.load(segment_keyset + segment).to(tl.int64)
+    matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     state = tl.load(STATE + matrix_at)
+    state_operand = dot_operand(tl.trans(state), Q, UPCAST)
     normaliser = tl.load(NORMALISER + vector_at)
-    denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
-    d_numerator = grad / denominator[:, None]
-    d_denominator = -tl.sum(grad * out, axis=1) / denominator
-    d_phi = tl.dot(d_numerator, tl.trans(state), tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_denominator[:, None] * normaliser[None, :]
-    dq = d_phi * _feature_slope(q, RELU)
-    tl.store(DQ + base[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
-    d_state = tl.dot(tl.trans(phi_q), d_numerator, tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32))
-    d_normaliser = tl.sum(phi_q * d_denominator[:, None], axis=0)
+    d_state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    d_normaliser = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(start, end, BLOCK):
+        rows = first + tl.arange(0, BLOCK)
+        r_mask = rows < end
+        q, q_at, q_mask = _rows(Q, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
+        out, _, _ = _rows(O, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
+        grad, _, _ = _rows(DO, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
+        phi_q = tl.where(q_mask, _features(q, RELU), 0.0)
+        denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
+        d_numerator = grad / denominator[:, None]
+        d_denominator = -tl.sum(grad * out, axis=1) / denominator
+        d_numerator_operand = dot_operand(d_numerator, Q, UPCAST)
+        d_phi = tl.dot(d_numerator_operand, state_operand, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32))
+        dq = (d_phi + d_denominator[:, None] * normaliser[None, :]) * _feature_slope(q, RELU)
+        tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        d_state = tl.dot(tl.trans(dot_operand(phi_q, Q, UPCAST)), d_numerator_operand, d_state)
+        d_normaliser += tl.sum(phi_q * d_denominator[:, None], axis=0)
     partial_at, partial_vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
     tl.store(DSTATE_PARTIAL + partial_at, d_state)
     tl.store(DNORMALISER_PARTIAL + partial_vector_at, d_normaliser)
@@ -162,38 +182,58 @@ def linear_query_bwd_kernel(
 
 @triton.jit
 def linear_key_bwd_kernel(
-    K, V, DSTATE, DNORMALISER, DK, DV, cu_seqlens_k, n_heads, n_keysets,
+    K, V, DSTATE, DNORMALISER, DK, DV, cu_seqlens_k, n_heads, n_keysets, n_parts,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dk and dv of a key set: dphi(k) = v dS^T + dz, dv = phi(k) dS."""
-    b, h, begin, length, total, slot = _keyset_program(cu_seqlens_k, n_heads, n_keysets)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    d_mask = offs_d < HEAD_DIM
-    e_mask = offs_e < VALUE_DIM
-    matrix_at, vector_at = _state_offsets(slot, BLOCK_D, BLOCK_E)
+    """dk and dv of one part of a key set: dphi(k) = v dS^T + dz, dv = phi(k) dS."""
+    b, h = _batch_head(n_heads)
+    keyset, begin, start, end, total = _part(cu_seqlens_k, n_keysets, n_parts, BLOCK)
+    matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     d_state = tl.load(DSTATE + matrix_at)
+    d_state_operand = dot_operand(d_state, K, UPCAST)
+    d_state_transposed = dot_operand(tl.trans(d_state), V, UPCAST)
     d_normaliser = tl.load(DNORMALISER + vector_at)
-    for start in range(0, length, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        r_mask = rows < length
-        base = ((b * total + begin + rows) * n_heads + h)
-        k = tl.load(K + base[:, None] * HEAD_DIM + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        v = tl.load(V + base[:, None] * VALUE_DIM + offs_e[None, :], mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        phi_k = tl.where(d_mask[None, :], _features(k, RELU), 0.0)
-        d_phi = tl.dot(v, tl.trans(d_state), tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
-        dk = d_phi * _feature_slope(k, RELU)
-        dv = tl.dot(phi_k, d_state, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
-        tl.store(DK + base[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
-        tl.store(DV + base[:, None] * VALUE_DIM + offs_e[None, :], dv.to(DV.dtype.element_ty), mask=r_mask[:, None] & e_mask[None, :])
+    for first in range(start, end, BLOCK):
+        rows = first + tl.arange(0, BLOCK)
+        r_mask = rows < end
+        k, k_at, k_mask = _rows(K, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
+        v, v_at, v_mask = _rows(V, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
+        phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
+        d_phi = tl.dot(dot_operand(v, V, UPCAST), d_state_transposed, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
+        dv = tl.dot(dot_operand(phi_k, K, UPCAST), d_state_operand, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
+        tl.store(DK + k_at, (d_phi * _feature_slope(k, RELU)).to(DK.dtype.element_ty), mask=k_mask)
+        tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
-BLOCK_ROWS = 16
+BLOCK_ROWS = 64
+"""Rows per query block (the block tables), and per step of a part except for float32 head
+dims above 64 (:func:`_step_rows`)."""
+PROGRAMS_WANTED = 264
+"""Programs a part launch aims for: two per SM of an H100."""
+MAX_PARTS = 64
 
 
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _step_rows(dtype: torch.dtype, block_d: int, block_e: int) -> int:
+    """Rows a part program takes per step: BLOCK_ROWS, or 32 where float32 operands of more
+    than 64 columns would overflow shared memory beside the ``D x E`` state operands."""
+    return 32 if dtype == torch.float32 and max(block_d, block_e) > 64 else BLOCK_ROWS
+
+
+def _warps(block_d: int, block_e: int) -> int:
+    """Warps per program: 8 above 64 columns, where the ``D x E`` state and its gradient
+    would not fit the registers of 4."""
+    return 8 if max(block_d, block_e) > 64 else 4
+
+
+def parts(n_sets: int, batch_heads: int) -> int:
+    """Parts per set: enough for about PROGRAMS_WANTED programs over ``n_sets`` sets and
+    ``batch_heads`` (batch x head) pairs, at most MAX_PARTS."""
+    return max(1, min(MAX_PARTS, triton.cdiv(PROGRAMS_WANTED, max(1, n_sets * batch_heads))))
 
 
 def linear_attention_fwd(
@@ -210,12 +250,18 @@ def linear_attention_fwd(
     value_dim = v.shape[3]
     n_keysets = cu_seqlens_k.shape[0] - 1
     block_d, block_e = _pad(head_dim), _pad(value_dim)
-    state = torch.zeros(batch, heads, n_keysets, block_d, block_e, dtype=torch.float32, device=q.device)
-    normaliser = torch.zeros(batch, heads, n_keysets, block_d, dtype=torch.float32, device=q.device)
+    n_parts = parts(n_keysets, batch * heads)
+    step = _step_rows(k.dtype, block_d, block_e)
+    state_partial = torch.empty(batch, heads, n_keysets, n_parts, block_d, block_e, dtype=torch.float32, device=q.device)
+    normaliser_partial = torch.empty(batch, heads, n_keysets, n_parts, block_d, dtype=torch.float32, device=q.device)
     out = new_output(v, q.shape[:3] + (value_dim,), v.dtype)
-    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu)
+    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
+                  UPCAST=UPCAST_OPERANDS, num_warps=_warps(block_d, block_e))
     if n_keysets:
-        linear_state_kernel[(n_keysets, batch * heads)](k, v, state, normaliser, cu_seqlens_k, heads, n_keysets, **common)
+        linear_state_kernel[(n_keysets * n_parts, batch * heads)](
+            k, v, state_partial, normaliser_partial, cu_seqlens_k, heads, n_keysets, n_parts, **{**common, "BLOCK": step},
+        )
+    state, normaliser = state_partial.sum(3), normaliser_partial.sum(3)
     if block_segment.shape[0]:
         linear_apply_kernel[(block_segment.shape[0], batch * heads)](
             q, state, normaliser, out, cu_seqlens_q, segment_keyset, block_segment, block_start,
@@ -230,30 +276,34 @@ def linear_attention_bwd(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of :func:`linear_attention_fwd`."""
+    """Gradients (dq, dk, dv) of :func:`linear_attention_fwd` (the block tables are the
+    forward's; the backward walks parts of segments instead)."""
     batch, _, heads, head_dim = q.shape
     value_dim = v.shape[3]
     n_keysets = cu_seqlens_k.shape[0] - 1
-    n_blocks = block_segment.shape[0]
+    n_segments = cu_seqlens_q.shape[0] - 1
     block_d, block_e = _pad(head_dim), _pad(value_dim)
-    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu)
+    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
+                  UPCAST=UPCAST_OPERANDS, num_warps=_warps(block_d, block_e))
     grad_out = grad_out.contiguous()
     dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
-    d_state_partial = torch.zeros(batch * heads, n_blocks, block_d, block_e, dtype=torch.float32, device=q.device)
-    d_normaliser_partial = torch.zeros(batch * heads, n_blocks, block_d, dtype=torch.float32, device=q.device)
-    if n_blocks:
-        linear_query_bwd_kernel[(n_blocks, batch * heads)](
+    query_parts = parts(n_segments, batch * heads)
+    step = {**common, "BLOCK": _step_rows(q.dtype, block_d, block_e)}
+    d_state_partial = torch.empty(batch * heads, n_segments, query_parts, block_d, block_e, dtype=torch.float32, device=q.device)
+    d_normaliser_partial = torch.empty(batch * heads, n_segments, query_parts, block_d, dtype=torch.float32, device=q.device)
+    if n_segments:
+        linear_query_bwd_kernel[(n_segments * query_parts, batch * heads)](
             q, state, normaliser, out, grad_out, dq, d_state_partial, d_normaliser_partial,
-            cu_seqlens_q, segment_keyset, block_segment, block_start,
-            heads, n_keysets, cu_seqlens_q.shape[0] - 1, eps, **common,
+            cu_seqlens_q, segment_keyset, heads, n_keysets, n_segments, query_parts, eps, **step,
         )
-    keyset_of_block = segment_keyset.long()[block_segment.long()]
+    keyset_of_segment = segment_keyset.long()
     d_state = torch.zeros(batch * heads, n_keysets, block_d, block_e, dtype=torch.float32, device=q.device)
-    d_state = d_state.index_add(1, keyset_of_block, d_state_partial).contiguous()
+    d_state = d_state.index_add(1, keyset_of_segment, d_state_partial.sum(2)).contiguous()
     d_normaliser = torch.zeros(batch * heads, n_keysets, block_d, dtype=torch.float32, device=q.device)
-    d_normaliser = d_normaliser.index_add(1, keyset_of_block, d_normaliser_partial).contiguous()
+    d_normaliser = d_normaliser.index_add(1, keyset_of_segment, d_normaliser_partial.sum(2)).contiguous()
+    key_parts = parts(n_keysets, batch * heads)
     if n_keysets:
-        linear_key_bwd_kernel[(n_keysets, batch * heads)](
-            k, v, d_state, d_normaliser, dk, dv, cu_seqlens_k, heads, n_keysets, **common,
+        linear_key_bwd_kernel[(n_keysets * key_parts, batch * heads)](
+            k, v, d_state, d_normaliser, dk, dv, cu_seqlens_k, heads, n_keysets, key_parts, **step,
         )
     return dq, dk, dv

@@ -27,7 +27,7 @@ from canvas_engineering.kernels import fftconv, linear_attention, selective_scan
 STATISTICS = {
     "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
-    "STATE", "NORMALISER", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
+    "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
     "SPECTRUM", "DFT", "DFT_ROWS", "DFT_COLS", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
@@ -161,8 +161,9 @@ def linear_configs():
                linear_attention.linear_query_bwd_kernel, linear_attention.linear_key_bwd_kernel)
     for kernel in kernels:
         for data_type, head_dim, relu in (("bf16", 64, False), ("fp32", 128, True)):
+            rows = linear_attention.BLOCK_ROWS if kernel is linear_attention.linear_apply_kernel else 32 if data_type == "fp32" else 64
             yield kernel, data_type, {"HEAD_DIM": head_dim, "VALUE_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_E": head_dim,
-                                      "BLOCK": linear_attention.BLOCK_ROWS, "RELU": relu}
+                                      "BLOCK": rows, "RELU": relu, "UPCAST": False}, linear_attention._warps(head_dim, head_dim)
 
 
 def fftconv_configs():

@@ -15,20 +15,38 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS = [5, 1, 37, 20, 3], [0, 1, 2, 2, 0], [9, 3, 40]
 
 
-def data(dtype, head_dim=20, value_dim=12, seed=0):
+def data(dtype, head_dim=20, value_dim=12, seed=0, query_lengths=QUERY_LENGTHS, keyset_lengths=KEYSET_LENGTHS):
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, sum(QUERY_LENGTHS), 3, head_dim, generator=generator)
-    k = torch.randn(2, sum(KEYSET_LENGTHS), 3, head_dim, generator=generator)
-    v = torch.randn(2, sum(KEYSET_LENGTHS), 3, value_dim, generator=generator)
-    grad = torch.randn(2, sum(QUERY_LENGTHS), 3, value_dim, generator=generator)
+    q = torch.randn(2, sum(query_lengths), 3, head_dim, generator=generator)
+    k = torch.randn(2, sum(keyset_lengths), 3, head_dim, generator=generator)
+    v = torch.randn(2, sum(keyset_lengths), 3, value_dim, generator=generator)
+    grad = torch.randn(2, sum(query_lengths), 3, value_dim, generator=generator)
     return [t.to(dtype) for t in (q, k, v, grad)]
 
 
-def oracle(q, k, v, grad, relu):
+def oracle(q, k, v, grad, relu, query_lengths=QUERY_LENGTHS, keyset_of=KEYSET_OF, keyset_lengths=KEYSET_LENGTHS):
     exact = [t.double().requires_grad_(True) for t in (q, k, v)]
-    expected = linear_attention_reference(*exact, QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS, relu=relu)
+    expected = linear_attention_reference(*exact, query_lengths, keyset_of, keyset_lengths, relu=relu)
     expected.backward(grad.double())
     return expected, [t.grad for t in exact]
+
+
+def kernel_errors(dtype, relu, query_lengths=QUERY_LENGTHS, keyset_of=KEYSET_OF, keyset_lengths=KEYSET_LENGTHS):
+    """Relative errors of the kernels' output and (dq, dk, dv) against the oracle."""
+    from canvas_engineering.kernels.linear_attention import BLOCK_ROWS, linear_attention_bwd, linear_attention_fwd
+
+    q, k, v, grad = data(dtype, query_lengths=query_lengths, keyset_lengths=keyset_lengths)
+    offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)  # noqa: E731
+    pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
+    tables = (
+        offsets(query_lengths), offsets(keyset_lengths), torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
+        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE), torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
+    )
+    on_device = [t.to(DEVICE) for t in (q, k, v, grad)]
+    out, state, normaliser = linear_attention_fwd(*on_device[:3], *tables, 1e-6, relu)
+    grads = linear_attention_bwd(on_device[3], *on_device[:3], out, state, normaliser, *tables, 1e-6, relu)
+    expected, expected_grads = oracle(q, k, v, grad, relu, query_lengths, keyset_of, keyset_lengths)
+    return [relative_error(actual.cpu(), reference) for actual, reference in zip((out, *grads), (expected, *expected_grads))]
 
 
 @pytest.mark.gpu
@@ -36,23 +54,24 @@ def oracle(q, k, v, grad, relu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernels_match_the_oracle(dtype, relu, monkeypatch):
     pytest.importorskip("triton")
-    from canvas_engineering.kernels.linear_attention import BLOCK_ROWS, linear_attention_bwd, linear_attention_fwd
+    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
+    tolerance = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 2e-2)
+    assert max(kernel_errors(dtype, relu)) < tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wanted", [1, 48], ids=["one-part", "several-parts"])
+def test_kernels_split_sets_into_parts(wanted, monkeypatch):
+    """One part per set (each program walks several blocks), and several parts per set (at
+    B x H = 6: 8 per key set, 4 per segment; non-empty ones summed by the launcher, empty
+    ones after them)."""
+    pytest.importorskip("triton")
+    from canvas_engineering.kernels import linear_attention
 
     monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
-    q, k, v, grad = data(dtype)
-    offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)  # noqa: E731
-    pairs = [(s, start) for s, n in enumerate(QUERY_LENGTHS) for start in range(0, n, BLOCK_ROWS)]
-    tables = (
-        offsets(QUERY_LENGTHS), offsets(KEYSET_LENGTHS), torch.tensor(KEYSET_OF, dtype=torch.int32, device=DEVICE),
-        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE), torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
-    )
-    on_device = [t.to(DEVICE) for t in (q, k, v, grad)]
-    out, state, normaliser = linear_attention_fwd(*on_device[:3], *tables, 1e-6, relu)
-    grads = linear_attention_bwd(on_device[3], *on_device[:3], out, state, normaliser, *tables, 1e-6, relu)
-    expected, expected_grads = oracle(q, k, v, grad, relu)
-    tolerance = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 2e-2)
-    for actual, reference in zip((out, *grads), (expected, *expected_grads)):
-        assert relative_error(actual.cpu(), reference) < tolerance
+    monkeypatch.setattr(linear_attention, "PROGRAMS_WANTED", wanted)
+    errors = kernel_errors(torch.float32, False, query_lengths=[150, 9], keyset_of=[0, 0], keyset_lengths=[200])
+    assert max(errors) < (1e-5 if DEVICE == "cpu" else 3e-3), errors
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
