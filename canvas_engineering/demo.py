@@ -1,5 +1,7 @@
 """A tour of the package: the specification's four design recipes, each built, run forward
-and backward, and trained for a few steps on a toy target.
+and backward, and trained for a few steps on a toy target; then, with the ``cogvideox``
+extra installed, a tiny CogVideoX grafted with looped blocks and a topology in its attention
+(:mod:`canvas_engineering.cogvideox_demo`).
 
 Run with ``python -m canvas_engineering.demo``.
 """
@@ -7,11 +9,12 @@ Run with ``python -m canvas_engineering.demo``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import torch
 
-from canvas_engineering import AttentionDispatcher
+from canvas_engineering import AttentionDispatcher, cogvideox_demo
 from canvas_engineering.recipes import RECIPES
 
 
@@ -49,6 +52,12 @@ def main() -> None:
     for name in RECIPES:
         run_recipe(name, args.T, args.grid, args.d_model, args.steps)
     print("\nAll four recipes ran forward and backward.")
+    if importlib.util.find_spec("diffusers") is None:
+        print("The fifth demo, a tiny CogVideoX with looped blocks and a topology in its attention, needs the "
+              "cogvideox extra: pip install -e '.[cogvideox]'")
+        return
+    print("\n== cogvideox: a tiny CogVideoX grafted with looped blocks, robot_manipulation's topology in its attention")
+    cogvideox_demo.main(["--steps", str(args.steps)])
 
 
 if __name__ == "__main__":
