@@ -114,7 +114,8 @@ def main(argv=None) -> list:
     rotary = rotary_tables(TINY_COGVIDEOX, frames, height, width)
     trainable = [p for p in transformer.parameters() if p.requires_grad] + list(action_head.parameters())
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    losses = []
+    losses, times = [], []
+    print(f"before training: peak RSS {peak_rss_mib():.0f} MiB (Python, torch, diffusers and the model)")
     for step in range(args.steps):
         before, start = peak_rss_mib(), time.perf_counter()
         (prediction,) = transformer(0.7 * latents + 0.7 * noise, prompt, timestep, image_rotary_emb=rotary, return_dict=False)
@@ -124,8 +125,12 @@ def main(argv=None) -> list:
         optimizer.step()
         elapsed = time.perf_counter() - start
         losses.append(loss.item())
+        times.append(elapsed)
         print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f}  ({elapsed * 1e3:.1f} ms forward+backward+step, "
               f"peak RSS {peak_rss_mib():.0f} MiB, +{peak_rss_mib() - before:.1f} MiB)")
+    if args.steps > 1:
+        later = sorted(times[1:])
+        print(f"steps 2-{args.steps}: median {later[len(later) // 2] * 1e3:.1f} ms, fastest {later[0] * 1e3:.1f} ms per step")
     return losses
 
 
