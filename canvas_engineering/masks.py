@@ -58,10 +58,13 @@ def position_classes(sets: Sequence[Tuple[int, ...]], num_positions: int) -> Tup
     positions = torch.tensor(list(itertools.chain.from_iterable(sets)), dtype=torch.long)
     packed = torch.zeros(words, num_positions, dtype=torch.long)
     packed.index_put_((set_ids // BITS, positions), torch.ones_like(set_ids) << (set_ids % BITS), accumulate=True)
+    # Refine the classes word by word: a position's class after a word is its pair
+    # (class before, value of the word), renumbered.
     classes = torch.zeros(num_positions, dtype=torch.long)
     for word in packed:
         values, inverse = torch.unique(word, return_inverse=True)
         _, classes = torch.unique(classes * len(values) + inverse, return_inverse=True)
+    # The first position of each class stands for it.
     first = torch.full((int(classes.max()) + 1,), num_positions).scatter_reduce(0, classes, torch.arange(num_positions), "amin")
     bits = (packed[:, first].T.unsqueeze(-1) >> torch.arange(BITS)) & 1
     return classes, bits.reshape(len(first), words * BITS)[:, : len(sets)].bool()

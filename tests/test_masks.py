@@ -13,10 +13,7 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
@@ -27,12 +24,14 @@ from hypothesis import strategies as st
 from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_operator
 from torch.nn.attention.flex_attention import _apply_kernel_options, flex_attention
 
-from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, TemporalFill
+from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, TemporalFill
 from canvas_engineering.connectivity import MaskSpec
 from canvas_engineering.recipes import RECIPES
 from conftest import assert_all_close, relative_error
 from peer import REPO_ROOT, run_peer
 from peer_runner import build_declarations
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 FILLS = [fill.value for fill in TemporalFill]
 TOLERANCE = 1e-5
@@ -309,28 +308,12 @@ def test_connection_masks():
         Connection("a", "b", mask="full")
 
 
-PEAK_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    sys.path.insert(0, {benchmarks!r})
-    from peak_memory import ResidentPeak
-    from canvases import causal_temporal
-    topology, layout = causal_temporal(T=16, grid=32)
-    topology.to_block_mask(layout, 128)  # the first call loads what torch loads lazily
-    tracker = ResidentPeak()
-    block_mask = topology.to_block_mask(layout, 128)
-    peak = tracker.read()
-    tracker.stop()
-    print(json.dumps({{"positions": layout.num_positions, "peak_bytes": peak}}))
-    """
-)
-
-
 def test_large_block_mask_is_never_dense():
     """Building the block mask of a 16384-position canvas grows the process's resident set
     by far less than one (P, P) bool tensor (256 MiB) would."""
-    script = PEAK_SCRIPT.format(benchmarks=str(REPO_ROOT / "benchmarks"))
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-    measured = json.loads(completed.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from mask_memory import block_mask_peak
+
+    measured = block_mask_peak(T=16, grid=32, block_size=128)
     assert measured["positions"] == 16384
     assert measured["peak_bytes"] < measured["positions"] ** 2 // 16, measured
