@@ -32,7 +32,9 @@ class TemporalFill(str, Enum):
     HOLD: the most recent earlier dst frame (zero-order hold).
     INTERPOLATE: with ``interpolation_order`` 1, the nearest earlier and later dst frames,
         weighted linearly by distance (only one of them: that one, fully); with order
-        n >= 2, the n + 1 nearest dst frames, weighted by ``1 / distance**n``, normalised.
+        n >= 2, the n + 1 nearest dst frames, weighted by ``1 / distance**n``, normalised
+        (nothing, as in 0.5.0, when those raw weights sum below 1e-12: every dst frame is
+        far for the order, such as 3 or more frames away with n >= 26).
     """
 
     DROP = "drop"
@@ -176,7 +178,7 @@ def fill_anchors(
     Returns:
         ``[(real_frame, weight), ...]``: one pair when dst exists at ``target_real`` or
         for HOLD; up to two for linear INTERPOLATE, up to ``order + 1`` for higher orders;
-        empty when nothing is read.
+        empty when nothing is read (see :class:`TemporalFill`).
     """
     available = set(dst_real_frames)
     weight = float(connection.weight)
@@ -203,6 +205,8 @@ def fill_anchors(
     nearest = sorted(sorted(available), key=lambda t: abs(t - target_real))[: order + 1]
     raw = [1.0 / abs(t - target_real) ** order for t in nearest]
     total = sum(raw)
+    if total < 1e-12:
+        return []
     return [(t, r / total * weight) for t, r in zip(nearest, raw)]
 
 

@@ -61,7 +61,7 @@ def declarations(draw):
             "t_src": draw(offsets),
             "t_dst": draw(offsets),
             "temporal_fill": draw(st.sampled_from(FILLS)),
-            "interpolation_order": draw(st.integers(1, 3)),
+            "interpolation_order": draw(st.sampled_from([1, 2, 3, 30])),
             "operator": draw(st.sampled_from(["attend", "attend", "observe", "predict"])),
         }
         for _ in range(draw(st.integers(1, 6)))
@@ -92,6 +92,12 @@ def temporal_recipe_declarations(name):
 
 RECIPE_CASES = {name: recipe_declarations(name) for name in RECIPES}
 RECIPE_CASES.update({f"{name}_temporal": temporal_recipe_declarations(name) for name in RECIPES})
+RECIPE_CASES["far_interpolation"] = {  # order-45 weights of dst frames 2 or more frames away sum below 1e-12 (nothing read)
+    "T": 8, "spatial_shape": (2,), "d_model": 8,
+    "regions": {"a": {"bounds": (0, 8, 0, 1)}, "b": {"bounds": (0, 2, 1, 2), "period": 5}},
+    "connections": [{"src": "a", "dst": "b", "t_src": 0, "t_dst": 0, "temporal_fill": "interpolate", "interpolation_order": order}
+                    for order in (2, 45)],
+}
 MISSING_REGION = {
     "T": 2, "spatial_shape": (3,), "d_model": 8,
     "regions": {"a": {"bounds": (0, 2, 0, 2)}, "b": {"bounds": (0, 2, 1, 3), "period": 2}},
