@@ -94,7 +94,7 @@ class LoopedCogVideoXBlock(LoopedBlock):
         def block(h: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             output = self.original(h, e, temb, image_rotary_emb=image_rotary_emb, **kwargs)
             output = tuple(output) if isinstance(output, (tuple, list)) else (output,)
-            self.returned(output, (h, e), "(hidden_states, encoder_hidden_states)")
+            self.check_returned(output, (h, e), "(hidden_states, encoder_hidden_states)")
             return output
 
         return self.run_loops(

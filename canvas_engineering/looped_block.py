@@ -7,8 +7,8 @@ output into the running state with a learned gate:
     g = sigmoid(loop_gate[l])
     h = g * block(h + loop_emb[l], ...) + (1 - g) * h
 
-The embeddings start at zero, so a freshly grafted block perturbs nothing but its
-inputs' mixing (``g = 0.5`` at ``gate_init_bias = 0``); ``current_loops`` starts at 1.
+The embeddings start at zero and ``current_loops`` at 1, so a freshly grafted block
+computes ``g * block(h) + (1 - g) * h`` (``g = 0.5`` for a gate logit of 0).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class LoopedBlock(nn.Module):
             states = tuple(gate * new + (1 - gate) * old for new, old in zip(outputs, states))
         return states
 
-    def returned(self, output: object, inputs: Sequence[torch.Tensor], expected: str) -> None:
+    def check_returned(self, output: object, inputs: Sequence[torch.Tensor], expected: str) -> None:
         """A clear error unless ``output`` (a tuple) holds one tensor per input, of its shape."""
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
         if len(output) != len(inputs) or shapes != [tuple(t.shape) for t in inputs]:
@@ -154,7 +154,7 @@ class LoopedBlockWrapper(LoopedBlock):
         def block(h: torch.Tensor) -> Tuple[torch.Tensor]:
             output = self.original(h, *args, **kwargs)
             first = output[0] if isinstance(output, tuple) and output else output
-            self.returned((first,), (h,), "a tensor (or a tuple starting with one)")
+            self.check_returned((first,), (h,), "a tensor (or a tuple starting with one)")
             return (first,)
 
         (hidden_states,) = self.run_loops((hidden_states,), (self.loop_emb,), block, self.use_gradient_checkpointing)

@@ -125,6 +125,7 @@ def test_sparse_topology_equals_sdpa_with_the_joint_additive_mask():
     assert (actual["output"] - unmasked["output"]).norm() > 1e-3 * unmasked["output"].norm()
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("block_size", [16, 20, 128])
 def test_flex_backend_equals_sdpa_backend(block_size):
     """The FlexAttention path (forward; PyTorch has no FlexAttention backward on CPU) with
