@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_operator
 from torch.nn.attention.flex_attention import _apply_kernel_options, flex_attention
 
+import canvas_engineering
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, TemporalFill
 from canvas_engineering.connectivity import MaskSpec
 from canvas_engineering.recipes import RECIPES
@@ -70,9 +71,7 @@ def declarations(draw):
 
 
 def recipe_declarations(name):
-    """A recipe at T=3 on a 4x4 grid as a plain description; a temporal variant of each
-    (previous-frame edges with each fill, a slow region) so that every recipe region has
-    a period and offsets too."""
+    """A recipe at T=3 on a 4x4 grid as a plain description."""
     topology, layout = RECIPES[name](T=3, grid=4, d_model=8)
     regions = {n: {"bounds": layout.region_spec(n).bounds, "default_attn": layout.region_spec(n).default_attn} for n in layout.regions}
     connections = [{"src": c.src, "dst": c.dst, "weight": c.weight, "fn": c.fn} for c in topology.connections]
@@ -80,6 +79,8 @@ def recipe_declarations(name):
 
 
 def temporal_recipe_declarations(name):
+    """The recipe with its first region (by name) updating every other frame, and a
+    previous-frame copy of each edge (weight 0.7), the fills taken in turn."""
     plain = recipe_declarations(name)
     slow = sorted(plain["regions"])[0]
     plain["regions"][slow]["period"] = 2
@@ -106,8 +107,7 @@ MISSING_REGION = {
 
 
 def ours(plain):
-    import canvas_engineering
-
+    """(topology, layout) of a plain description, built with this package."""
     return build_declarations(canvas_engineering, plain)
 
 
