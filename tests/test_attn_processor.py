@@ -16,7 +16,7 @@ from canvas_engineering.attn_processor import CanvasAttnProcessor, token_grid
 from canvas_engineering.cogvideox_demo import TINY_COGVIDEOX, rotary_tables
 from conftest import assert_all_close
 
-pytestmark = pytest.mark.skipif(
+needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed (pip install -e '.[cogvideox]')"
 )
 
@@ -90,6 +90,7 @@ def joint_additive_mask(topology, canvas):
     return joint.expand(2, -1, -1)
 
 
+@needs_diffusers
 def test_token_grid_is_the_transformers_flatten_order():
     model = tiny_model()
     assert token_grid(model.config, FRAMES, HEIGHT, WIDTH) == GRID
@@ -101,6 +102,7 @@ def test_token_grid_is_the_transformers_flatten_order():
     assert changed == [layout().flat_index(2, 2, 1)]
 
 
+@needs_diffusers
 @pytest.mark.parametrize("loops", [0, 2])
 def test_dense_topology_equals_diffusers_processor(loops):
     """The plain backbone (and one grafted with 2 loops) with a topology where every video
@@ -112,6 +114,7 @@ def test_dense_topology_equals_diffusers_processor(loops):
     assert_all_close(run(model, data), expected, TOLERANCE, ZERO_FLOOR)
 
 
+@needs_diffusers
 def test_sparse_topology_equals_sdpa_with_the_joint_additive_mask():
     canvas = layout()
     assert (SPARSE.to_additive_mask(canvas) == 0).float().mean() < 0.7
@@ -125,6 +128,7 @@ def test_sparse_topology_equals_sdpa_with_the_joint_additive_mask():
     assert (actual["output"] - unmasked["output"]).norm() > 1e-3 * unmasked["output"].norm()
 
 
+@needs_diffusers
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("block_size", [16, 20, 128])
 def test_flex_backend_equals_sdpa_backend(block_size):
@@ -173,6 +177,7 @@ def test_joint_block_mask_lists_exactly_the_blocks_that_attend(block_size):
             assert ((row, col) in listed["full"]) == (whole and bool(pairs.all())), (row, col)
 
 
+@needs_diffusers
 def test_errors():
     canvas = layout()
     attention = tiny_model().transformer_blocks[0].attn1
