@@ -138,8 +138,8 @@ def test_recipe_masks_match_peer(name, recipe_peer):
 
 
 @pytest.mark.peer
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(declarations(), min_size=12, max_size=12))
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(declarations(), min_size=16, max_size=16))
 def test_random_masks_match_peer(canvases):
     for plain, peer in zip(canvases, peer_masks(canvases)):
         assert_masks_match_peer(plain, peer)
