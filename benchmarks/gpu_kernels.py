@@ -5,9 +5,12 @@ device's ceilings (device-to-device copy bandwidth, bf16 matrix rate), then each
 variant forward and forward+backward with ``triton.testing.do_bench`` (median), beside its
 anchor (``scaled_dot_product_attention`` on the same work; FlexAttention's sliding window for
 local attention where this torch has it; the torch.fft path for Hyena's convolution) and
-beside the eager fallback, and prints a table with achieved TFLOP/s. ``--dry-run`` runs the
-same code on a CPU at toy sizes through the Triton interpreter (for CI); its timings mean
-nothing. Results go to OUT_DIR/kernels.json.
+beside the eager fallback, and prints a table with achieved TFLOP/s. The first call of each
+variant (compilation and autotuning included) is timed apart from the medians. A variant
+that fails is recorded with its error and the others still run; OUT_DIR/kernels.json is
+rewritten after every variant, and the exit code is 1 when any failed. ``--dry-run`` runs
+the same code on a CPU at toy sizes through the Triton interpreter (for CI); its timings
+mean nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import os
 import statistics
 import sys
 import time
+import traceback
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
@@ -32,10 +37,13 @@ from canvas_engineering.ops.segment_attention import segment_attention  # noqa: 
 from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
+Case = Tuple[str, Callable[[], Dict]]
+"""A variant's name and the call that measures it."""
 
 
 def timed(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn``: do_bench on a GPU, a few perf_counter runs on a CPU."""
+    """Median milliseconds of ``fn`` after one warm-up call: do_bench on a GPU, a few
+    perf_counter runs on a CPU."""
     if DEVICE == "cuda":
         import triton.testing
 
@@ -47,6 +55,30 @@ def timed(fn: Callable[[], object]) -> float:
         fn()
         runs.append((time.perf_counter() - start) * 1e3)
     return statistics.median(runs)
+
+
+def first_call_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call of ``fn``, synchronised: called first, it holds the kernels'
+    compilation (and autotuning), which ``timed`` leaves out of its median."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def kernel_timings(forward: Callable[[], object], forward_backward: Callable[[], object]) -> Dict[str, float]:
+    """The kernels' first-call and median times, forward and forward+backward (the first
+    forward+backward call compiles only the backward kernels)."""
+    with kernel_context():
+        return {
+            "kernel_fwd_first_call_ms": first_call_ms(forward),
+            "kernel_fwd_ms": timed(forward),
+            "kernel_fwd_bwd_first_call_ms": first_call_ms(forward_backward),
+            "kernel_fwd_bwd_ms": timed(forward_backward),
+        }
 
 
 def ceilings() -> Dict[str, float]:
@@ -99,9 +131,8 @@ def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype
     def backward_of(run):
         return lambda: torch.autograd.grad(run(), (q, k, v), grad)
 
-    with kernel_context():
-        kernel_ms = timed(ours)
-        kernel_bwd_ms = timed(backward_of(ours))
+    kernel = kernel_timings(ours, backward_of(ours))
+    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(ours)
     dense = lambda t: t.detach().view(batch, segments, length, heads, head_dim).flatten(0, 1).transpose(1, 2).requires_grad_(True)  # noqa: E731
@@ -117,7 +148,7 @@ def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype
     return {
         "variant": name, "segments": segments, "length": length, "heads": heads, "head_dim": head_dim,
         "dtype": str(dtype).replace("torch.", ""), **mode,
-        "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms, "eager_fwd_ms": eager_ms,
+        **kernel, "eager_fwd_ms": eager_ms,
         "anchor": anchor_name, "anchor_fwd_ms": anchor_ms,
         "kernel_fwd_TFLOPs": flops / kernel_ms / 1e9, "speedup_vs_anchor": anchor_ms / kernel_ms,
     }
@@ -136,15 +167,14 @@ def scan_case(name: str, sequences: int, length: int, heads: int, head_dim: int,
     u = torch.randn(heads, head_dim, device=DEVICE)
     run = lambda: segment_wkv(k, v, w, u, index)  # noqa: E731
     grad = torch.randn_like(k)
-    with kernel_context():
-        kernel_ms = timed(run)
-        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (k, v), grad))
+    kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (k, v), grad))
+    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = k.numel() * (3 * k.element_size() + 8)
     return {
         "variant": name, "segments": sequences, "length": length, "heads": heads, "head_dim": head_dim,
-        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "dtype": str(dtype).replace("torch.", ""), **kernel,
         "eager_fwd_ms": eager_ms, "anchor": "eager", "anchor_fwd_ms": eager_ms,
         "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 0.0, "speedup_vs_anchor": eager_ms / kernel_ms,
     }
@@ -164,15 +194,14 @@ def selective_scan_case(name: str, sequences: int, length: int, channels: int, s
     D = torch.ones(channels, device=DEVICE)
     run = lambda: segment_selective_scan(x, dt, A, B, C, D, index)  # noqa: E731
     grad = torch.randn_like(x)
-    with kernel_context():
-        kernel_ms = timed(run)
-        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (x, dt, B, C), grad))
+    kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (x, dt, B, C), grad))
+    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = rows * (3 * channels + 2 * state) * x.element_size()
     return {
         "variant": name, "segments": sequences, "length": length, "heads": 1, "head_dim": channels,
-        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "dtype": str(dtype).replace("torch.", ""), **kernel,
         "eager_fwd_ms": eager_ms, "anchor": "eager", "anchor_fwd_ms": eager_ms,
         "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 0.0, "speedup_vs_anchor": eager_ms / kernel_ms,
     }
@@ -188,15 +217,14 @@ def linear_case(name: str, sequences: int, length: int, heads: int, head_dim: in
     q, k, v = make(), make(), make()
     run = lambda: segment_linear_attention(q, k, v, index, 1e-6)  # noqa: E731
     grad = torch.randn_like(q)
-    with kernel_context():
-        kernel_ms = timed(run)
-        kernel_bwd_ms = timed(lambda: torch.autograd.grad(run(), (q, k, v), grad))
+    kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (q, k, v), grad))
+    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = 4 * q.numel() * q.element_size()
     return {
         "variant": name, "segments": sequences, "length": length, "heads": heads, "head_dim": head_dim,
-        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "dtype": str(dtype).replace("torch.", ""), **kernel,
         "eager_fwd_ms": eager_ms, "anchor": "eager matmul form", "anchor_fwd_ms": eager_ms,
         "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": 4 * q.numel() * head_dim / kernel_ms / 1e9,
         "speedup_vs_anchor": eager_ms / kernel_ms,
@@ -229,48 +257,88 @@ def hyena_case(name: str, sequences: int, length: int, channels: int, dtype: tor
     run = lambda: segment_gated_fft_conv(mixed, gate, torch.view_as_complex(spectrum).transpose(0, 1), index)  # noqa: E731
     grad = torch.randn_like(mixed)
     backward = lambda: torch.autograd.grad(run(), (mixed, gate, spectrum), grad)  # noqa: E731
-    with kernel_context():
-        kernel_ms = timed(run)
-        kernel_bwd_ms = timed(backward)
+    kernel = kernel_timings(run, backward)
+    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
         eager_bwd_ms = timed(backward)
     moved = 3 * mixed.numel() * mixed.element_size()
     return {
         "variant": name, "segments": sequences, "length": length, "heads": 1, "head_dim": channels,
-        "dtype": str(dtype).replace("torch.", ""), "kernel_fwd_ms": kernel_ms, "kernel_fwd_bwd_ms": kernel_bwd_ms,
+        "dtype": str(dtype).replace("torch.", ""), **kernel,
         "eager_fwd_ms": eager_ms, "eager_fwd_bwd_ms": eager_bwd_ms, "anchor": "torch.fft", "anchor_fwd_ms": eager_ms,
         "kernel_fwd_GBps": moved / kernel_ms / 1e6, "kernel_fwd_TFLOPs": dft_flops(fft_length(length)) * sequences * channels / kernel_ms / 1e9,
         "speedup_vs_anchor": eager_ms / kernel_ms,
     }
 
 
-def hyena_cases() -> List[Dict]:
+def hyena_cases() -> List[Case]:
     """The gated FFT convolution at FFT lengths 256 to 8192 (float32, the eager path's dtype),
     ``2**16`` rows of 512 channels each (two toy lengths in a dry run)."""
     if DEVICE != "cuda":
-        return [hyena_case(f"hyena_L{length}", 1, length, 4, torch.float32) for length in (16, 128)]
-    return [hyena_case(f"hyena_L{length}", (1 << 16) // length, length, 512, torch.float32) for length in (256, 1024, 4096, 8192)]
-
-
-def cases() -> List[Dict]:
-    length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
-    heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+        return [(f"hyena_L{length}", partial(hyena_case, f"hyena_L{length}", 1, length, 4, torch.float32)) for length in (16, 128)]
     return [
-        case("softmax_one_segment", 1, length, heads, head_dim, dtype),
-        case("softmax_many_frames", many, length // many * 4, heads, head_dim, dtype),
-        case("local_w64", 1, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, window=64 if DEVICE == "cuda" else 4),
-        case("top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
-        case("sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
-        scan_case("rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
-        linear_case("linear", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
-        selective_scan_case("mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
-        *hyena_cases(),
+        (f"hyena_L{length}", partial(hyena_case, f"hyena_L{length}", (1 << 16) // length, length, 512, torch.float32))
+        for length in (256, 1024, 4096, 8192)
     ]
 
 
-def main(out_dir: str) -> None:
+def cases() -> List[Case]:
+    """Every variant, as (name, measure): nothing runs until ``measure`` is called."""
+    length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
+    heads, head_dim = (8, 64) if DEVICE == "cuda" else (2, 16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    variants = [
+        partial(case, "softmax_one_segment", 1, length, heads, head_dim, dtype),
+        partial(case, "softmax_many_frames", many, length // many * 4, heads, head_dim, dtype),
+        partial(case, "local_w64", 1, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, window=64 if DEVICE == "cuda" else 4),
+        partial(case, "top_k8", 1, length // 4 if DEVICE == "cuda" else length, heads, head_dim, dtype, top_k=8),
+        partial(case, "sigmoid", 1, length, heads, head_dim, dtype, sigmoid=True),
+        partial(scan_case, "rwkv_scan", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
+        partial(linear_case, "linear", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
+        partial(selective_scan_case, "mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
+    ]
+    return [(variant.args[0], variant) for variant in variants] + hyena_cases()
+
+
+def run_cases(variants: List[Case], report: Dict, path: Path) -> bool:
+    """Measures every variant in turn, whatever the others do: a variant that raises is
+    recorded with its error and the next one runs. ``report`` is written to ``path`` after
+    each variant, so a run cut off midway keeps every result before the cut. Returns
+    whether all variants succeeded."""
+    succeeded = True
+    for name, measure in variants:
+        start = time.perf_counter()
+        try:
+            result = measure()
+        except Exception as error:  # noqa: BLE001 - recorded, and the run goes on
+            traceback.print_exc()
+            result = {"variant": name, "error": f"{type(error).__name__}: {error}"}
+            succeeded = False
+        result["elapsed_s"] = time.perf_counter() - start
+        report["results"].append(result)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"{'FAILED' if 'error' in result else 'measured'} {name} in {result['elapsed_s']:.1f} s", flush=True)
+    return succeeded
+
+
+def print_table(report: Dict) -> None:
+    print(f"\ndevice {report['device']}, torch {report['torch']}, triton {report['triton']}, ceilings {report['ceilings']}")
+    measured = [r for r in report["results"] if "error" not in r]
+    for r in measured:
+        if "kernel_fwd_GBps" in r:
+            share = r["kernel_fwd_GBps"] / report["ceilings"]["copy_GBps"]
+            print(f"{r['variant']}: {r['kernel_fwd_GBps']:.1f} GB/s forward, {share:.0%} of the copy ceiling")
+    print(f"{'variant':<22}{'1st fwd ms':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'eager ms':>10}{'anchor':>22}{'anchor ms':>11}{'TFLOP/s':>9}{'x anchor':>9}")
+    for r in measured:
+        print(f"{r['variant']:<22}{r['kernel_fwd_first_call_ms']:>11.1f}{r['kernel_fwd_ms']:>10.3f}{r['kernel_fwd_bwd_ms']:>12.3f}"
+              f"{r['eager_fwd_ms']:>10.3f}{r['anchor']:>22}{r['anchor_fwd_ms']:>11.3f}{r['kernel_fwd_TFLOPs']:>9.2f}{r['speedup_vs_anchor']:>9.2f}")
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['variant']:<22}FAILED: {r['error']}")
+
+
+def main(out_dir: str) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -286,20 +354,10 @@ def main(out_dir: str) -> None:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
-    for result in cases():
-        report["results"].append(result)
-        print(f"measured {result['variant']}", flush=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=2))
-    print(f"\ndevice {report['device']}, torch {report['torch']}, triton {report['triton']}, ceilings {report['ceilings']}")
-    for r in report["results"]:
-        if "kernel_fwd_GBps" in r:
-            share = r["kernel_fwd_GBps"] / report["ceilings"]["copy_GBps"]
-            print(f"{r['variant']}: {r['kernel_fwd_GBps']:.1f} GB/s forward, {share:.0%} of the copy ceiling")
-    print(f"{'variant':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'eager ms':>10}{'anchor':>22}{'anchor ms':>11}{'TFLOP/s':>9}{'x anchor':>9}")
-    for r in report["results"]:
-        print(f"{r['variant']:<22}{r['kernel_fwd_ms']:>10.3f}{r['kernel_fwd_bwd_ms']:>12.3f}{r['eager_fwd_ms']:>10.3f}"
-              f"{r['anchor']:>22}{r['anchor_fwd_ms']:>11.3f}{r['kernel_fwd_TFLOPs']:>9.2f}{r['speedup_vs_anchor']:>9.2f}")
+    succeeded = run_cases(cases(), report, out / "kernels.json")
+    print_table(report)
+    return 0 if succeeded else 1
 
 
 if __name__ == "__main__":
-    main(next(arg for arg in sys.argv[1:] if not arg.startswith("--")))
+    sys.exit(main(next(arg for arg in sys.argv[1:] if not arg.startswith("--"))))

@@ -1,4 +1,5 @@
-"""Shared test helpers: the relative-error checks used by every numerical comparison.
+"""Shared test helpers: the relative-error checks used by every numerical comparison, and
+the grids that make top-k ties exact on every machine.
 
 Without a GPU, the Triton kernels are defined in interpreter mode (the variable must be set
 before the kernels are imported); they then run on CPU tensors inside
@@ -7,14 +8,31 @@ before the kernels are imported); they then run on CPU tensors inside
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Dict, Optional
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stops the run up front when the kernels are interpreted by a Triton whose
+    interpreter cannot run under the installed numpy (every kernel test would fail)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+        import numpy
+        import triton
+
+        from canvas_engineering.ops.backend import check_interpreter_versions
+
+        try:
+            check_interpreter_versions(triton.__version__, numpy.__version__)
+        except RuntimeError as error:
+            raise pytest.UsageError(str(error)) from None
 
 
 def relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> float:
@@ -54,3 +72,40 @@ def assert_all_close(actual: Dict[str, Optional[torch.Tensor]], expected: Dict[s
         assert actual[key].shape == reference.shape and torch.isfinite(actual[key]).all(), key
         difference = (actual[key].double() - reference.double()).norm().item()
         assert difference <= tolerance * reference.double().norm().item() + zero_floor * whole, (key, difference)
+
+
+def snap_to_grid(tensor: torch.Tensor, step: float, bound: float) -> torch.Tensor:
+    """``tensor`` rounded to the nearest multiple of ``step`` (a power of two) and clipped to
+    ``[-bound, bound]``: values with a few significant bits, whose products and short sums
+    are exact in any floating-point format of this package."""
+    return (tensor / step).round().clamp(-bound / step, bound / step) * step
+
+
+def grid_inputs(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the input grid of :func:`make_top_k_ties_exact`: multiples of 1/2 in [-1, 1]."""
+    return snap_to_grid(tensor, 0.5, 1.0)
+
+
+def make_top_k_ties_exact(model: torch.nn.Module) -> None:
+    """Puts the query and key projections (weights and biases) of every top-k module in
+    ``model`` on multiples of 1/16 in [-1/2, 1/2], in place.
+
+    Fed rows from :func:`grid_inputs`, a projected value is a multiple of 1/32 below 2^10 / 32
+    in magnitude (``d_model <= 32``) and a logit ``q . k`` a sum of at most 16 products below
+    2^19 / 1024 (``head_dim <= 16``): every logit is exact in float32, in TF32 and in float64,
+    whatever order a BLAS, inductor or a kernel sums in. Two keys then tie exactly when they
+    tie in exact arithmetic, on every machine, and every path keeps the same keys (ties with
+    the k-th largest logit are kept). Without this, identical keys can get logits that differ
+    in the last bit (a BLAS may round columns differently by their position), and paths
+    computed differently keep different keys.
+    """
+    from canvas_engineering.attention.sparse import SparseAttention
+
+    for module in model.modules():
+        if isinstance(module, SparseAttention):
+            if module.d_model > 32 or module.head_dim > 16:
+                raise ValueError(f"exact logits need d_model <= 32 and head_dim <= 16, got {module.d_model} and {module.head_dim}")
+            with torch.no_grad():
+                for projection in (module.q_proj, module.k_proj):
+                    for parameter in projection.parameters():
+                        parameter.copy_(snap_to_grid(parameter, 1 / 16, 0.5))

@@ -6,7 +6,9 @@ unpacked wheel first on PYTHONPATH, and tensors travel through files.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,18 +29,23 @@ def peer_dir() -> Path:
     ``CANVAS_PEER_DIR`` overrides the default ``<repo>/.peer/canvas-engineering-0.5.0``.
     """
     target = Path(os.environ.get("CANVAS_PEER_DIR", REPO_ROOT / ".peer" / f"canvas-engineering-{PEER_VERSION}"))
-    if (target / "canvas_engineering" / "attention.py").is_file():
-        return target
-    with tempfile.TemporaryDirectory() as download:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download,
-             f"canvas-engineering=={PEER_VERSION}"],
-            check=True,
-        )
-        (wheel,) = Path(download).glob("canvas_engineering-*.whl")
-        target.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers started together download it once
+        if (target / "canvas_engineering" / "attention.py").is_file():
+            return target
+        with tempfile.TemporaryDirectory() as download:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download,
+                 f"canvas-engineering=={PEER_VERSION}"],
+                check=True,
+            )
+            (wheel,) = Path(download).glob("canvas_engineering-*.whl")
+            unpacked = Path(download) / "unpacked"
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(unpacked)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(unpacked), str(target))
     return target
 
 

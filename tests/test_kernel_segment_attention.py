@@ -33,20 +33,48 @@ def blocks(lengths, size):
             torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE))
 
 
-def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, duplicate_keys=False, seed=0, block=BLOCK):
-    """Kernel forward and backward against the oracle; returns the four relative errors."""
+SEPARATION = 1e-4
+"""The least gap between a row's k-th and (k+1)-th largest exact logit that random test
+inputs must have: 100 times the float32 rounding of these logits, so that no machine's
+rounding can reorder them."""
+
+
+def assert_no_near_ties(q, k, cu_seqlens_q, cu_seqlens_k, scale, top_k):
+    """The k-th and (k+1)-th largest exact logits of every row are equal (an exact tie) or
+    at least SEPARATION apart: the test's top-k selection does not depend on rounding."""
+    for s in range(len(cu_seqlens_q) - 1):
+        queries = q[:, cu_seqlens_q[s] : cu_seqlens_q[s + 1]].double()
+        keys = k[:, cu_seqlens_k[s] : cu_seqlens_k[s + 1]].double()
+        if queries.shape[1] == 0 or keys.shape[1] <= top_k:
+            continue
+        largest = (torch.einsum("bnhd,bmhd->bhnm", queries, keys) * scale).topk(top_k + 1, dim=-1).values
+        gap = largest[..., top_k - 1] - largest[..., top_k]
+        assert ((gap == 0) | (gap > SEPARATION)).all(), f"segment {s}: a near-tie of {gap[(gap > 0) & (gap <= SEPARATION)].min().item():.1e}"
+
+
+def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, ties=False, seed=0, block=BLOCK):
+    """Kernel forward and backward against the oracle; returns the four relative errors.
+
+    ``ties``: q and k hold small integers (every logit exact in any format, so many rows tie
+    at their k-th largest logit, the same on every machine) and every odd key repeats the
+    key before it."""
     generator = torch.Generator().manual_seed(seed)
     batch = 2
-    q = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
-    k = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
-    v = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
-    if duplicate_keys:
+    if ties:
+        q = torch.randint(-2, 3, (batch, sum(query_lengths), heads, head_dim), generator=generator).float()
+        k = torch.randint(-2, 3, (batch, sum(key_lengths), heads, head_dim), generator=generator).float()
         k[:, 1::2] = k[:, 0:-1:2][:, : k[:, 1::2].shape[1]]
+    else:
+        q = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
+        k = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
+    v = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
     grad_out = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
     q, k, v, grad_out = (t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out))
     cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
     q_blocks, k_blocks = blocks(query_lengths, block), blocks(key_lengths, block)
     scale = head_dim**-0.5
+    if top_k:
+        assert_no_near_ties(q.cpu(), k.cpu(), cu_q.tolist(), cu_k.tolist(), scale, top_k)
     threshold = segment_topk_threshold(q, k, cu_q, cu_k, *q_blocks, scale, block, top_k) if top_k else None
     out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, window, threshold, sigmoid)
     dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, block, window, threshold, sigmoid)
@@ -65,7 +93,7 @@ CASES = {
     "local_w33": dict(window=33),
     "top1": dict(top_k=1),
     "top3": dict(top_k=3),
-    "top3_ties": dict(top_k=3, duplicate_keys=True),
+    "top3_ties": dict(top_k=3, ties=True),
     "sigmoid": dict(sigmoid=True),
     "sigmoid_local": dict(sigmoid=True, window=3),
 }

@@ -13,13 +13,16 @@ import torch
 
 import canvas_engineering
 from canvas_engineering import ATTENTION_REGISTRY, BUILTIN_ATTENTION
-from conftest import assert_all_close, relative_error
+from conftest import assert_all_close
 from peer import run_peer
 from peer_runner import run_case
 
 pytestmark = pytest.mark.peer
 
 TOLERANCE = 1e-5
+FLOAT32_FLOOR = 1e-7
+"""Float32 rounding at the scale of a whole case (the norm of all its results): about 9 times
+the largest error beyond TOLERANCE seen on either side."""
 D_MODEL, N_HEADS = 32, 4
 SHAPES = [(2, 5, 9), (2, 9, 5), (1, 7, 7), (2, 4, 3)]
 OPTIONS = {
@@ -186,31 +189,22 @@ def compared_tensors(result):
 def assert_matches_peer(case, peer32, peer64):
     """Our results equal the peer's: the same state_dict layout, the same initial parameters
     under the same seed; in float64 every output and gradient within 1e-10 relative for
-    modules (the math is the same) and 1e-6 for dispatchers (the peer's float32 weight sums); in float32 within 1e-5 relative, or, for a result whose float32
-    rounding error on the peer's side already exceeds that (an ill-conditioned gradient),
-    no farther from the float64 result than 4 times the peer's own float32 error (rounding
-    errors are random; the perceiver's query gradients at initialisation are 1e-5 of the
-    output scale and carry about 1e-3 relative rounding error on both sides)."""
+    modules (the math is the same) and 1e-6 for dispatchers (the peer's float32 weight
+    sums); in float32, where the two sum in different orders, ours within 1e-5 relative of
+    the exact (float64) result or within float32 rounding at the scale of the whole
+    computation (FLOAT32_FLOOR), which is all a gradient that cancels to a tiny value holds
+    (the perceiver's query gradients at initialisation are 1e-5 of the output scale and
+    carry about 1e-3 relative rounding error on both sides)."""
     ours32 = run_case(canvas_engineering, {**case, "dtype": torch.float32, "state_dict": peer32["state"]})
     ours64 = run_case(canvas_engineering, {**case, "dtype": torch.float64, "state_dict": peer64["state"]})
     assert {k: v.shape for k, v in ours32["initial_state"].items()} == {k: v.shape for k, v in peer32["initial_state"].items()}
     for key, value in peer32["initial_state"].items():
         assert torch.equal(ours32["initial_state"][key], value), f"initial {key} differs under the same seed"
-    expected32, expected64 = compared_tensors(peer32), compared_tensors(peer64)
-    actual32, actual64 = compared_tensors(ours32), compared_tensors(ours64)
+    expected64 = compared_tensors(peer64)
     # The peer sums dispatcher weights in float32 whatever the input dtype, so its float64
     # dispatcher outputs carry float32 rounding of the weights (about 6e-8 relative each).
-    assert_all_close(actual64, expected64, 1e-10 if case["kind"] == "module" else 1e-6, zero_floor=1e-12)
-    assert actual32.keys() == expected32.keys()
-    whole = torch.cat([t.flatten() for t in expected64.values() if t is not None]).norm().item()
-    for key, exact in expected64.items():
-        if exact is None or relative_error(actual32[key], expected32[key]) < TOLERANCE:
-            continue
-        if exact.norm().item() <= 1e-12 * whole:  # zero in exact arithmetic: float32 noise only
-            assert actual32[key].double().norm().item() < 1e-6 * whole, key
-            continue
-        peer_rounding = relative_error(expected32[key], exact)
-        assert peer_rounding > TOLERANCE / 2 and relative_error(actual32[key], exact) <= 4 * peer_rounding, f"{key} (float32)"
+    assert_all_close(compared_tensors(ours64), expected64, 1e-10 if case["kind"] == "module" else 1e-6, zero_floor=1e-12)
+    assert_all_close(compared_tensors(ours32), expected64, TOLERANCE, zero_floor=FLOAT32_FLOOR)
 
 
 @pytest.mark.parametrize("index", range(len(MODULE_CASES)), ids=[case_id(c) for c in MODULE_CASES])

@@ -31,10 +31,30 @@ def _mode(mode: str) -> Iterator[None]:
         _local.mode = previous
 
 
+def _release(version: str) -> tuple:
+    """``"3.6.0"`` -> ``(3, 6)``: the major and minor numbers of a version string."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def check_interpreter_versions(triton_version: str, numpy_version: str) -> None:
+    """Raises when this Triton's interpreter cannot run under this numpy: before 3.9 it
+    converts a shape-(1,) array to a Python int for every ``range()`` over a runtime
+    argument, which numpy 2.4 refuses."""
+    if _release(triton_version) < (3, 9) and _release(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"Triton {triton_version}'s interpreter needs numpy < 2.4, found numpy {numpy_version}: "
+            "install 'numpy<2.4' or triton >= 3.9"
+        )
+
+
 def interpreted_triton():
     """Within the block, run the Triton kernels on CPU tensors through the interpreter."""
     if not (HAS_TRITON and INTERPRETING):
         raise RuntimeError("interpreted_triton() needs triton installed and TRITON_INTERPRET=1 set before import")
+    import numpy
+    import triton
+
+    check_interpreter_versions(triton.__version__, numpy.__version__)
     return _mode("interpret")
 
 
