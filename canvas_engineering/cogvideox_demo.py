@@ -115,7 +115,7 @@ def main(argv=None) -> list:
     trainable = [p for p in transformer.parameters() if p.requires_grad] + list(action_head.parameters())
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     losses, times = [], []
-    print(f"before training: peak RSS {peak_rss_mib():.0f} MiB (Python, torch, diffusers and the model)")
+    print(f"before training: peak RSS {peak_rss_mib():.0f} MiB (the process so far: Python, torch, diffusers, the model)")
     for step in range(args.steps):
         before, start = peak_rss_mib(), time.perf_counter()
         (prediction,) = transformer(0.7 * latents + 0.7 * noise, prompt, timestep, image_rotary_emb=rotary, return_dict=False)

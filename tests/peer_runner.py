@@ -3,7 +3,8 @@
 Usage: ``python peer_runner.py JOB.pt RESULT.pt`` with the peer's unpacked wheel first on
 PYTHONPATH. JOB holds a list of cases (plain data and tensors); RESULT gets, per case, the
 peer's state_dict at construction and the one it ran with, the output, and the gradients
-of the inputs and parameters for the given output cotangent; for a case of kind "masks",
+of the inputs and parameters for the given output cotangent, plus what the backbone kinds
+(graft, looped_stack, canvas) report besides (``extras``); for a case of kind "masks",
 the topology's masks and texts instead (see mask_case).
 
 The declaration builder here is also imported by the tests, so that both packages build
