@@ -209,6 +209,11 @@ def test_canvas_module_errors():
     assert torch.equal(placed[0, 4:6], placed[2, 4:6])
     with pytest.raises(TypeError, match="layout must be a CanvasLayout, got dict"):
         SpatiotemporalCanvas({"T": 1})
+    assert canvas_module.pos_enc(1, (2, 1)).shape == (1, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"grid \(3, 2, 2\) exceeds the encoded grid \(2, 2, 2\)"):
+        canvas_module.pos_enc(3, (2, 2))
+    with pytest.raises(ValueError, match=r"expected 2 spatial sizes, got \(2,\)"):
+        canvas_module.pos_enc(1, (2,))
 
 
 @needs_diffusers
