@@ -206,9 +206,14 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
 
     elements = batch * length * heads * head_dim
     size = BYTES[dtype]
+    n_parts = wkv._parts(1, length, batch * heads, math.ceil(head_dim / wkv._channel_block(head_dim)))
+    steps = math.ceil(length / n_parts)
+    part_bytes = n_parts * batch * heads * head_dim * 4
     costs = {
-        "wkv_fwd_kernel": Cost(elements * (3 * size + 8), 20 * elements, length),
-        "wkv_bwd_kernel": Cost(elements * (6 * size + 8), 30 * elements, length),
+        "wkv_fwd_state_kernel": Cost(2 * elements * size + 3 * part_bytes, 6 * elements, steps),
+        "wkv_fwd_kernel": Cost(elements * (3 * size + 8) + 3 * part_bytes, 20 * elements, steps),
+        "wkv_bwd_state_kernel": Cost(elements * (2 * size + 4) + 4 * part_bytes, 8 * elements, steps),
+        "wkv_bwd_kernel": Cost(elements * (6 * size + 8) + 6 * part_bytes, 30 * elements, steps),
     }
     return rows_for("wkv", f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
 

@@ -3,8 +3,8 @@ machine (Triton's bundled ptxas; no GPU needed), with the divisibility hints a l
 aligned pointers. Run without TRITON_INTERPRET. ``benchmarks/launch_report.py`` uses the same
 helpers on the launchers' own arguments.
 
-Usage: ``python compile_for_hopper.py`` prints one line per configuration and exits non-zero
-if any fails to compile.
+Usage: ``python compile_for_hopper.py`` prints one line per configuration, then how many
+compiled with which Triton, and exits non-zero if any fails to compile.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from canvas_engineering.kernels import fftconv, linear_attention, selective_scan
 STATISTICS = {
     "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
+    "PART_NUMERATOR", "PART_DENOMINATOR", "PART_EXPONENT", "PART_ALPHA", "PART_BETA", "PART_LAGGED_ALPHA", "PART_LAGGED_BETA",
     "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
     "SPECTRUM", "DFT", "DFT_ROWS", "DFT_COLS", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
@@ -145,9 +146,11 @@ def attention_configs():
 
 
 def wkv_configs():
-    for kernel in (wkv.wkv_fwd_kernel, wkv.wkv_bwd_kernel):
+    kernels = {wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP}, wkv.wkv_fwd_kernel: {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK},
+               wkv.wkv_bwd_state_kernel: {}, wkv.wkv_bwd_kernel: {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}}
+    for kernel, flags in kernels.items():
         for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
-            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": min(64, head_dim), "CLAMP": wkv.KEY_CLAMP}
+            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": wkv._channel_block(head_dim), **flags}, 1
 
 
 def scan_configs():
@@ -203,6 +206,7 @@ def main() -> int:
         except Exception:
             failures += 1
             print(f"FAIL {label}\n{traceback.format_exc()}")
+    print(f"{len(CONFIGS) - failures} of {len(CONFIGS)} configurations compiled for sm_90 with triton {triton.__version__}")
     return 1 if failures else 0
 
 
