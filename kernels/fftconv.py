@@ -29,6 +29,9 @@ Segments are launched by class: all segments of one FFT length L share a launch.
   with ``w = exp(-2 pi i / L)``. Passes 1 and 3 loop over the ``ROWS x ROWS`` DFT matrix in
   blocks of ``BLOCK_K`` columns; pass 2 holds the ``COLS x COLS`` one.
 The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P).
+Every matrix product takes its operands in ``DOT`` (:mod:`.operands`): for bf16 inputs on the
+GPU the DFT matrices and the transforms enter the tensor cores rounded to bf16 (float32
+accumulators and scratch), for float32 inputs they stay float32 (TF32).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
+from .operands import dot_dtype
 
 DENSE_MAX = 64
 """Longest FFT run as one dense DFT per program; longer ones use the three passes."""
@@ -85,14 +89,20 @@ def _store_filter_gradient(
 
 
 @triton.jit
-def _complex_matmul(ar, ai, br, bi, CONJUGATE: tl.constexpr):
+def _product(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` with the operands in DOT."""
+    return tl.dot(a.to(DOT), b.to(DOT), acc)
+
+
+@triton.jit
+def _complex_matmul(ar, ai, br, bi, CONJUGATE: tl.constexpr, DOT: tl.constexpr):
     """``a @ b`` for complex ``a (M, K)`` and ``b (K, N)`` given as (real, imaginary) parts;
     ``conj(a) @ b`` when CONJUGATE."""
     zeros = tl.zeros([ar.shape[0], br.shape[1]], dtype=tl.float32)
     if CONJUGATE:
         ai = -ai
-    real = tl.dot(ar, br, tl.dot(-ai, bi, zeros))
-    imag = tl.dot(ar, bi, tl.dot(ai, br, zeros))
+    real = _product(ar, br, _product(-ai, bi, zeros, DOT), DOT)
+    imag = _product(ar, bi, _product(ai, br, zeros, DOT), DOT)
     return real, imag
 
 
@@ -139,24 +149,24 @@ def _dense_program(DFT, cu_seqlens, class_segments, n_segments, n_channels, PADD
 @triton.jit
 def fftconv_dense_fwd_kernel(
     MIXED, GATE, SPECTRUM, DFT, Y, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
+    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
 ):
     """y of one segment and channel block: ``X = W x``, ``y = (1/L) Re(conj(W) (H X))``."""
     segment_row, rows, channels, c_mask, offsets, mask, fr, fi, zeros = _dense_program(
         DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED, BLOCK_C
     )
     x = _gated(MIXED, GATE, offsets, mask, True)
-    xr = tl.dot(fr, x, zeros)
-    xi = tl.dot(fi, x, zeros)
+    xr = _product(fr, x, zeros, DOT)
+    xi = _product(fi, x, zeros, DOT)
     hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
-    y = tl.dot(fr, xr * hr - xi * hi, tl.dot(fi, xr * hi + xi * hr, zeros)) / LENGTH
+    y = _product(fr, xr * hr - xi * hi, _product(fi, xr * hi + xi * hr, zeros, DOT), DOT) / LENGTH
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def fftconv_dense_bwd_kernel(
     GRAD, MIXED, GATE, SPECTRUM, DFT, DMIXED, DGATE, DSPECTRUM_PARTIAL, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr,
+    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
 ):
     """Gradients of one segment and channel block: ``G = W dy`` and ``X = W x`` give the
     filter gradient's share; ``dx = (1/L) Re(conj(W) (conj(H) G))``, then the gate's chain rule."""
@@ -166,13 +176,13 @@ def fftconv_dense_bwd_kernel(
     grad = tl.load(GRAD + offsets, mask=mask, other=0.0).to(tl.float32)
     mixed = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
-    gr = tl.dot(fr, grad, zeros)
-    gi = tl.dot(fi, grad, zeros)
-    xr = tl.dot(fr, mixed * gate, zeros)
-    xi = tl.dot(fi, mixed * gate, zeros)
+    gr = _product(fr, grad, zeros, DOT)
+    gi = _product(fi, grad, zeros, DOT)
+    xr = _product(fr, mixed * gate, zeros, DOT)
+    xi = _product(fi, mixed * gate, zeros, DOT)
     _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, rows, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
     hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
-    dx = tl.dot(fr, gr * hr + gi * hi, tl.dot(fi, gi * hr - gr * hi, zeros)) / LENGTH
+    dx = _product(fr, gr * hr + gi * hi, _product(fi, gi * hr - gr * hi, zeros, DOT), DOT) / LENGTH
     tl.store(DMIXED + offsets, (dx * gate).to(DMIXED.dtype.element_ty), mask=mask)
     tl.store(DGATE + offsets, (dx * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
 
@@ -181,7 +191,7 @@ def fftconv_dense_bwd_kernel(
 def fftconv_rows_kernel(
     MIXED, GATE, DFT_ROWS, SCRATCH, cu_seqlens, class_segments, n_segments, n_channels,
     LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    GATED: tl.constexpr,
+    GATED: tl.constexpr, DOT: tl.constexpr,
 ):
     """Pass 1 for one n1: ``A[n1, k2]`` for every k2 (x is ``mixed * sigmoid(gate)`` when
     GATED, else ``mixed``)."""
@@ -200,8 +210,8 @@ def fftconv_rows_kernel(
         offsets = ((b * total + begin + t) * n_channels)[:, None] + channels[None, :]
         x = _gated(MIXED, GATE, offsets, (t < length)[:, None] & c_mask[None, :], GATED)
         matrix = k2[:, None] * ROWS + n2[None, :]
-        acc_r = tl.dot(tl.load(DFT_ROWS + matrix), x, acc_r)
-        acc_i = tl.dot(tl.load(DFT_ROWS + ROWS * ROWS + matrix), x, acc_i)
+        acc_r = _product(tl.load(DFT_ROWS + matrix), x, acc_r, DOT)
+        acc_i = _product(tl.load(DFT_ROWS + ROWS * ROWS + matrix), x, acc_i, DOT)
     ar, ai = _twiddle(acc_r, acc_i, n1, k2[:, None], -1.0, LENGTH)
     n_class = tl.num_programs(0) // COLS
     half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
@@ -247,6 +257,7 @@ def _column_program(
 def fftconv_columns_fwd_kernel(
     SCRATCH, SPECTRUM, DFT_COLS, n_channels,
     LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
     the result replaces the column in SCRATCH (each stored value depends, through the matrix
@@ -255,9 +266,9 @@ def fftconv_columns_fwd_kernel(
         DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
     )
     ar, ai = _load_column(SCRATCH, offsets, half, mask)
-    xr, xi = _complex_matmul(fr, fi, ar, ai, False)
+    xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     hr, hi = _filter(SPECTRUM, k2 + ROWS * n1, channels, n_channels, mask, LENGTH)
-    br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True)
+    br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True, DOT)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
     tl.store(SCRATCH + offsets, br, mask=mask)
     tl.store(SCRATCH + half + offsets, bi, mask=mask)
@@ -267,6 +278,7 @@ def fftconv_columns_fwd_kernel(
 def fftconv_columns_bwd_kernel(
     SCRATCH, SCRATCH_X, SPECTRUM, DFT_COLS, DSPECTRUM_PARTIAL, n_channels,
     LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Pass 2 of the backward for one k2: transform both columns (of dy in SCRATCH, of x in
     SCRATCH_X) along n1, write the filter gradient, transform ``DY conj(H)`` back into SCRATCH."""
@@ -274,13 +286,13 @@ def fftconv_columns_bwd_kernel(
         DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
     )
     ar, ai = _load_column(SCRATCH, offsets, half, mask)
-    gr, gi = _complex_matmul(fr, fi, ar, ai, False)
+    gr, gi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     ar, ai = _load_column(SCRATCH_X, offsets, half, mask)
-    xr, xi = _complex_matmul(fr, fi, ar, ai, False)
+    xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     frequencies = k2 + ROWS * n1
     _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
     hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
-    br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True)
+    br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True, DOT)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
     tl.store(SCRATCH + offsets, br, mask=mask)
     tl.store(SCRATCH + half + offsets, bi, mask=mask)
@@ -290,7 +302,7 @@ def fftconv_columns_bwd_kernel(
 def fftconv_inverse_rows_kernel(
     SCRATCH, DFT_ROWS, MIXED, GATE, OUT, DGATE, cu_seqlens, class_segments, n_segments, n_channels,
     LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    BACKWARD: tl.constexpr,
+    BACKWARD: tl.constexpr, DOT: tl.constexpr,
 ):
     """Pass 3 for one n1: the real inverse along k2, rows ``n1 + COLS n2 < N``. Forward: OUT
     is y. BACKWARD: the result is dx, and OUT, DGATE receive ``dx * s`` and
@@ -310,8 +322,8 @@ def fftconv_inverse_rows_kernel(
         place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
         br, bi = _load_column(SCRATCH, place[:, None] + channels[None, :], half, c_mask[None, :])
         matrix = n2[:, None] * ROWS + k2[None, :]
-        acc = tl.dot(tl.load(DFT_ROWS + matrix), br, acc)
-        acc = tl.dot(tl.load(DFT_ROWS + ROWS * ROWS + matrix), bi, acc)
+        acc = _product(tl.load(DFT_ROWS + matrix), br, acc, DOT)
+        acc = _product(tl.load(DFT_ROWS + ROWS * ROWS + matrix), bi, acc, DOT)
     result = acc / LENGTH
     t = n1 + COLS * n2
     offsets = ((b * total + begin + t) * n_channels)[:, None] + channels[None, :]
@@ -390,6 +402,7 @@ def fftconv_fwd(
     """
     batch, _, n_channels = mixed.shape
     n_segments = cu_seqlens.shape[0] - 1
+    dot = dot_dtype(mixed.dtype)
     y = new_output(mixed, mixed.shape, mixed.dtype)
     for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
         if length <= DENSE_MAX:
@@ -397,7 +410,7 @@ def fftconv_fwd(
             padded = max(16, length)
             fftconv_dense_fwd_kernel[_grid(count, config, n_channels, batch)](
                 mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), y, cu_seqlens, segments, n_segments, n_channels,
-                LENGTH=length, PADDED=padded, **config,
+                LENGTH=length, PADDED=padded, DOT=dot, **config,
             )
             continue
         cols, rows = factors(length)
@@ -407,15 +420,15 @@ def fftconv_fwd(
         config = launch_config("rows", length, n_channels)
         fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
             mixed, gate, table_rows, scratch, cu_seqlens, segments, n_segments, n_channels,
-            BLOCK_K=BLOCK_K, GATED=True, **shape, **config,
+            BLOCK_K=BLOCK_K, GATED=True, DOT=dot, **shape, **config,
         )
         columns = launch_config("columns", length, n_channels)
         fftconv_columns_fwd_kernel[_grid(count * rows, columns, n_channels, batch)](
-            scratch, spectrum, table_cols, n_channels, BLOCK_COLS=table_cols.shape[1], **shape, **columns,
+            scratch, spectrum, table_cols, n_channels, BLOCK_COLS=table_cols.shape[1], DOT=dot, **shape, **columns,
         )
         fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
             scratch, table_rows, mixed, gate, y, y, cu_seqlens, segments, n_segments, n_channels,
-            BLOCK_K=BLOCK_K, BACKWARD=False, **shape, **config,
+            BLOCK_K=BLOCK_K, BACKWARD=False, DOT=dot, **shape, **config,
         )
     return y
 
@@ -427,6 +440,7 @@ def fftconv_bwd(
     """Gradients (d mixed, d gate, d spectrum ``(F, D, 2)`` float32) of :func:`fftconv_fwd`."""
     batch, _, n_channels = mixed.shape
     n_segments = cu_seqlens.shape[0] - 1
+    dot = dot_dtype(mixed.dtype)
     d_mixed, d_gate = new_output(mixed, mixed.shape, mixed.dtype), new_output(gate, gate.shape, gate.dtype)
     d_spectrum = torch.zeros(spectrum.shape, dtype=torch.float32, device=spectrum.device)
     for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
@@ -436,7 +450,7 @@ def fftconv_bwd(
             padded = max(16, length)
             fftconv_dense_bwd_kernel[_grid(count, config, n_channels, batch)](
                 grad, mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), d_mixed, d_gate, partial,
-                cu_seqlens, segments, n_segments, n_channels, LENGTH=length, PADDED=padded, **config,
+                cu_seqlens, segments, n_segments, n_channels, LENGTH=length, PADDED=padded, DOT=dot, **config,
             )
         else:
             cols, rows = factors(length)
@@ -447,15 +461,15 @@ def fftconv_bwd(
             for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):
                 fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
                     source, gate, table_rows, target, cu_seqlens, segments, n_segments, n_channels,
-                    BLOCK_K=BLOCK_K, GATED=gated, **shape, **config,
+                    BLOCK_K=BLOCK_K, GATED=gated, DOT=dot, **shape, **config,
                 )
             columns = launch_config("columns", length, n_channels)
             fftconv_columns_bwd_kernel[_grid(count * rows, columns, n_channels, batch)](
-                grad_signal, signal, spectrum, table_cols, partial, n_channels, BLOCK_COLS=table_cols.shape[1], **shape, **columns,
+                grad_signal, signal, spectrum, table_cols, partial, n_channels, BLOCK_COLS=table_cols.shape[1], DOT=dot, **shape, **columns,
             )
             fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
                 grad_signal, table_rows, mixed, gate, d_mixed, d_gate, cu_seqlens, segments, n_segments, n_channels,
-                BLOCK_K=BLOCK_K, BACKWARD=True, **shape, **config,
+                BLOCK_K=BLOCK_K, BACKWARD=True, DOT=dot, **shape, **config,
             )
         d_spectrum[: length // 2 + 1] += partial.sum(dim=(0, 1))
     return d_mixed, d_gate, d_spectrum

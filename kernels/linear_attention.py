@@ -17,7 +17,7 @@ backward pass splits every query segment the same way: each program writes dq of
 and the part's share of dS and dz (``n_parts`` shares per segment, summed by the launcher and
 gathered per key set); then each part of a key set gives its dk and dv. Scratch:
 O(B * H * (S_q + S_k) * n_parts * D * E) floats, n_parts about 264 / (B * H * segments).
-``tl.dot`` operands stay in the inputs' dtype on the GPU (:mod:`.operands`).
+``tl.dot`` operands are of type ``DOT`` (:mod:`.operands`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
-from .operands import UPCAST_OPERANDS, dot_operand
+from .operands import dot_dtype
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_seg
 def linear_state_kernel(
     K, V, STATE_PARTIAL, NORMALISER_PARTIAL, cu_seqlens_k, n_heads, n_keysets, n_parts,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
 ):
     """One part's share of S and z."""
     b, h = _batch_head(n_heads)
@@ -113,7 +113,7 @@ def linear_state_kernel(
         k, _, k_mask = _rows(K, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
         v, _, _ = _rows(V, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
         phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
-        state = tl.dot(tl.trans(dot_operand(phi_k, K, UPCAST)), dot_operand(v, V, UPCAST), state)
+        state = tl.dot(tl.trans(phi_k.to(DOT)), v.to(DOT), state)
         normaliser += tl.sum(phi_k, axis=0)
     matrix_at, vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
     tl.store(STATE_PARTIAL + matrix_at, state)
@@ -125,7 +125,7 @@ def linear_apply_kernel(
     Q, STATE, NORMALISER, O, cu_seqlens_q, segment_keyset, block_segment, block_start,
     n_heads, n_keysets, n_segments, eps,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
 ):
     b, h = _batch_head(n_heads)
     rows, r_mask, begin, total, keyset = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_segments, BLOCK)
@@ -134,7 +134,7 @@ def linear_apply_kernel(
     matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     state = tl.load(STATE + matrix_at)
     normaliser = tl.load(NORMALISER + vector_at)
-    numerator = tl.dot(dot_operand(phi_q, Q, UPCAST), dot_operand(state, Q, UPCAST), tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
+    numerator = tl.dot(phi_q.to(DOT), state.to(DOT), tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
     denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
     _, out_at, out_mask = _rows(O, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
     tl.store(O + out_at, (numerator / denominator[:, None]).to(O.dtype.element_ty), mask=out_mask)
@@ -145,7 +145,7 @@ def linear_query_bwd_kernel(
     Q, STATE, NORMALISER, O, DO, DQ, DSTATE_PARTIAL, DNORMALISER_PARTIAL,
     cu_seqlens_q, segment_keyset, n_heads, n_keysets, n_segments, n_parts, eps,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
 ):
     """dq for one part of a query segment, and the part's share of dS and dz: with
     d = phi(q).z + eps, dn = dO / d and dd = -(dO . O) / d, dphi(q) = dn S^T + dd z,
@@ -155,7 +155,7 @@ def linear_query_bwd_kernel(
     keyset = tl.load(segment_keyset + segment).to(tl.int64)
     matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     state = tl.load(STATE + matrix_at)
-    state_operand = dot_operand(tl.trans(state), Q, UPCAST)
+    state_operand = tl.trans(state).to(DOT)
     normaliser = tl.load(NORMALISER + vector_at)
     d_state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     d_normaliser = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -169,11 +169,11 @@ def linear_query_bwd_kernel(
         denominator = tl.sum(phi_q * normaliser[None, :], axis=1) + eps
         d_numerator = grad / denominator[:, None]
         d_denominator = -tl.sum(grad * out, axis=1) / denominator
-        d_numerator_operand = dot_operand(d_numerator, Q, UPCAST)
+        d_numerator_operand = d_numerator.to(DOT)
         d_phi = tl.dot(d_numerator_operand, state_operand, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32))
         dq = (d_phi + d_denominator[:, None] * normaliser[None, :]) * _feature_slope(q, RELU)
         tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=q_mask)
-        d_state = tl.dot(tl.trans(dot_operand(phi_q, Q, UPCAST)), d_numerator_operand, d_state)
+        d_state = tl.dot(tl.trans(phi_q.to(DOT)), d_numerator_operand, d_state)
         d_normaliser += tl.sum(phi_q * d_denominator[:, None], axis=0)
     partial_at, partial_vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
     tl.store(DSTATE_PARTIAL + partial_at, d_state)
@@ -184,15 +184,15 @@ def linear_query_bwd_kernel(
 def linear_key_bwd_kernel(
     K, V, DSTATE, DNORMALISER, DK, DV, cu_seqlens_k, n_heads, n_keysets, n_parts,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
 ):
     """dk and dv of one part of a key set: dphi(k) = v dS^T + dz, dv = phi(k) dS."""
     b, h = _batch_head(n_heads)
     keyset, begin, start, end, total = _part(cu_seqlens_k, n_keysets, n_parts, BLOCK)
     matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
     d_state = tl.load(DSTATE + matrix_at)
-    d_state_operand = dot_operand(d_state, K, UPCAST)
-    d_state_transposed = dot_operand(tl.trans(d_state), V, UPCAST)
+    d_state_operand = d_state.to(DOT)
+    d_state_transposed = tl.trans(d_state).to(DOT)
     d_normaliser = tl.load(DNORMALISER + vector_at)
     for first in range(start, end, BLOCK):
         rows = first + tl.arange(0, BLOCK)
@@ -200,8 +200,8 @@ def linear_key_bwd_kernel(
         k, k_at, k_mask = _rows(K, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
         v, v_at, v_mask = _rows(V, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
         phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
-        d_phi = tl.dot(dot_operand(v, V, UPCAST), d_state_transposed, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
-        dv = tl.dot(dot_operand(phi_k, K, UPCAST), d_state_operand, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
+        d_phi = tl.dot(v.to(DOT), d_state_transposed, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
+        dv = tl.dot(phi_k.to(DOT), d_state_operand, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
         tl.store(DK + k_at, (d_phi * _feature_slope(k, RELU)).to(DK.dtype.element_ty), mask=k_mask)
         tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=v_mask)
 
@@ -256,7 +256,7 @@ def linear_attention_fwd(
     normaliser_partial = torch.empty(batch, heads, n_keysets, n_parts, block_d, dtype=torch.float32, device=q.device)
     out = new_output(v, q.shape[:3] + (value_dim,), v.dtype)
     common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
-                  UPCAST=UPCAST_OPERANDS, num_warps=_warps(block_d, block_e))
+                  DOT=dot_dtype(q.dtype), num_warps=_warps(block_d, block_e))
     if n_keysets:
         linear_state_kernel[(n_keysets * n_parts, batch * heads)](
             k, v, state_partial, normaliser_partial, cu_seqlens_k, heads, n_keysets, n_parts, **{**common, "BLOCK": step},
@@ -284,7 +284,7 @@ def linear_attention_bwd(
     n_segments = cu_seqlens_q.shape[0] - 1
     block_d, block_e = _pad(head_dim), _pad(value_dim)
     common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
-                  UPCAST=UPCAST_OPERANDS, num_warps=_warps(block_d, block_e))
+                  DOT=dot_dtype(q.dtype), num_warps=_warps(block_d, block_e))
     grad_out = grad_out.contiguous()
     dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
     query_parts = parts(n_segments, batch * heads)

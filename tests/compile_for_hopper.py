@@ -18,6 +18,7 @@ import traceback
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -41,6 +42,8 @@ SHARED_MEMORY = 227 * 1024
 TARGET = GPUTarget("cuda", 90, 32)
 DIVISIBLE = [["tt.divisibility", 16]]
 """The hint the JIT attaches to a pointer (or integer) that is a multiple of 16 at launch."""
+DOTS = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+"""The ``tl.dot`` operand type a launcher chooses on the GPU for inputs of each type."""
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
@@ -166,7 +169,7 @@ def linear_configs():
         for data_type, head_dim, relu in (("bf16", 64, False), ("fp32", 128, True)):
             rows = linear_attention.BLOCK_ROWS if kernel is linear_attention.linear_apply_kernel else 32 if data_type == "fp32" else 64
             yield kernel, data_type, {"HEAD_DIM": head_dim, "VALUE_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_E": head_dim,
-                                      "BLOCK": rows, "RELU": relu, "UPCAST": False}, linear_attention._warps(head_dim, head_dim)
+                                      "BLOCK": rows, "RELU": relu, "DOT": DOTS[data_type]}, linear_attention._warps(head_dim, head_dim)
 
 
 def fftconv_configs():
@@ -175,10 +178,10 @@ def fftconv_configs():
     for data_type, length in (("bf16", 16), ("fp32", 64)):
         launch = fftconv.launch_config("dense", length, 1024)
         for kernel in (fftconv.fftconv_dense_fwd_kernel, fftconv.fftconv_dense_bwd_kernel):
-            yield kernel, data_type, {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"]}, launch["num_warps"]
+            yield kernel, data_type, {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"], "DOT": DOTS[data_type]}, launch["num_warps"]
     for data_type, length, flags in (("fp32", 256, (True,)), ("bf16", 8192, (True, False))):
         cols, rows = fftconv.factors(length)
-        shape = {"LENGTH": length, "ROWS": rows, "COLS": cols}
+        shape = {"LENGTH": length, "ROWS": rows, "COLS": cols, "DOT": DOTS[data_type]}
         launch = fftconv.launch_config("rows", length, 1024)
         for flag in flags:
             passes = {"BLOCK_K": fftconv.BLOCK_K, "BLOCK_C": launch["BLOCK_C"]}

@@ -26,7 +26,7 @@ def test_report_on_the_wkv_workload(tmp_path):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Estimates" in completed.stdout
     rows = json.loads(target.read_text())
-    assert {row["kernel"] for row in rows} == {"wkv/wkv_fwd_kernel", "wkv/wkv_bwd_kernel"}
+    assert {row["kernel"] for row in rows} >= {"wkv/wkv_fwd_kernel", "wkv/wkv_bwd_kernel"}
     for row in rows:
         assert KEYS <= row.keys()
         assert row["workload"] == "M4096-B2-H4-d64-bf16"
