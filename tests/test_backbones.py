@@ -224,3 +224,40 @@ def test_cogvideox_width_detection():
     assert all(isinstance(b, LoopedCogVideoXBlock) and b.inner_dim == 32 for b in looped)
     with pytest.raises(ValueError, match="has no attribute 'transformer_blocks'"):
         canvas_engineering.detect_inner_dim(EncoderStack())
+
+
+class Counting(nn.Module):
+    """A linear block (or a pair of them, for two streams) that counts its calls."""
+
+    def __init__(self, streams: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(streams))
+        self.calls = 0
+
+    def forward(self, *inputs, **kwargs):
+        self.calls += 1
+        outputs = tuple(layer(x) for layer, x in zip(self.layers, inputs))
+        return outputs if len(outputs) > 1 else outputs[0]
+
+
+@pytest.mark.parametrize("cogvideox", [False, True])
+def test_gradient_checkpointing_recomputes_each_loop(cogvideox):
+    """With more than one loop and gradients on, each iteration runs again in the backward
+    pass (as in 0.5.0); not with one loop, under no_grad, or with checkpointing off."""
+    torch.manual_seed(0)
+    block = Counting(2 if cogvideox else 1)
+    wrapper = LoopedCogVideoXBlock(block, 0, 3, 4) if cogvideox else LoopedBlockWrapper(block, max_loops=3, embed_dim=4)
+    streams = [torch.randn(2, 5, 4, requires_grad=True) for _ in range(len(block.layers))]
+    extra = (torch.zeros(2, 8),) if cogvideox else ()
+
+    def calls(loops, grad=True, checkpointing=True):
+        wrapper.set_loops(loops)
+        wrapper.use_gradient_checkpointing = checkpointing
+        block.calls = 0
+        with torch.set_grad_enabled(grad):
+            output = wrapper(*streams, *extra)
+            if grad:
+                sum(o.sum() for o in (output if cogvideox else (output,))).backward()
+        return block.calls
+
+    assert [calls(3), calls(2), calls(1), calls(3, grad=False), calls(3, checkpointing=False)] == [6, 4, 1, 3, 3]
