@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run (see the project's GPU.md): versions, the CUDA-marked correctness
-# tests, then every kernel against its anchor; a table is printed last and the JSON, the logs
-# and the versions land in OUT_DIR.
+# tests, every kernel against its anchor (gpu_kernels.py), then the topology paths:
+# FlexAttention with the block mask against SDPA with the additive mask, and the CogVideoX
+# attention processor (gpu_topology.py). Each prints a table last; the JSON, the logs and
+# the versions land in OUT_DIR.
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run]
 #   --dry-run: the same steps on a CPU (a quick subset of the tests, toy sizes through the
@@ -56,4 +58,5 @@ tests+=(${GPU_CHECK_EXTRA_TESTS:-})
 step versions versions.txt versions
 step tests tests.log "$python" -m pytest -v -p no:cacheprovider --junitxml="$out/tests.xml" "${tests[@]}"
 step benchmarks benchmarks.log "$python" benchmarks/gpu_kernels.py "$out" $mode
+step topology topology.log "$python" benchmarks/gpu_topology.py "$out" $mode
 exit $status

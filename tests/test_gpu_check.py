@@ -36,8 +36,10 @@ def test_dry_run_with_a_failing_test_runs_every_step(tmp_path):
     assert completed.returncode == 1, completed.stdout[-4000:] + completed.stderr[-2000:]
 
     steps = {name: (int(code), int(seconds)) for name, code, seconds in (line.split() for line in (out / "steps.txt").read_text().splitlines())}
-    assert list(steps) == ["versions", "tests", "benchmarks"]
-    assert steps["versions"][0] == 0 and steps["tests"][0] != 0 and steps["benchmarks"][0] == 0, steps
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    assert list(steps) == ["versions", "tests", "benchmarks", "topology"]
+    assert steps["tests"][0] != 0 and steps["versions"][0] == steps["benchmarks"][0] == 0, steps
+    assert steps["topology"][0] == (0 if has_diffusers else 1), steps
     for name in steps:
         assert f"== {name}: exit {steps[name][0]} after {steps[name][1]} s" in completed.stdout
 
@@ -56,6 +58,15 @@ def test_dry_run_with_a_failing_test_runs_every_step(tmp_path):
     for result in report["results"]:
         assert "error" not in result, result
         assert all(math.isfinite(result[key]) and result[key] > 0 for key in timings), result
+
+    *masks, processor = json.loads((out / "topology.json").read_text())["results"]
+    assert [r["variant"] for r in masks] == ["flex_block_mask_P32", "sdpa_additive_mask_P32", "sdpa_no_mask_P32"]
+    assert all("error" not in r and r["fwd_ms"] > 0 for r in masks), masks
+    assert masks[0]["max_abs_diff_vs_sdpa_mask"] < 1e-5 and 0 < masks[0]["block_density"] <= 1
+    if has_diffusers:
+        assert processor["max_abs_diff_flex_vs_sdpa"] < 1e-5 and processor["sdpa_fwd_bwd_ms"] > 0, processor
+    else:
+        assert "diffusers" in processor["error"], processor
 
 
 def test_benchmarks_keep_going_and_write_as_they_go(tmp_path):
