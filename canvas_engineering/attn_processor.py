@@ -74,9 +74,9 @@ class CanvasAttnProcessor:
         topology: the connections; every region they name must be in ``layout``.
         layout: the ``(T, H, W)`` canvas over the video tokens.
         block_size: FlexAttention block size (the flex backend).
-        backend: "flex" (FlexAttention with the topology's block mask, joined with the text
-            tokens; compiled on CUDA), "sdpa" (``scaled_dot_product_attention`` with the
-            joint additive mask) or None: flex for CUDA tensors, sdpa otherwise. PyTorch's
+        backend: "flex" (compiled FlexAttention with the topology's block mask, joined with
+            the text tokens), "sdpa" (``scaled_dot_product_attention`` with the joint
+            additive mask) or None: flex for CUDA tensors, sdpa otherwise. PyTorch's
             FlexAttention has no backward pass on CPU.
 
     Raises:
@@ -201,12 +201,11 @@ class CanvasAttnProcessor:
         return block_mask
 
     def flex(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text: int) -> torch.Tensor:
-        """FlexAttention over the joint sequence, run in the order ``[video, text]`` with
-        :meth:`joint_block_mask` and returned in the order ``[text, video]``;
+        """Compiled FlexAttention over the joint sequence, run in the order ``[video, text]``
+        with :meth:`joint_block_mask` and returned in the order ``[text, video]``;
         ``(B, heads, L + P, head_dim)`` each."""
-        run = compiled_flex_attention() if query.is_cuda else flex_attention
         block_mask = self.joint_block_mask(text, query.device)
-        attended = run(rolled(query, text), rolled(key, text), rolled(value, text), block_mask=block_mask)
+        attended = compiled_flex_attention()(rolled(query, text), rolled(key, text), rolled(value, text), block_mask=block_mask)
         return rolled(attended, self.layout.num_positions)
 
 
