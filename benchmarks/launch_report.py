@@ -237,12 +237,18 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     size = BYTES[dtype]
     rows = batch * length
     states = rows * channels * state
-    checkpoint_bytes = batch * n_chunks * channels * state * 4
+    chunk_bytes = batch * n_chunks * channels * state * 4
+    carried = chunk_bytes * (n_chunks - 1) / 2
     channel_blocks = math.ceil(channels / 32)
+    items = n_chunks * batch * channel_blocks
+    rounds = math.ceil(items / min(selective_scan.WORKERS, items))
+    chunk = selective_scan.CHUNK
     costs = {
-        "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + checkpoint_bytes, 6 * states, length),
-        "selective_scan_bwd_kernel": Cost(rows * (6 * channels + 2 * state) * size + 2 * channel_blocks * rows * state * 4
-                                          + checkpoint_bytes + 2 * states * 4, 14 * states, 2 * length),
+        "selective_scan_fwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
+        "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk),
+        "selective_scan_bwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
+        "selective_scan_bwd_kernel": Cost(rows * (7 * channels + 3 * state) * size + 2 * channel_blocks * rows * state * 4
+                                          + carried + 3 * chunk_bytes + 2 * states * 4, 14 * states, 2 * chunk * rounds),
     }
     return rows_for("selective-scan", f"M{length}-B{batch}-D{channels}-N{state}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
 

@@ -1,4 +1,4 @@
-"""The S6 selective scan over packed sequences, forward and backward.
+"""The S6 selective scan over packed sequences, forward and backward, parallel over time.
 
 Layout: contiguous ``x, dt (B, T, D)`` and ``Bm, C (B, T, N)`` packed sequence after
 sequence (sequence ``s`` owns rows ``cu_seqlens[s] .. cu_seqlens[s+1]``); ``A (D, N)``
@@ -6,13 +6,21 @@ sequence (sequence ``s`` owns rows ``cu_seqlens[s] .. cu_seqlens[s+1]``); ``A (D
 
     h_t = exp(dt_t A) * h_{t-1} + dt_t * Bm_t * x_t,   y_t = sum_n C_t h_t + Dskip * x_t.
 
-Each program owns one sequence, one batch row and ``BLOCK_D`` channels, and keeps its
-``(BLOCK_D, N)`` state in registers while it walks the steps. The forward pass stores the
-state entering every chunk of ``CHUNK`` steps (``checkpoints``, O(T / CHUNK * D * N)); the
-backward pass walks the chunks in reverse, recomputes a chunk's states from its checkpoint
-into a per-program scratch buffer, and runs the adjoint recurrence
-``dh_{t-1} = exp(dt_t A) * dh_t`` back through it. Gradients that sum over channels (of Bm
-and C) are written per channel block and summed by the launcher.
+Every sequence is cut into chunks of ``CHUNK`` steps (``checkpoint_offsets`` numbers them,
+sequence after sequence); a program owns one chunk, one batch row and ``BLOCK_D`` channels,
+with its ``(BLOCK_D, N)`` state in registers. The forward pass runs in two launches: each
+chunk's own state from zero and its sum of dt (``selective_scan_fwd_state_kernel``); then
+each chunk takes the state carried into it (the earlier chunks' states, each decayed by
+``exp(A * sum of dt)`` over the chunks between, in one vectorised reduction), stores it as
+the chunk's checkpoint and walks its steps (``selective_scan_fwd_kernel``). The backward pass
+mirrors it: each chunk's adjoint of its entering state from zero (``dh_{t-1} = exp(dt_t A)
+(dh_t + g_t C_t)``, ``selective_scan_bwd_state_kernel``); then each chunk takes the later
+chunks' adjoints, recomputes its states from its checkpoint into a worker's scratch and
+walks its steps in reverse (``selective_scan_bwd_kernel``, a fixed number of worker
+programs taking chunks in turn). Gradients that sum over channels (of Bm and C) are written
+per channel block, those that sum over time (A, Dskip) per chunk, and summed by the
+launcher. Scratch: O(chunks * B * D * N) floats and the workers' ``WORKERS * CHUNK *
+BLOCK_D * N``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,12 @@ import triton.language as tl
 from .buffers import new_output
 
 CHUNK = 64
+CARRY_BLOCK = 4
+"""Chunks the carry reduction reads at a time."""
+SEARCH_BLOCK = 64
+"""Sequences a program's search for its sequence reads at a time."""
+WORKERS = 528
+"""Programs of the backward's main launch (four per SM of an H100), each with its scratch."""
 
 
 @triton.jit
@@ -40,88 +54,174 @@ def _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_
 
 
 @triton.jit
-def _checkpoint_slot(b, n_checkpoints, checkpoint, channels, states, n_channels, n_state):
-    """Offsets ``(BLOCK_D, BLOCK_N)`` of the state checkpoint ``checkpoint`` of batch row b."""
-    return ((b * n_checkpoints + checkpoint) * n_channels + channels[:, None]) * n_state + states[None, :]
+def _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state):
+    """Offsets ``(BLOCK_D, BLOCK_N)`` of chunk ``chunk``'s state in a ``(B, chunks, D, N)`` buffer."""
+    return ((b * n_checkpoints + chunk) * n_channels + channels[:, None]) * n_state + states[None, :]
 
 
 @triton.jit
-def selective_scan_fwd_kernel(
-    X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, cu_seqlens, checkpoint_offsets,
-    n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-):
-    sequence = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    states = tl.arange(0, BLOCK_N)
-    c_mask = channels < n_channels
-    n_mask = states < n_state
-    begin = tl.load(cu_seqlens + sequence).to(tl.int64)
-    length = tl.load(cu_seqlens + sequence + 1).to(tl.int64) - begin
-    first_checkpoint = tl.load(checkpoint_offsets + sequence).to(tl.int64)
-    n_checkpoints = tl.load(checkpoint_offsets + tl.num_programs(0)).to(tl.int64)
-    tile_mask = c_mask[:, None] & n_mask[None, :]
-    a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-    skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
-    total = tl.load(cu_seqlens + tl.num_programs(0)).to(tl.int64)
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    for chunk in range(0, tl.cdiv(length, CHUNK)):
-        slot = _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state)
-        tl.store(CHECKPOINTS + slot, h, mask=tile_mask)
-        for i in range(0, CHUNK):
-            t = chunk * CHUNK + i
-            row = b * total + begin + t
-            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
-            c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
-            y = tl.sum(h * c[None, :], axis=1) + skip * x
-            tl.store(Y + row * n_channels + channels, y.to(Y.dtype.element_ty), mask=c_mask & valid)
-
-
-@triton.jit
-def selective_scan_bwd_kernel(
-    X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, SCRATCH, cu_seqlens, checkpoint_offsets,
-    DX, DDT, DA_PARTIAL, DBM_PARTIAL, DC_PARTIAL, DDSKIP_PARTIAL,
-    n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-):
-    sequence = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    block = tl.program_id(2)
-    n_blocks = tl.num_programs(2)
+def _tiles(block, n_channels, n_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(channels of channel block ``block``, states, their masks, the tile's mask)."""
     channels = block * BLOCK_D + tl.arange(0, BLOCK_D)
     states = tl.arange(0, BLOCK_N)
     c_mask = channels < n_channels
     n_mask = states < n_state
-    tile_mask = c_mask[:, None] & n_mask[None, :]
+    return channels, states, c_mask, n_mask, c_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
+def _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK: tl.constexpr, SEARCH: tl.constexpr):
+    """(first packed row and length of chunk ``chunk``'s sequence, the chunk's first step,
+    the sequence's first and end chunk, total packed rows): its sequence is the number of
+    sequences whose chunks end at or before it."""
+    sequence = 0
+    for first in range(0, n_sequences, SEARCH):
+        candidates = first + tl.arange(0, SEARCH)
+        ends = tl.load(checkpoint_offsets + candidates + 1, mask=candidates < n_sequences, other=2147483647)
+        sequence += tl.sum((ends <= chunk).to(tl.int32), axis=0)
     begin = tl.load(cu_seqlens + sequence).to(tl.int64)
     length = tl.load(cu_seqlens + sequence + 1).to(tl.int64) - begin
-    total = tl.load(cu_seqlens + tl.num_programs(0)).to(tl.int64)
-    first_checkpoint = tl.load(checkpoint_offsets + sequence).to(tl.int64)
-    n_checkpoints = tl.load(checkpoint_offsets + tl.num_programs(0)).to(tl.int64)
+    first_chunk = tl.load(checkpoint_offsets + sequence)
+    total = tl.load(cu_seqlens + n_sequences).to(tl.int64)
+    return begin, length, (chunk - first_chunk) * CHUNK, first_chunk, tl.load(checkpoint_offsets + sequence + 1), total
+
+
+@triton.jit
+def _carry(STATE, DT, a, b, n_checkpoints, chunk, count, step, channels, states, c_mask, n_mask, n_channels, n_state,
+           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr):
+    """The states of the ``count`` chunks ``chunk + step * (1 + k)`` (k = 0, 1, ...), each
+    decayed by ``exp(A * dt summed over the chunks between it and this one)``, summed:
+    ``(BLOCK_D, BLOCK_N)``. The chunks' states and dt sums are in ``STATE (B, chunks, D, N)``
+    and ``DT (B, chunks, D)``; read CARRY chunks at a time."""
+    carried = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    gap = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, count, CARRY):
+        k = first + tl.arange(0, CARRY)
+        row = (b * n_checkpoints + chunk + step * (k + 1)) * n_channels
+        mask = (k < count)[:, None] & c_mask[None, :]
+        dts = tl.load(DT + row[:, None] + channels[None, :], mask=mask, other=0.0)
+        between = gap[None, :] + tl.cumsum(dts, axis=0) - dts
+        at = (row[:, None, None] + channels[None, :, None]) * n_state + states[None, None, :]
+        chunk_states = tl.load(STATE + at, mask=mask[:, :, None] & n_mask[None, None, :], other=0.0)
+        carried += tl.sum(tl.exp(between[:, :, None] * a[None, :, :]) * chunk_states, axis=0)
+        gap += tl.sum(dts, axis=0)
+    return carried
+
+
+@triton.jit
+def selective_scan_fwd_state_kernel(
+    X, DT, A, BM, CHUNK_STATE, CHUNK_DT, cu_seqlens, checkpoint_offsets,
+    n_sequences, n_checkpoints, n_channels, n_state,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr,
+):
+    """A chunk's own state at its end, from zero, and its sum of dt."""
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(0, CHUNK):
+        t = first_step + i
+        valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+        h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
+        dt_sum += dt
+    tl.store(CHUNK_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask)
+    tl.store(CHUNK_DT + (b * n_checkpoints + chunk) * n_channels + channels, dt_sum, mask=c_mask)
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, CHUNK_STATE, CHUNK_DT, cu_seqlens, checkpoint_offsets,
+    n_sequences, n_checkpoints, n_channels, n_state,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+):
+    """A chunk's outputs: the state carried in from the earlier chunks of its sequence
+    (stored as its checkpoint), then the walk over its steps."""
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
-    program = (sequence * tl.num_programs(1) + b) * n_blocks + block
-    scratch = SCRATCH + program.to(tl.int64) * CHUNK * BLOCK_D * BLOCK_N + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + states[None, :]
+    h = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk, chunk - first_chunk, -1, channels, states, c_mask, n_mask,
+               n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+    tl.store(CHECKPOINTS + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask)
+    for i in range(0, CHUNK):
+        t = first_step + i
+        row = b * total + begin + t
+        valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+        c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+        h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
+        y = tl.sum(h * c[None, :], axis=1) + skip * x
+        tl.store(Y + row * n_channels + channels, y.to(Y.dtype.element_ty), mask=c_mask & valid)
+
+
+@triton.jit
+def selective_scan_bwd_state_kernel(
+    DT, A, C, DY, CHUNK_ADJOINT, CHUNK_DT, cu_seqlens, checkpoint_offsets,
+    n_sequences, n_checkpoints, n_channels, n_state,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr,
+):
+    """A chunk's own adjoint of the state entering it, from zero at its end
+    (``dh_{t-1} = exp(dt_t A) (dh_t + dy_t C_t)``), and its sum of dt."""
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    da = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    n_chunks = tl.cdiv(length, CHUNK)
-    for reverse_chunk in range(0, n_chunks):
-        chunk = n_chunks - 1 - reverse_chunk
-        slot = _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state)
-        h = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for reverse_i in range(0, CHUNK):
+        t = first_step + CHUNK - 1 - reverse_i
+        row = b * total + begin + t
+        valid = (channels * 0 + t) < length
+        dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
+        g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
+        c = tl.load(C + row * n_state + states, mask=n_mask & ((states * 0 + t) < length), other=0.0).to(tl.float32)
+        dh = tl.exp(dt[:, None] * a) * (dh + g[:, None] * c[None, :])
+        dt_sum += dt
+    tl.store(CHUNK_ADJOINT + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), dh, mask=tile_mask)
+    tl.store(CHUNK_DT + (b * n_checkpoints + chunk) * n_channels + channels, dt_sum, mask=c_mask)
+
+
+@triton.jit
+def selective_scan_bwd_kernel(
+    X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, CHUNK_ADJOINT, CHUNK_DT, SCRATCH, cu_seqlens, checkpoint_offsets,
+    DX, DDT, DA_PARTIAL, DBM_PARTIAL, DC_PARTIAL, DDSKIP_PARTIAL,
+    n_sequences, n_checkpoints, n_batch, n_blocks, n_channels, n_state,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+):
+    """Workers take (chunk, batch row, channel block) items in turn. For one: the adjoint
+    carried in from the later chunks of its sequence; the chunk's states recomputed from its
+    checkpoint into the worker's scratch; the reverse walk giving dx, ddt and the chunk's
+    shares of dA, dDskip, and of dB and dC for its channel block."""
+    scratch = SCRATCH + tl.program_id(0).to(tl.int64) * CHUNK * BLOCK_D * BLOCK_N + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    for item in range(tl.program_id(0), n_checkpoints * n_batch * n_blocks, tl.num_programs(0)):
+        chunk = item // (n_batch * n_blocks)
+        b = ((item // n_blocks) % n_batch).to(tl.int64)
+        block = item % n_blocks
+        channels, states, c_mask, n_mask, tile_mask = _tiles(block, n_channels, n_state, BLOCK_D, BLOCK_N)
+        begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+        a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
+        slot = _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state)
+        dh = _carry(CHUNK_ADJOINT, CHUNK_DT, a, b, n_checkpoints, chunk, end_chunk - 1 - chunk, 1, channels, states, c_mask, n_mask,
+                    n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        entering = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
+        h = entering
         for i in range(0, CHUNK):
-            t = chunk * CHUNK + i
-            row = b * total + begin + t
-            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+            t = first_step + i
+            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
             h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
             tl.store(scratch + i * BLOCK_D * BLOCK_N, h)
         tl.debug_barrier()
+        da = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
         for reverse_i in range(0, CHUNK):
             i = CHUNK - 1 - reverse_i
-            t = chunk * CHUNK + i
+            t = first_step + i
             row = b * total + begin + t
             valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
             c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
@@ -129,8 +229,7 @@ def selective_scan_bwd_kernel(
             h = tl.load(scratch + i * BLOCK_D * BLOCK_N)
             not_first = (states * 0 + i) > 0
             previous = tl.load(scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0)
-            entering = tl.load(CHECKPOINTS + _checkpoint_slot(b, n_checkpoints, first_checkpoint + chunk, channels, states, n_channels, n_state), mask=tile_mask & ~not_first[None, :], other=0.0)
-            previous = previous + entering
+            previous = tl.where(not_first[None, :], previous, entering)
             dh = tl.where(valid[:, None], dh + g[:, None] * c[None, :], dh)
             decay = tl.exp(dt[:, None] * a)
             through_decay = dh * previous * decay
@@ -140,14 +239,13 @@ def selective_scan_bwd_kernel(
             dskip += g * x
             tl.store(DX + row * n_channels + channels, dx.to(DX.dtype.element_ty), mask=c_mask & valid)
             tl.store(DDT + row * n_channels + channels, ddt.to(DDT.dtype.element_ty), mask=c_mask & valid)
-            partial_row = (block * tl.num_programs(1) * total + row) * n_state + states
+            partial_row = (block * n_batch * total + row) * n_state + states
             tl.store(DBM_PARTIAL + partial_row, tl.sum(dh * (dt * x)[:, None], axis=0), mask=n_mask & state_valid)
             tl.store(DC_PARTIAL + partial_row, tl.sum(g[:, None] * h, axis=0), mask=n_mask & state_valid)
             dh = tl.where(valid[:, None], dh * decay, dh)
         tl.debug_barrier()
-    partial = (sequence * tl.num_programs(1) + b) * n_channels
-    tl.store(DA_PARTIAL + (partial + channels[:, None]) * n_state + states[None, :], da, mask=tile_mask)
-    tl.store(DDSKIP_PARTIAL + partial + channels, dskip, mask=c_mask)
+        tl.store(DA_PARTIAL + slot, da, mask=tile_mask)
+        tl.store(DDSKIP_PARTIAL + (b * n_checkpoints + chunk) * n_channels + channels, dskip, mask=c_mask)
 
 
 def _blocks(n_channels: int, n_state: int) -> tuple[int, int]:
@@ -175,12 +273,18 @@ def selective_scan_fwd(
     n_state = A.shape[1]
     block_d, block_n = _blocks(n_channels, n_state)
     y = new_output(x, x.shape, x.dtype)
-    checkpoints = torch.zeros(batch, n_checkpoints, n_channels, n_state, dtype=torch.float32, device=x.device)
-    grid = (cu_seqlens.shape[0] - 1, batch, triton.cdiv(n_channels, block_d))
-    if grid[0] and x.numel():
+    checkpoints = torch.empty(batch, n_checkpoints, n_channels, n_state, dtype=torch.float32, device=x.device)
+    chunk_state = torch.empty_like(checkpoints)
+    chunk_dt = torch.empty(batch, n_checkpoints, n_channels, dtype=torch.float32, device=x.device)
+    grid = (n_checkpoints, batch, triton.cdiv(n_channels, block_d))
+    if n_checkpoints and x.numel():
+        A = A.float().contiguous()
+        common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
+        sizes = (cu_seqlens.shape[0] - 1, n_checkpoints, n_channels, n_state)
+        selective_scan_fwd_state_kernel[grid](x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, **common)
         selective_scan_fwd_kernel[grid](
-            x, dt, A.float().contiguous(), Bm, C, Dskip.float().contiguous(), y, checkpoints, cu_seqlens, offsets,
-            n_channels, n_state, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+            x, dt, A, Bm, C, Dskip.float().contiguous(), y, checkpoints, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes,
+            CARRY=CARRY_BLOCK, **common,
         )
     return y, checkpoints
 
@@ -192,21 +296,30 @@ def selective_scan_bwd(
     """Gradients (dx, ddt, dA, dBm, dC, dDskip) of :func:`selective_scan_fwd` (the same ``chunk``)."""
     batch, total, n_channels = x.shape
     n_state = A.shape[1]
+    n_checkpoints = checkpoints.shape[1]
     block_d, block_n = _blocks(n_channels, n_state)
-    sequences = cu_seqlens.shape[0] - 1
     n_blocks = triton.cdiv(n_channels, block_d)
     grad_y = grad_y.contiguous()
     dx, ddt = new_output(x, x.shape, x.dtype), new_output(dt, dt.shape, dt.dtype)
-    da_partial = torch.zeros(sequences, batch, n_channels, n_state, dtype=torch.float32, device=x.device)
-    dskip_partial = torch.zeros(sequences, batch, n_channels, dtype=torch.float32, device=x.device)
+    chunk_adjoint = torch.empty_like(checkpoints)
+    chunk_dt = torch.empty(batch, n_checkpoints, n_channels, dtype=torch.float32, device=x.device)
+    da_partial = torch.zeros_like(checkpoints)
+    dskip_partial = torch.zeros_like(chunk_dt)
     db_partial = torch.zeros(n_blocks, batch, total, n_state, dtype=torch.float32, device=x.device)
     dc_partial = torch.zeros_like(db_partial)
-    scratch = torch.empty(sequences * batch * n_blocks * chunk * block_d * block_n, dtype=torch.float32, device=x.device)
-    if sequences and x.numel():
-        selective_scan_bwd_kernel[(sequences, batch, n_blocks)](
-            x, dt, A.float().contiguous(), Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, scratch, cu_seqlens, offsets,
+    workers = min(WORKERS, n_checkpoints * batch * n_blocks)
+    scratch = torch.empty(workers * chunk * block_d * block_n, dtype=torch.float32, device=x.device)
+    if n_checkpoints and x.numel():
+        A = A.float().contiguous()
+        common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
+        sequences = cu_seqlens.shape[0] - 1
+        selective_scan_bwd_state_kernel[(n_checkpoints, batch, n_blocks)](
+            dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, sequences, n_checkpoints, n_channels, n_state, **common,
+        )
+        selective_scan_bwd_kernel[(workers,)](
+            x, dt, A, Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, chunk_adjoint, chunk_dt, scratch, cu_seqlens, offsets,
             dx, ddt, da_partial, db_partial, dc_partial, dskip_partial,
-            n_channels, n_state, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+            sequences, n_checkpoints, batch, n_blocks, n_channels, n_state, CARRY=CARRY_BLOCK, **common,
         )
     return (
         dx, ddt, da_partial.sum(dim=(0, 1)), db_partial.sum(0).to(Bm.dtype), dc_partial.sum(0).to(C.dtype),

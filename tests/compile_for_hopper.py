@@ -26,15 +26,15 @@ from canvas_engineering.kernels import segment_attention as attention
 from canvas_engineering.kernels import fftconv, linear_attention, selective_scan, wkv
 
 STATISTICS = {
-    "LSE", "THRESHOLD", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
+    "LSE", "TIED_THRESHOLD", "SELECTED_P", "SELECTED_DS", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
     "PART_NUMERATOR", "PART_DENOMINATOR", "PART_EXPONENT", "PART_ALPHA", "PART_BETA", "PART_LAGGED_ALPHA", "PART_LAGGED_BETA",
-    "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
+    "CHUNK_STATE", "CHUNK_DT", "CHUNK_ADJOINT", "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
     "SPECTRUM", "DFT", "DFT_ROWS", "DFT_COLS", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
     "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset",
-    "class_segments",
+    "class_segments", "selection", "entry_order", "entry_start", "tied_prefix",
 }
 FLOATS = {"scale", "eps"}
 SHARED_MEMORY = 227 * 1024
@@ -130,22 +130,35 @@ def resources(compiled) -> dict:
             "mma": tensor_core_instruction(compiled.asm["ptx"])}
 
 
-def blocks(head_dim: int) -> dict:
-    block = attention.block_rows(head_dim, "cuda")
-    return {"BLOCK_M": block, "BLOCK_N": block}
+def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int]:
+    """(constexprs, warps) the attention launchers give kernel ``kind`` on a GPU."""
+    launch = attention.launch_config(kind, head_dim, attention.block_rows(head_dim, "cuda"))
+    block, inner = attention.block_rows(head_dim, "cuda"), launch["INNER"]
+    sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
+    return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), "DOT": DOTS[data_type], **sides}, launch["num_warps"]
 
 
 def attention_configs():
+    """The dense kernels with a window (bf16, d 64), plain (bf16 and fp32, d 128) and with
+    sigmoid weights (fp16, d 16); the top-k kernels (8 slots) at bf16 d 64 and 128, fp32 d 128."""
     variants = [
-        ("bf16", 64, {"WINDOW": 8, "USE_THRESHOLD": False, "SIGMOID": False}),
-        ("fp32", 128, {"WINDOW": 0, "USE_THRESHOLD": True, "SIGMOID": False}),
-        ("fp16", 16, {"WINDOW": 0, "USE_THRESHOLD": False, "SIGMOID": True}),
+        ("bf16", 64, {"WINDOW": 8, "SIGMOID": False}),
+        ("bf16", 128, {"WINDOW": 0, "SIGMOID": False}),
+        ("fp32", 128, {"WINDOW": 0, "SIGMOID": False}),
+        ("fp16", 16, {"WINDOW": 0, "SIGMOID": True}),
     ]
-    for kernel in (attention.segment_attention_fwd_kernel, attention.segment_attention_bwd_dkdv_kernel, attention.segment_attention_bwd_dq_kernel):
+    kinds = {"fwd": attention.segment_attention_fwd_kernel, "bwd_dkdv": attention.segment_attention_bwd_dkdv_kernel,
+             "bwd_dq": attention.segment_attention_bwd_dq_kernel}
+    for kind, kernel in kinds.items():
         for data_type, head_dim, flags in variants:
-            yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), **blocks(head_dim), **flags}
-    for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
-        yield attention.segment_topk_threshold_kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **blocks(head_dim)}
+            constexprs, warps = attention_tiles(kind, head_dim, data_type)
+            yield kernel, data_type, {**constexprs, **flags}, warps
+    kinds = {"fwd": attention.segment_topk_fwd_kernel, "bwd_dq": attention.segment_topk_bwd_dq_kernel,
+             "bwd_dkdv": attention.segment_topk_bwd_dkdv_kernel}
+    for kind, kernel in kinds.items():
+        for data_type, head_dim in (("bf16", 64), ("bf16", 128), ("fp32", 128)):
+            constexprs, warps = attention_tiles(kind, head_dim, data_type)
+            yield kernel, data_type, {**constexprs, "TOP": 8}, warps
 
 
 def wkv_configs():
@@ -157,9 +170,12 @@ def wkv_configs():
 
 
 def scan_configs():
-    for kernel in (selective_scan.selective_scan_fwd_kernel, selective_scan.selective_scan_bwd_kernel):
+    carry = {"CARRY": selective_scan.CARRY_BLOCK}
+    kernels = {selective_scan.selective_scan_fwd_state_kernel: {}, selective_scan.selective_scan_fwd_kernel: carry,
+               selective_scan.selective_scan_bwd_state_kernel: {}, selective_scan.selective_scan_bwd_kernel: carry}
+    for kernel, flags in kernels.items():
         for data_type in ("bf16", "fp32"):
-            yield kernel, data_type, {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK}
+            yield kernel, data_type, {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK, **flags}
 
 
 def linear_configs():
@@ -192,12 +208,15 @@ def fftconv_configs():
             yield kernel, data_type, {**shape, "BLOCK_COLS": max(16, cols), "BLOCK_C": launch["BLOCK_C"]}, launch["num_warps"]
 
 
-CONFIGS = [*attention_configs(), *wkv_configs(), *scan_configs(), *linear_configs(), *fftconv_configs()]
+def all_configs() -> list:
+    """Every configuration compiled (built on call, so that importing the helpers needs no kernel)."""
+    return [*attention_configs(), *wkv_configs(), *scan_configs(), *linear_configs(), *fftconv_configs()]
 
 
 def main() -> int:
     failures = 0
-    for kernel, data_type, constexprs, *warps in CONFIGS:
+    configs = all_configs()
+    for kernel, data_type, constexprs, *warps in configs:
         options = {"num_warps": warps[0]} if warps else {}
         label = f"{kernel.fn.__name__} {data_type} {constexprs}" + (f" num_warps={warps[0]}" if warps else "")
         try:
@@ -209,7 +228,7 @@ def main() -> int:
         except Exception:
             failures += 1
             print(f"FAIL {label}\n{traceback.format_exc()}")
-    print(f"{len(CONFIGS) - failures} of {len(CONFIGS)} configurations compiled for sm_90 with triton {triton.__version__}")
+    print(f"{len(configs) - failures} of {len(configs)} configurations compiled for sm_90 with triton {triton.__version__}")
     return 1 if failures else 0
 
 

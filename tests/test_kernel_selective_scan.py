@@ -51,7 +51,17 @@ def run(lengths, channels, state, dtype, chunk, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_the_oracle(dtype, chunk):
+def test_matches_the_oracle(dtype, chunk, monkeypatch):
+    """Chunks of 4: the carries read 2 chunks at a time, the sequence search 2 sequences at a
+    time. Chunks of 8: three backward workers take the 24 (chunk, batch row, channel block)
+    items in turn."""
+    from canvas_engineering.kernels import selective_scan
+
+    if chunk == 4:
+        monkeypatch.setattr(selective_scan, "CARRY_BLOCK", 2)
+        monkeypatch.setattr(selective_scan, "SEARCH_BLOCK", 2)
+    else:
+        monkeypatch.setattr(selective_scan, "WORKERS", 3)
     errors = run(LENGTHS, channels=40, state=5, dtype=dtype, chunk=chunk)
     assert max(errors) < (1e-5 if dtype == torch.float32 else 2e-2), errors
 
