@@ -283,6 +283,34 @@ def hyena_cases() -> List[Case]:
     ]
 
 
+def reference_cases() -> List[Case]:
+    """On a GPU, the reference workloads of ``benchmarks/launch_report.py``, each named
+    ``"<family> <workload>"`` as the report names its rows, so that its estimates and these
+    measurements can be joined. A workload's batch of B is run as B sequences in one batch row
+    (the same grids and work). None in a dry run."""
+    if DEVICE != "cuda":
+        return []
+    bf16 = torch.bfloat16
+    variants = []
+    for head_dim in (64, 128):
+        shape = f"N4096-M4096-B2-H8-d{head_dim}-bf16"
+        variants += [
+            partial(case, f"attention-dense {shape}", 2, 4096, 8, head_dim, bf16),
+            partial(case, f"attention-local-w64 {shape}", 2, 4096, 8, head_dim, bf16, window=64),
+            partial(case, f"attention-top-k-k8 {shape}", 2, 4096, 8, head_dim, bf16, top_k=8),
+        ]
+        for length in (4096, 16384):
+            variants.append(partial(linear_case, f"linear-attention N{length}-M{length}-B2-H8-d{head_dim}-bf16", 2, length, 8, head_dim, bf16))
+    variants += [
+        partial(scan_case, "wkv M4096-B2-H4-d64-bf16", 2, 4096, 4, 64, bf16),
+        partial(scan_case, "wkv M16384-B2-H8-d64-bf16", 2, 16384, 8, 64, bf16),
+        *(partial(selective_scan_case, f"selective-scan M4096-B2-D{channels}-N16-bf16", 2, 4096, channels, 16, bf16) for channels in (256, 512)),
+        *(partial(hyena_case, f"fftconv L{length}-S{(1 << 16) // length}-B1-D512-{name}", (1 << 16) // length, length, 512, dtype)
+          for length in (64, 256, 1024, 4096, 8192) for name, dtype in (("fp32", torch.float32), ("bf16", bf16))),
+    ]
+    return [(variant.args[0], variant) for variant in variants]
+
+
 def cases() -> List[Case]:
     """Every variant, as (name, measure): nothing runs until ``measure`` is called."""
     length, many = (4096, 64) if DEVICE == "cuda" else (32, 2)
@@ -298,7 +326,7 @@ def cases() -> List[Case]:
         partial(linear_case, "linear", many if DEVICE == "cuda" else 2, length * 4 if DEVICE == "cuda" else length, heads, head_dim, dtype),
         partial(selective_scan_case, "mamba_scan", many if DEVICE == "cuda" else 2, length if DEVICE == "cuda" else 16, 1024 if DEVICE == "cuda" else 8, 16 if DEVICE == "cuda" else 4, dtype),
     ]
-    return [(variant.args[0], variant) for variant in variants] + hyena_cases()
+    return [(variant.args[0], variant) for variant in variants] + hyena_cases() + reference_cases()
 
 
 def run_cases(variants: List[Case], report: Dict, path: Path) -> bool:
