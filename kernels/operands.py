@@ -1,7 +1,9 @@
-"""The operand type of ``tl.dot``: the inputs' bf16/fp16 on the GPU (tensor-core products at
-the half-precision rate, float32 accumulators), float32 for float32 inputs (TF32 on Hopper)
-and always under Triton's interpreter, whose bf16 arithmetic gives wrong numbers. Launchers
-pass ``DOT=dot_dtype(x.dtype)``; kernels convert their operands with ``.to(DOT)``."""
+"""The operand type of ``tl.dot``: bf16 for bf16 and fp16 inputs on the GPU (tensor-core
+products at the half-precision rate, float32 accumulators; bf16 rather than fp16 because the
+operands include sums over many rows, such as a linear-attention state or a DFT output, that
+can pass fp16's largest value), float32 for float32 inputs (TF32 on Hopper) and always under
+Triton's interpreter, whose bf16 arithmetic gives wrong numbers. Launchers pass
+``DOT=dot_dtype(x.dtype)``; kernels convert their operands with ``.to(DOT)``."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels run under the interpreter (read once, as Triton reads it)."""
-HALF = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def dot_dtype(dtype: torch.dtype):
     """The ``tl.dot`` operand type for inputs of ``dtype``."""
-    return tl.float32 if INTERPRETING else HALF.get(dtype, tl.float32)
+    if INTERPRETING or dtype not in (torch.bfloat16, torch.float16):
+        return tl.float32
+    return tl.bfloat16

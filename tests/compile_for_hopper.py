@@ -42,7 +42,7 @@ SHARED_MEMORY = 227 * 1024
 TARGET = GPUTarget("cuda", 90, 32)
 DIVISIBLE = [["tt.divisibility", 16]]
 """The hint the JIT attaches to a pointer (or integer) that is a multiple of 16 at launch."""
-DOTS = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+DOTS = {"bf16": tl.bfloat16, "fp16": tl.bfloat16, "fp32": tl.float32}
 """The ``tl.dot`` operand type a launcher chooses on the GPU for inputs of each type."""
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
