@@ -316,7 +316,21 @@ def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=to
         "fftconv_columns_bwd_kernel": Cost(3 * spectral + filter_bytes, 3 * column_flops),
         "fftconv_inverse_rows_kernel": Cost(spectral + 4 * elements * size, row_flops),
     }
-    return rows_for("fftconv", f"L{length}-S{segments}-B1-D{channels}-{SHORT[dtype]}", [("fwd", run, forward_costs), ("bwd", backward, backward_costs)])
+    workload = f"L{length}-S{segments}-B1-D{channels}-{SHORT[dtype]}"
+    rows = rows_for("fftconv", workload, [("fwd", run, forward_costs), ("bwd", backward, backward_costs)])
+    return rows + [torch_fft_row(workload, elements, size, length)]
+
+
+def torch_fft_row(workload: str, elements: int, size: int, length: int) -> dict:
+    """The anchor's floor: the eager forward through ``torch.fft`` (gate, rfft, product with
+    the filter, irfft, cast: each a pass over float32 data, about 3 * size + 32 bytes per
+    element; 2.5 L log2 L FLOPs per real transform of L points). Its est_us is that floor."""
+    hbm = elements * (3 * size + 32)
+    flops = 2 * 2.5 * math.log2(length) * elements
+    floor = max(hbm / BANDWIDTH, flops / RATES["none"]) * 1e6
+    return {"kernel": "fftconv/torch.fft[eager fwd, floor only]", "workload": workload, "programs": None, "registers": None,
+            "spill_bytes": None, "smem_bytes": None, "resident_per_sm": None, "mma": "none", "hbm_bytes": hbm, "flops": int(flops),
+            "floor_us": round(floor, 2), "est_us": round(floor, 2)}
 
 
 def workloads() -> List[tuple]:
@@ -344,7 +358,7 @@ COLUMNS = ("kernel", "workload", "programs", "registers", "spill_bytes", "smem_b
 def table(rows: List[dict]) -> str:
     """A Markdown table of the rows (est_us: the estimate of the module docstring)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -363,11 +363,13 @@ def _tables(rows: int, cols: int, device: torch.device) -> Tuple[torch.Tensor, t
 
 def launch_config(kernel: str, length: int, n_channels: int) -> dict:
     """``BLOCK_C`` and ``num_warps`` of ``kernel`` (``"dense"``, ``"rows"`` for passes 1 and 3,
-    ``"columns"`` for pass 2) at FFT length ``length``: sizes whose sm_90 build keeps every
-    tile in registers (no spill to the stack)."""
+    ``"columns"`` for pass 2) at FFT length ``length``: the widest channel blocks (each
+    program reads its whole DFT matrix, so wider blocks read it for more channels) whose sm_90
+    build keeps its tiles in registers (at most a 32-byte stack frame): 64 channels in passes
+    1 and 3, 32 in pass 2, with 8 warps from 32 DFT rows (pass 2: 64 columns) on."""
     cols, rows = factors(length)
-    widest = 16 if kernel == "columns" and cols >= 64 else 32
-    warps = 8 if kernel == "rows" and rows >= 128 else 4
+    widest = {"dense": 32, "rows": 64, "columns": 32}[kernel]
+    warps = 8 if (kernel == "rows" and rows >= 32) or (kernel == "columns" and cols >= 64) else 4
     return dict(BLOCK_C=min(widest, max(16, triton.next_power_of_2(n_channels))), num_warps=warps)
 
 
