@@ -171,22 +171,32 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
     tensor = batch * length * heads * head_dim * BYTES[dtype]
     statistics = batch * heads * length * 4
 
-    threshold = torch.empty(batch, heads, length, device=META) if variant == "top-k" else None
     lse = torch.empty(batch, heads, length, device=META)
+    top = kernels.top_slots(top_k)
+    selection = torch.empty(batch, heads, length, top + 2, dtype=torch.int32, device=META)
 
     def forward():
         if variant == "top-k":
-            kernels.segment_topk_threshold(q, k, cu, cu, *blocks, 0.125, block, top_k)
-        kernels.segment_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, window_arg, threshold)
+            kernels.segment_topk_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, top_k)
+        else:
+            kernels.segment_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, window_arg)
 
     def backward():
-        kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *blocks, *blocks, 0.125, block, window_arg, threshold)
+        if variant == "top-k":
+            kernels.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *blocks, *blocks, 0.125, block)
+        else:
+            kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *blocks, *blocks, 0.125, block, window_arg)
 
+    kept = batch * heads * length * top
+    gathered = kept * head_dim * BYTES[dtype]
+    entry_bytes = kept * 4
     costs = {
-        "segment_topk_threshold_kernel": Cost(2 * tensor + statistics, 4 * pairs * head_dim * top_k),
         "segment_attention_fwd_kernel": Cost(4 * tensor + 2 * statistics, 4 * pairs * head_dim),
         "segment_attention_bwd_dkdv_kernel": Cost(6 * tensor + 3 * statistics, 8 * pairs * head_dim),
         "segment_attention_bwd_dq_kernel": Cost(5 * tensor + 3 * statistics, 6 * pairs * head_dim),
+        "segment_topk_fwd_kernel": Cost(3 * tensor + gathered + 2 * statistics + entry_bytes, 2 * pairs * head_dim + 2 * kept * head_dim),
+        "segment_topk_bwd_dq_kernel": Cost(3 * tensor + 2 * gathered + 4 * statistics + 3 * entry_bytes, 6 * kept * head_dim),
+        "segment_topk_bwd_dkdv_kernel": Cost(2 * tensor + 2 * gathered + 4 * entry_bytes + 2 * statistics, 4 * kept * head_dim * block),
     }
     name = f"attention-{variant}" + (f"-w{window}" if variant == "local" else f"-k{top_k}" if variant == "top-k" else "")
     return rows_for(name, f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", forward, costs), ("bwd", backward, costs)])
@@ -362,15 +372,16 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(only: Optional[str] = None) -> List[dict]:
-    """The rows of every workload whose label contains ``only`` (all when None)."""
-    return [row for label, job in workloads() if only is None or only in label for row in job()]
+def report(only: Optional[List[str]] = None) -> List[dict]:
+    """The rows of every workload whose label contains one of ``only`` (all when None)."""
+    return [row for label, job in workloads() if not only or any(part in label for part in only) for row in job()]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows as a JSON list here")
-    parser.add_argument("--only", help="run only the workloads whose label (family and shape, e.g. 'wkv M4096') contains this")
+    parser.add_argument("--only", action="append", help="run only the workloads whose label (family and shape, e.g. 'wkv M4096') "
+                        "contains this (repeatable)")
     args = parser.parse_args(argv)
     rows = report(args.only)
     print("Estimates from sm_90 compiles and counted work; no GPU ran (see the module docstring).")
