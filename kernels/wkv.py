@@ -156,6 +156,15 @@ def _adjoints(DY, Y, INV_DEN, offset, c_mask):
 
 
 @triton.jit
+def _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, decay):
+    """The four running adjoints one step back, past a step with adjoints (alpha, beta): the
+    sums gain the step and decay, the lagged sums gain the sums and decay."""
+    lagged_alpha = decay * (lagged_alpha + sum_alpha)
+    lagged_beta = decay * (lagged_beta + sum_beta)
+    return alpha + decay * sum_alpha, beta + decay * sum_beta, lagged_alpha, lagged_beta
+
+
+@triton.jit
 def wkv_bwd_state_kernel(
     Y, INV_DEN, DY, W, PART_ALPHA, PART_BETA, PART_LAGGED_ALPHA, PART_LAGGED_BETA, cu_seqlens,
     stride_b, stride_t, stride_h, n_heads, n_parts,
@@ -172,10 +181,7 @@ def wkv_bwd_state_kernel(
     offset = b * stride_b + h * stride_h + channels + (begin + end - 1) * stride_t
     for _ in range(start, end):
         _, _, alpha, beta = _adjoints(DY, Y, INV_DEN, offset, c_mask)
-        lagged_alpha = decay * (lagged_alpha + sum_alpha)
-        lagged_beta = decay * (lagged_beta + sum_beta)
-        sum_alpha = alpha + decay * sum_alpha
-        sum_beta = beta + decay * sum_beta
+        sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, decay)
         offset -= stride_t
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(PART_ALPHA + slot, sum_alpha, mask=c_mask)
@@ -241,10 +247,7 @@ def wkv_bwd_kernel(
         tl.store(DK + offset, dk.to(DK.dtype.element_ty), mask=c_mask)
         du += direct * (v - y)
         dw += key_weight * (v * lagged_alpha + lagged_beta)
-        lagged_alpha = decay * (lagged_alpha + sum_alpha)
-        lagged_beta = decay * (lagged_beta + sum_beta)
-        sum_alpha = alpha + decay * sum_alpha
-        sum_beta = beta + decay * sum_beta
+        sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, decay)
         offset -= stride_t
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(DW_PARTIAL + slot, dw, mask=c_mask)
