@@ -4,21 +4,27 @@ windows, per-row logit thresholds (top-k) and sigmoid instead of softmax.
 Layout: queries ``q (B, Tq, H, D)`` packed segment after segment; keys and values
 ``k, v (B, Tk, H, D)`` packed the same way, one key range per segment; segment ``s`` owns
 query rows ``cu_seqlens_q[s] .. cu_seqlens_q[s+1]`` and key rows ``cu_seqlens_k[s] ..
-cu_seqlens_k[s+1]``. The last dimension is contiguous. Work is split into query blocks of
-``BLOCK_M`` rows (and, for dK/dV, key blocks of ``BLOCK_N``), listed in block tables:
-``block_segment[i]`` and ``block_start[i]`` give the segment of block i and its first row
-within the segment.
+cu_seqlens_k[s+1]``. The last dimension is contiguous. Work is split into blocks of
+``block`` rows (:func:`block_rows`): query blocks for the forward and dQ, key blocks for
+dK/dV, listed in block tables: ``block_segment[i]`` and ``block_start[i]`` give the segment
+of block i and its first row within the segment. Each program walks the other side in
+tiles of the inner size of its launch configuration (:func:`launch_config`).
 
 Masks, per segment of N queries and M keys:
 - local window ``WINDOW > 0``: key m is visible to query i when
-  ``|i - floor(m * N / M)| <= WINDOW // 2``; each query block visits only the key blocks
-  that meet its window (and each key block only the query blocks), so work is O(N * W).
-- threshold ``USE_THRESHOLD``: key m is visible to query i when its logit is ``>=
-  threshold[i]`` (the row's k-th largest logit, from :func:`segment_topk_threshold`).
+  ``|i - floor(m * N / M)| <= WINDOW // 2``; each query block visits only the key tiles
+  that meet its window (and each key block only the query tiles), so work is O(N * W).
+- top-k (:func:`segment_topk_attention_fwd`): key m is visible to query i when its logit
+  is ``>=`` the row's k-th largest logit (ties kept). One pass over the keys keeps each
+  row's k largest logits in registers; the forward reads the kept values only, and the
+  backward works from the saved selection: O(N * k * D) for dQ, dK and dV.
 A query with no visible key gets zeros and ``lse = -inf``.
 
-All arithmetic is in float32: every load is converted right away (bf16 and fp16 inputs
-are accepted; outputs are stored in the input dtype, ``lse`` in float32).
+Matrix products take their operands in ``DOT`` (:mod:`.operands`): the inputs' bf16/fp16
+on the GPU, the attention weights and their gradients cast to it before their products, as
+FlashAttention does; float32 under the interpreter. Accumulators, softmax statistics and
+``lse`` are float32; outputs are stored in the input dtype. Offsets that multiply two
+lengths are 64-bit.
 """
 
 from __future__ import annotations
@@ -28,13 +34,36 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
+from .operands import INTERPRETING, dot_dtype
+
+GPU_BLOCK = 64
+"""Rows per block of the block tables on a GPU (query blocks and key blocks)."""
+GPU_CONFIGS = {
+    "fwd": {64: (64, 4, 2), 128: (64, 8, 2)},
+    "bwd_dq": {64: (64, 4, 2), 128: (16, 8, 2)},
+    "bwd_dkdv": {64: (32, 8, 2), 128: (16, 8, 2)},
+}
+"""kind -> padded head dim (64 stands for every head dim up to 64) -> (inner tile rows,
+warps, pipeline stages) on a GPU: the tiles a program walks (key tiles for the forward and
+dQ, query tiles for dK/dV), chosen per head dim from sm_90 compiles
+(``tests/compile_for_hopper.py``, ``benchmarks/launch_report.py``) as the largest tiles
+whose registers do not spill (dK/dV at head dim 128 still spills a few hundred bytes)."""
+
 
 def block_rows(head_dim: int, device: torch.device) -> int:
-    """Rows per query block and per key block: 16 off a GPU (the interpreter), and on a GPU
-    64 for head dims up to 64, 32 above (four float32 tiles of block x head_dim must fit)."""
-    if torch.device(device).type != "cuda":
-        return 16
-    return 64 if head_dim <= 64 else 32
+    """Rows per query block and per key block: 16 under the interpreter (small tests cover
+    several blocks), GPU_BLOCK on a GPU."""
+    return 16 if torch.device(device).type != "cuda" else GPU_BLOCK
+
+
+def launch_config(kind: str, head_dim: int, block: int) -> dict:
+    """Inner tile rows (``INNER``), warps and stages of kernel ``kind`` ('fwd', 'bwd_dq',
+    'bwd_dkdv') at ``head_dim`` for blocks of ``block`` rows: the one GPU configuration of
+    GPU_CONFIGS, or the block itself with 4 warps under the interpreter."""
+    if INTERPRETING:
+        return {"INNER": block, "num_warps": 4, "num_stages": 1}
+    inner, warps, stages = GPU_CONFIGS[kind][64 if head_dim <= 64 else 128]
+    return {"INNER": min(inner, block), "num_warps": warps, "num_stages": stages}
 
 
 @triton.jit
@@ -52,20 +81,28 @@ def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_hea
 
 
 @triton.jit
-def _load_tile(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
-    """Rows ``rows`` of head h in batch b of a (B, T, H, D) tensor, in float32; zeros outside the masks."""
+def _load_rows(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
+    """Rows ``rows`` (int64) of head h in batch b of a (B, T, H, D) tensor as ``(rows, D)``
+    in its own dtype; zeros outside the masks."""
     return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
-                   mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                   mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_columns(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
+    """The same rows transposed: ``(D, rows)``."""
+    return tl.load(ptr + b * stride_b + h * stride_h + rows[None, :] * stride_t + offs_d[:, None],
+                   mask=row_mask[None, :] & d_mask[:, None], other=0.0)
 
 
 @triton.jit
 def _key_range(q_first, n_q, n_k, WINDOW: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """The keys ``[low, high)`` that queries ``q_first .. q_first + BLOCK_ROWS - 1`` can see."""
     if WINDOW > 0:
-        first = tl.maximum(q_first - WINDOW // 2, 0)
-        last = q_first + BLOCK_ROWS - 1 + WINDOW // 2
-        low = tl.cdiv(first * n_k, tl.maximum(n_q, 1))
-        high = tl.minimum(tl.cdiv((last + 1) * n_k, tl.maximum(n_q, 1)), n_k)
+        first = tl.maximum(q_first - WINDOW // 2, 0).to(tl.int64)
+        last = (q_first + BLOCK_ROWS - 1 + WINDOW // 2).to(tl.int64)
+        low = tl.cdiv(first * n_k, tl.maximum(n_q, 1)).to(tl.int32)
+        high = tl.minimum(tl.cdiv((last + 1) * n_k, tl.maximum(n_q, 1)), n_k).to(tl.int32)
     else:
         low = q_first * 0
         high = n_k
@@ -76,9 +113,9 @@ def _key_range(q_first, n_q, n_k, WINDOW: tl.constexpr, BLOCK_ROWS: tl.constexpr
 def _query_range(k_first, n_q, n_k, WINDOW: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """The queries ``[low, high)`` that keys ``k_first .. k_first + BLOCK_ROWS - 1`` are visible to."""
     if WINDOW > 0:
-        last_key = tl.minimum(k_first + BLOCK_ROWS, n_k) - 1
-        low = tl.maximum((k_first * n_q) // tl.maximum(n_k, 1) - WINDOW // 2, 0)
-        high = tl.minimum((last_key * n_q) // tl.maximum(n_k, 1) + WINDOW // 2 + 1, n_q)
+        last_key = (tl.minimum(k_first + BLOCK_ROWS, n_k) - 1).to(tl.int64)
+        low = tl.maximum((k_first.to(tl.int64) * n_q) // tl.maximum(n_k, 1) - WINDOW // 2, 0).to(tl.int32)
+        high = tl.minimum((last_key * n_q) // tl.maximum(n_k, 1) + WINDOW // 2 + 1, n_q).to(tl.int32)
     else:
         low = k_first * 0
         high = n_q
@@ -86,21 +123,76 @@ def _query_range(k_first, n_q, n_k, WINDOW: tl.constexpr, BLOCK_ROWS: tl.constex
 
 
 @triton.jit
-def _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr):
-    """Which (query, key) pairs of a tile count, beyond the segment bounds."""
-    valid = (offs_m[:, None] < n_q) & (offs_n[None, :] < n_k)
+def _visible(queries, keys, n_q, n_k, s, threshold, WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr):
+    """Which (query, key) pairs of a tile of logits ``s`` count, beyond the segment bounds:
+    ``queries``, ``keys`` and ``threshold`` are broadcast to the tile's shape (``(M, 1)``
+    and ``(1, N)`` for a tile of queries by keys, the other way for its transpose)."""
+    valid = (queries < n_q) & (keys < n_k)
     if WINDOW > 0:
-        placed = (offs_n * n_q) // tl.maximum(n_k, 1)
-        distance = offs_m[:, None] - placed[None, :]
+        distance = queries - (keys.to(tl.int64) * n_q) // tl.maximum(n_k, 1)
         valid = valid & (distance <= WINDOW // 2) & (distance >= -(WINDOW // 2))
     if USE_THRESHOLD:
-        valid = valid & (s >= threshold[:, None])
+        valid = valid & (s >= threshold)
     return valid
 
 
 @triton.jit
+def _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT: tl.constexpr):
+    """Logits ``(M, N)`` of queries ``q`` against the keys ``offs_n`` of a segment: the one
+    place they are computed for a query block, so that every pass over them rounds alike."""
+    kt = _load_columns(K, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_kb, stride_kt, stride_kh, offs_n < n_k, d_mask)
+    return tl.dot(q, kt.to(DOT), tl.zeros([q.shape[0], offs_n.shape[0]], dtype=tl.float32)) * scale
+
+
+@triton.jit
+def _attend(
+    q, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, threshold, offs_d, d_mask,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+):
+    """(acc ``(M, D)``, row max, row sum) of a query block over the key tiles that meet
+    keys ``[low, high)``: online softmax (acc unnormalised), or sigmoid weights (acc final)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_k
+        v = _load_rows(V, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+        s = _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
+        valid = _visible(offs_m[:, None], offs_n[None, :], n_q, n_k, s, threshold[:, None], WINDOW, USE_THRESHOLD)
+        if SIGMOID:
+            p = tl.where(valid, tl.sigmoid(s), 0.0)
+            acc = tl.dot(p.to(DOT), v, acc)
+        else:
+            s = tl.where(valid, s, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.exp(s - shift[:, None])
+            rescale = tl.exp(row_max - shift)
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(DOT), v, acc * rescale[:, None])
+            row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def _normalised(acc, row_max, row_sum, SIGMOID: tl.constexpr):
+    """(output, lse) of a query block from :func:`_attend`'s results (zeros and ``-inf``
+    for a row that sees no key; lse unused for sigmoid weights)."""
+    out = acc
+    lse = row_max
+    if not SIGMOID:
+        seen = row_sum > 0
+        out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+        lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def segment_attention_fwd_kernel(
-    Q, K, V, O, LSE, THRESHOLD,
+    Q, K, V, O, LSE,
     cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -109,8 +201,9 @@ def segment_attention_fwd_kernel(
     n_heads, total_q, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
+    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
+    """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
@@ -118,41 +211,16 @@ def segment_attention_fwd_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
-    threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
     lse_rows = (b * n_heads + h) * total_q + q_rows
-    if USE_THRESHOLD:
-        threshold = tl.load(THRESHOLD + lse_rows, mask=m_mask, other=0.0)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     low, high = _key_range(q_first, n_q, n_k, WINDOW, BLOCK_M)
-    for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_k
-        k_rows = (k_begin + offs_n).to(tl.int64)
-        k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
-        v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
-        s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        valid = _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW, USE_THRESHOLD)
-        if SIGMOID:
-            p = tl.where(valid, tl.sigmoid(s), 0.0)
-            acc = tl.dot(p, v, acc)
-        else:
-            s = tl.where(valid, s, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            p = tl.exp(s - shift[:, None])
-            rescale = tl.exp(row_max - shift)
-            row_sum = row_sum * rescale + tl.sum(p, axis=1)
-            acc = tl.dot(p, v, acc * rescale[:, None])
-            row_max = new_max
-    if SIGMOID:
-        out = acc
-    else:
-        out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-        lse = tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+    acc, row_max, row_sum = _attend(
+        q, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, tl.zeros([BLOCK_M], dtype=tl.float32), offs_d, d_mask,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+    )
+    out, lse = _normalised(acc, row_max, row_sum, SIGMOID)
+    if not SIGMOID:
         tl.store(LSE + lse_rows, lse, mask=m_mask)
     tl.store(O + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -160,17 +228,87 @@ def segment_attention_fwd_kernel(
 
 @triton.jit
 def _probabilities(s, valid, lse, SIGMOID: tl.constexpr):
-    """Attention weights of a tile: softmax from the saved log-sum-exp, or the sigmoid."""
+    """Attention weights of a tile: softmax from the saved log-sum-exp (broadcast to the
+    tile), or the sigmoid."""
     if SIGMOID:
         p = tl.where(valid, tl.sigmoid(s), 0.0)
     else:
-        p = tl.where(valid, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+        p = tl.where(valid, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)), 0.0)
     return p
 
 
 @triton.jit
+def _logit_gradient(p, dp, delta, SIGMOID: tl.constexpr):
+    """dS of a tile from its weights, dP and the rows' ``delta`` (broadcast to the tile)."""
+    if SIGMOID:
+        ds = dp * p * (1.0 - p)
+    else:
+        ds = p * (dp - delta)
+    return ds
+
+
+@triton.jit
+def _dkdv_over_queries(
+    k, v, Q, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
+    stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+):
+    """(dK / scale, dV) ``(N, D)`` of the key block ``k, v`` (in DOT) over the query tiles
+    that meet queries ``[low, high)``, on transposed tiles (keys by queries), so that every
+    product reads its operands as loaded."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range((low // BLOCK_M) * BLOCK_M, high, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n_q
+        q_rows = (q_begin + offs_m).to(tl.int64)
+        qt = _load_columns(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
+        do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(DOT)
+        stat_rows = (b * n_heads + h) * total_q + q_rows
+        lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
+        threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if USE_THRESHOLD:
+            threshold = tl.load(THRESHOLD + stat_rows, mask=m_mask, other=0.0)
+        st = tl.dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale
+        valid = _visible(offs_m[None, :], offs_n[:, None], n_q, n_k, st, threshold[None, :], WINDOW, USE_THRESHOLD)
+        pt = _probabilities(st, valid, lse[None, :], SIGMOID)
+        dv = tl.dot(pt.to(DOT), do, dv)
+        dpt = tl.dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
+        dst = _logit_gradient(pt, dpt, delta[None, :], SIGMOID)
+        dk = tl.dot(dst.to(DOT), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def _dq_over_keys(
+    q, do, lse, delta, threshold, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, offs_d, d_mask,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+):
+    """dQ / scale ``(M, D)`` of the query block ``q, do`` (in DOT) over the key tiles that
+    meet keys ``[low, high)``."""
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_k
+        k_rows = (k_begin + offs_n).to(tl.int64)
+        k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
+        vt = _load_columns(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+        s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
+        valid = _visible(offs_m[:, None], offs_n[None, :], n_q, n_k, s, threshold[:, None], WINDOW, USE_THRESHOLD)
+        p = _probabilities(s, valid, lse[:, None], SIGMOID)
+        dp = tl.dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        ds = _logit_gradient(p, dp, delta[:, None], SIGMOID)
+        dq = tl.dot(ds.to(DOT), k, dq)
+    return dq
+
+
+@triton.jit
 def segment_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, THRESHOLD, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
     cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -179,8 +317,10 @@ def segment_attention_bwd_dkdv_kernel(
     n_heads, total_q, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
+    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
+    """One key block of BLOCK_N rows against its query tiles of BLOCK_M rows, on transposed
+    tiles (keys by queries), so that every product reads its operands as loaded."""
     b, h, k_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_n = k_first + tl.arange(0, BLOCK_N)
@@ -188,33 +328,14 @@ def segment_attention_bwd_dkdv_kernel(
     n_mask = offs_n < n_k
     d_mask = offs_d < HEAD_DIM
     k_rows = (k_begin + offs_n).to(tl.int64)
-    k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
-    v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
+    v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
     low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
-    for start in range((low // BLOCK_M) * BLOCK_M, high, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < n_q
-        q_rows = (q_begin + offs_m).to(tl.int64)
-        q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
-        do = _load_tile(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask)
-        stat_rows = (b * n_heads + h) * total_q + q_rows
-        lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
-        threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if USE_THRESHOLD:
-            threshold = tl.load(THRESHOLD + stat_rows, mask=m_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        valid = _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW, USE_THRESHOLD)
-        p = _probabilities(s, valid, lse, SIGMOID)
-        dv = tl.dot(tl.trans(p), do, dv)
-        dp = tl.dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        if SIGMOID:
-            ds = dp * p * (1.0 - p)
-        else:
-            ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds), q, dk)
+    dk, dv = _dkdv_over_queries(
+        k, v, Q, DO, LSE, DELTA, LSE, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
+        stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+    )
     tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
     tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
@@ -223,7 +344,7 @@ def segment_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def segment_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, THRESHOLD, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ,
     cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -232,8 +353,9 @@ def segment_attention_bwd_dq_kernel(
     n_heads, total_q, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr,
+    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
+    """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
@@ -241,49 +363,143 @@ def segment_attention_bwd_dq_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
-    do = _load_tile(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask)
+    q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
+    do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(DOT)
     stat_rows = (b * n_heads + h) * total_q + q_rows
     lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
-    threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_THRESHOLD:
-        threshold = tl.load(THRESHOLD + stat_rows, mask=m_mask, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     low, high = _key_range(q_first, n_q, n_k, WINDOW, BLOCK_M)
-    for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_k
-        k_rows = (k_begin + offs_n).to(tl.int64)
-        k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
-        v = _load_tile(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
-        s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        valid = _visible(offs_m, offs_n, n_q, n_k, s, threshold, WINDOW, USE_THRESHOLD)
-        p = _probabilities(s, valid, lse, SIGMOID)
-        dp = tl.dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        if SIGMOID:
-            ds = dp * p * (1.0 - p)
-        else:
-            ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds, k, dq)
+    dq = _dq_over_keys(
+        q, do, lse, delta, lse, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, offs_d, d_mask,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+    )
     tl.store(DQ + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def segment_topk_threshold_kernel(
-    Q, K, THRESHOLD,
+def _merge_tile(s, offs_n, best, best_key, ties, TOP: tl.constexpr):
+    """Merge a tile of logits ``s (M, N)`` (``-inf`` where no key) at segment positions
+    ``offs_n`` into each row's running top list: ``best (M, TOP)`` holds the largest logits
+    seen so far (``-inf`` in slots still free, ``+inf`` in slots beyond k, never replaced),
+    ``best_key`` their positions, ``ties`` the number of keys outside the list whose logit
+    equals the list's least. Each step moves the tile's largest remaining logit of every
+    row into the slot of the list's least, while it is larger; rows are done after at most
+    k steps, and most tiles need few."""
+    slots = tl.arange(0, TOP)
+    least = tl.min(best, axis=1)
+    top = tl.max(s, axis=1)
+    take = top > least
+    while tl.max(take.to(tl.int32), axis=0) > 0:
+        slot = tl.min(tl.where(best == least[:, None], slots[None, :], TOP), axis=1)
+        column = tl.min(tl.where(s == top[:, None], offs_n[None, :], 2147483647), axis=1)
+        placed = take[:, None] & (slots[None, :] == slot[:, None])
+        best = tl.where(placed, top[:, None], best)
+        best_key = tl.where(placed, column[:, None], best_key)
+        s = tl.where(take[:, None] & (offs_n[None, :] == column[:, None]), float("-inf"), s)
+        new_least = tl.min(best, axis=1)
+        evicted_tie = (new_least == least) & (least > float("-inf"))
+        ties = tl.where(take, tl.where(evicted_tie, ties + 1, 0), ties)
+        least = new_least
+        top = tl.max(s, axis=1)
+        take = top > least
+    return best, best_key, ties + tl.sum(((s == least[:, None]) & (s > float("-inf"))).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _slot(x, slots, j):
+    """Column ``j`` of a ``(M, TOP)`` tile."""
+    return tl.sum(tl.where(slots[None, :] == j, x, 0), axis=1)
+
+
+@triton.jit
+def segment_topk_fwd_kernel(
+    Q, K, V, O, LSE, selection,
     cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     n_heads, total_q, scale, top_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Per query row, the k-th largest logit over its segment's keys (counted with
-    multiplicity, k = min(top_k, M)), found by repeated max passes over the keys: each pass
-    takes the largest logit below the previous value and counts how often it occurs, until
-    k logits are counted. O(BLOCK_M) state per block, never the row of logits."""
+    """Top-k attention of one query block in one pass over its segment's keys: the logits
+    of each key tile go into each row's running top-k list (:func:`_merge_tile`); the
+    output is then the softmax over the kept logits, reading only the kept values. The
+    selection is saved (see :func:`segment_topk_attention_fwd`) for the backward pass.
+
+    Rows whose k-th largest logit ties with keys beyond the list (exact ties, as integer
+    inputs give) take a second pass over the keys with the threshold, as the same
+    :func:`_logits` computes them."""
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+
+    offs_m = q_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, TOP)
+    m_mask = offs_m < n_q
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (q_begin + offs_m).to(tl.int64)
+    q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
+
+    wanted = tl.minimum(top_k, n_k)
+    best = tl.where(slots[None, :] < wanted, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, TOP], dtype=tl.float32)
+    best_key = tl.full([BLOCK_M, TOP], -1, dtype=tl.int32)
+    ties = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for start in range(0, n_k, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        s = _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
+        best, best_key, ties = _merge_tile(tl.where(offs_n[None, :] < n_k, s, float("-inf")), offs_n, best, best_key, ties, TOP)
+    threshold = tl.min(best, axis=1)
+
+    kept = best_key >= 0
+    row_max = tl.max(tl.where(kept, best, float("-inf")), axis=1)
+    p = tl.where(kept, tl.exp(best - tl.where(row_max == float("-inf"), 0.0, row_max)[:, None]), 0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(TOP):
+        key = _slot(best_key, slots, j)
+        v = _load_rows(V, b, h, (k_begin + key).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, m_mask & (key >= 0), d_mask)
+        acc += _slot(p, slots, j)[:, None] * v.to(tl.float32)
+    out, lse = _normalised(acc, row_max, tl.sum(p, axis=1), False)
+
+    overflow = (ties > 0) & m_mask
+    if tl.max(overflow.to(tl.int32), axis=0) > 0:
+        acc, row_max, row_sum = _attend(
+            q, K, V, b, h, k_begin, n_k, offs_m, n_q, 0, n_k, tl.where(overflow, threshold, float("inf")), offs_d, d_mask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+        )
+        tied_out, tied_lse = _normalised(acc, row_max, row_sum, False)
+        out = tl.where(overflow[:, None], tied_out, out)
+        lse = tl.where(overflow, tied_lse, lse)
+
+    stat_rows = (b * n_heads + h) * total_q + q_rows
+    tl.store(LSE + stat_rows, lse, mask=m_mask)
+    tl.store(O + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    record = stat_rows * (TOP + 2)
+    tl.store(selection + record[:, None] + slots[None, :], tl.where(kept, k_begin + best_key, -1), mask=m_mask[:, None])
+    tl.store(selection + record + TOP, ties, mask=m_mask)
+    tl.store(selection + record + TOP + 1, threshold.to(tl.int32, bitcast=True), mask=m_mask)
+
+
+@triton.jit
+def segment_topk_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DQ, SELECTED_P, SELECTED_DS, selection,
+    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    n_heads, total_q, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
+):
+    """dQ of one query block from its saved selection: per kept key, the weight and dS of
+    each row from the gathered key and value rows (O(k * D) per row); the weights and dS
+    are saved for the dK/dV kernel. Rows with ties beyond the list (``TIED_THRESHOLD``
+    finite) take the threshold pass over the keys instead."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
@@ -291,33 +507,95 @@ def segment_topk_threshold_kernel(
     m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = _load_tile(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
-    wanted = tl.minimum(top_k, n_k)
-    threshold = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-    counted = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for _ in range(0, wanted):
-        below = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for start in range(0, n_k, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_k
-            k_rows = (k_begin + offs_n).to(tl.int64)
-            k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
-            s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-            s = tl.where(n_mask[None, :] & (s < threshold[:, None]), s, float("-inf"))
-            below = tl.maximum(below, tl.max(s, axis=1))
-        occurrences = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for start in range(0, n_k, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_k
-            k_rows = (k_begin + offs_n).to(tl.int64)
-            k = _load_tile(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
-            s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-            hits = n_mask[None, :] & (s == below[:, None])
-            occurrences += tl.sum(hits.to(tl.int32), axis=1)
-        searching = counted < wanted
-        threshold = tl.where(searching, below, threshold)
-        counted = tl.where(searching, counted + occurrences, counted)
-    tl.store(THRESHOLD + (b * n_heads + h) * total_q + q_rows, threshold, mask=m_mask)
+    q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(tl.float32)
+    do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(tl.float32)
+    stat_rows = (b * n_heads + h) * total_q + q_rows
+    lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
+    tied = tl.load(TIED_THRESHOLD + stat_rows, mask=m_mask, other=float("inf"))
+    overflow = tied < float("inf")
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(TOP):
+        key = tl.load(selection + stat_rows * (TOP + 2) + j, mask=m_mask, other=-1)
+        used = (key >= 0) & ~overflow
+        k = _load_rows(K, b, h, key.to(tl.int64), offs_d, stride_kb, stride_kt, stride_kh, used, d_mask).to(tl.float32)
+        v = _load_rows(V, b, h, key.to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, used, d_mask).to(tl.float32)
+        p = tl.where(used, tl.exp(tl.sum(q * k, axis=1) * scale - tl.where(used, lse, 0.0)), 0.0)
+        ds = p * (tl.sum(do * v, axis=1) - delta)
+        dq += ds[:, None] * k
+        tl.store(SELECTED_P + stat_rows * TOP + j, p, mask=m_mask)
+        tl.store(SELECTED_DS + stat_rows * TOP + j, ds, mask=m_mask)
+    if tl.max(overflow.to(tl.int32), axis=0) > 0:
+        dq += _dq_over_keys(
+            q.to(DOT), do.to(DOT), lse, delta, tied, K, V, b, h, k_begin, n_k, offs_m, n_q, 0, n_k, offs_d, d_mask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+        )
+    tl.store(DQ + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def segment_topk_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DK, DV, SELECTED_P, SELECTED_DS,
+    selection, entry_order, entry_start, tied_prefix,
+    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    n_heads, total_q, total_k, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
+):
+    """dK and dV of one key block from the selection entries that name its keys
+    (``entry_order``: each (batch, head)'s entries ``row * TOP + slot`` sorted by key row;
+    ``entry_start``: where each key row's entries begin): BLOCK_M entries at a time, their
+    weights and dS spread over the block's keys by a one-hot product with the gathered
+    dO and Q rows. Queries with ties beyond their list (``tied_prefix``: the running count
+    of such rows) add their threshold pass over the block's keys."""
+    b, h, k_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+
+    offs_n = k_first + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < n_k
+    d_mask = offs_d < HEAD_DIM
+    k_rows = (k_begin + offs_n).to(tl.int64)
+    batch_head = b * n_heads + h
+    entries = batch_head * total_q * TOP
+    starts = entry_start + batch_head * (total_k + 1) + k_begin
+    first = tl.load(starts + k_first)
+    last = tl.load(starts + tl.minimum(k_first + BLOCK_N, n_k))
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(first, last, BLOCK_M):
+        offs_e = start + tl.arange(0, BLOCK_M)
+        e_mask = offs_e < last
+        entry = tl.load(entry_order + entries + offs_e, mask=e_mask, other=0).to(tl.int64)
+        q_rows = entry // TOP
+        key = tl.load(selection + (batch_head * total_q + q_rows) * (TOP + 2) + entry % TOP, mask=e_mask, other=-1)
+        hit = (k_rows[:, None] == key[None, :]) & e_mask[None, :]
+        p = tl.load(SELECTED_P + entries + entry, mask=e_mask, other=0.0)
+        ds = tl.load(SELECTED_DS + entries + entry, mask=e_mask, other=0.0)
+        do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, e_mask, d_mask).to(DOT)
+        q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, e_mask, d_mask).to(DOT)
+        dv = tl.dot(tl.where(hit, p[None, :], 0.0).to(DOT), do, dv)
+        dk = tl.dot(tl.where(hit, ds[None, :], 0.0).to(DOT), q, dk)
+    prefix = tied_prefix + batch_head * (total_q + 1) + q_begin
+    if tl.load(prefix + n_q) > tl.load(prefix):
+        k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
+        v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+        tied_dk, tied_dv = _dkdv_over_queries(
+            k, v, Q, DO, LSE, DELTA, TIED_THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, 0, n_q, offs_d, d_mask,
+            stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+        )
+        dk += tied_dk
+        dv += tied_dv
+    tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
 
 def _head_block(head_dim: int) -> int:
@@ -335,11 +613,29 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"segment attention: head dims up to 128 are supported, got {q.shape[3]}")
 
 
+def _tiles(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of kernel ``kind`` over blocks of ``block`` rows: the
+    block on its own side, the inner tile on the other, warps, stages and DOT."""
+    config = launch_config(kind, head_dim, block)
+    inner = config.pop("INNER")
+    sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
+    return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype), **sides, **config}
+
+
+def _backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
+    """(contiguous dO, delta = rowsum(dO * O) ``(B, H, Tq)`` float32, the strides of q, k,
+    v and dO) for the backward kernels."""
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    strides = tuple(s for t in (q, k, v, grad_out) for s in t.stride()[:3])
+    return grad_out, delta, strides
+
+
 def segment_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
-    scale: float, block: int, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
+    scale: float, block: int, window: int = 0, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over packed segments.
 
@@ -349,7 +645,6 @@ def segment_attention_fwd(
         block_segment, block_start: ``(n_blocks,)`` int32 query-block table (``block`` rows each).
         scale: logit scale; block: rows per block (a power of two >= 16);
         window: local window (0: none);
-        threshold: ``(B, H, Tq)`` float32 per-row logit threshold, or None;
         sigmoid: sigmoid weights instead of softmax.
 
     Returns:
@@ -362,15 +657,14 @@ def segment_attention_fwd(
     grid = (block_segment.shape[0], batch * heads)
     if grid[0]:
         segment_attention_fwd_kernel[grid](
-            q, k, v, out, lse, threshold if threshold is not None else lse,
+            q, k, v, out, lse,
             cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, total_q, scale,
-            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
-            WINDOW=window, USE_THRESHOLD=threshold is not None, SIGMOID=sigmoid,
+            WINDOW=window, SIGMOID=sigmoid, **_tiles("fwd", head_dim, block, q.dtype),
         )
     return out, lse
 
@@ -380,7 +674,7 @@ def segment_attention_bwd(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, block: int, window: int = 0, threshold: torch.Tensor | None = None, sigmoid: bool = False,
+    scale: float, block: int, window: int = 0, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`segment_attention_fwd`: (dq, dk, dv) in the inputs' dtypes.
 
@@ -388,54 +682,111 @@ def segment_attention_bwd(
     """
     _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
-    grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    dq = new_output(q, q.shape, q.dtype)
-    dk = new_output(k, k.shape, k.dtype)
-    dv = new_output(v, v.shape, v.dtype)
-    common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
-        WINDOW=window, USE_THRESHOLD=threshold is not None, SIGMOID=sigmoid,
-    )
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-    )
-    threshold_arg = threshold if threshold is not None else lse
+    grad_out, delta, strides = _backward_inputs(grad_out, q, k, v, out)
+    dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
+    flags = dict(WINDOW=window, SIGMOID=sigmoid)
     if k_block_segment.shape[0]:
         segment_attention_bwd_dkdv_kernel[(k_block_segment.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, threshold_arg, dk, dv,
+            q, k, v, grad_out, lse, delta, dk, dv,
             cu_seqlens_q, cu_seqlens_k, k_block_segment, k_block_start,
-            *strides, heads, total_q, scale, **common,
+            *strides, heads, total_q, scale, **flags, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
         )
     if q_block_segment.shape[0]:
         segment_attention_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, threshold_arg, dq,
+            q, k, v, grad_out, lse, delta, dq,
             cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, **common,
+            *strides, heads, total_q, scale, **flags, **_tiles("bwd_dq", head_dim, block, q.dtype),
         )
     return dq, dk, dv
 
 
-def segment_topk_threshold(
-    q: torch.Tensor, k: torch.Tensor,
+def top_slots(top_k: int) -> int:
+    """Slots of a row's top-k list: top_k rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, top_k))
+
+
+def selection_threshold(selection: torch.Tensor) -> torch.Tensor:
+    """The per-row threshold ``(B, H, Tq)`` float32 (the k-th largest logit; ``+inf`` without
+    keys) of a selection record of :func:`segment_topk_attention_fwd`."""
+    return selection[..., -1].contiguous().view(torch.float32)
+
+
+def segment_topk_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
     scale: float, block: int, top_k: int,
-) -> torch.Tensor:
-    """Per query row the k-th largest logit of its segment (k = min(top_k, M)): ``(B, H, Tq)``
-    float32; ``+inf`` for a row whose segment has no key."""
-    _check(q, k, k)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k attention over packed segments: each query attends to the keys of its segment
+    whose logit is ``>=`` its k-th largest (k = min(top_k, M); ties kept), in one pass over
+    the keys.
+
+    Args: as :func:`segment_attention_fwd`, with ``top_k >= 1``.
+
+    Returns:
+        out ``(B, Tq, H, D)``, lse ``(B, H, Tq)`` float32, and the selection record
+        ``(B, H, Tq, TOP + 2)`` int32 (TOP = :func:`top_slots`): the packed key rows of the
+        row's k largest logits (-1 in unused slots), the number of further keys tied with
+        the k-th largest (the backward pass then takes the threshold pass for that row),
+        and the threshold's float32 bits (:func:`selection_threshold`).
+    """
+    _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
-    threshold = new_output(q, (batch, heads, total_q), torch.float32)
+    top = top_slots(top_k)
+    out = new_output(q, q.shape, q.dtype)
+    lse = new_output(q, (batch, heads, total_q), torch.float32)
+    selection = torch.empty(batch, heads, total_q, top + 2, dtype=torch.int32, device=q.device)
     if block_segment.shape[0]:
-        segment_topk_threshold_kernel[(block_segment.shape[0], batch * heads)](
-            q, k, threshold, cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            heads, total_q, scale, top_k,
-            HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=block, BLOCK_N=block,
+        segment_topk_fwd_kernel[(block_segment.shape[0], batch * heads)](
+            q, k, v, out, lse, selection,
+            cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+            *(s for t in (q, k, v, out) for s in t.stride()[:3]),
+            heads, total_q, scale, top_k, TOP=top, **_tiles("fwd", head_dim, block, q.dtype),
         )
-    return threshold
+    return out, lse, selection
+
+
+def segment_topk_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    selection: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
+    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    scale: float, block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`segment_topk_attention_fwd` from its saved selection: (dq, dk, dv).
+
+    dQ per query block over its kept keys; then each (batch, head)'s selection entries
+    sorted by key row (a stable sort of ``Tq * TOP`` entries, so the work and memory grow
+    with k, not with the number of keys), from which each key block sums its dK and dV.
+    """
+    _check(q, k, v)
+    batch, total_q, heads, head_dim = q.shape
+    total_k = k.shape[1]
+    top = selection.shape[-1] - 2
+    if total_q * top >= 2**31:
+        raise ValueError(f"segment top-k attention: {total_q} queries x {top} slots do not fit int32 entry numbers")
+    grad_out, delta, strides = _backward_inputs(grad_out, q, k, v, out)
+    dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
+    tied = selection[..., top] > 0
+    tied_threshold = torch.where(tied, selection_threshold(selection), float("inf")).contiguous()
+    selected_p = torch.empty(batch, heads, total_q, top, dtype=torch.float32, device=q.device)
+    selected_ds = torch.empty_like(selected_p)
+    if q_block_segment.shape[0]:
+        segment_topk_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
+            q, k, v, grad_out, lse, delta, tied_threshold, dq, selected_p, selected_ds, selection,
+            cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start,
+            *strides, heads, total_q, scale, TOP=top, **_tiles("bwd_dq", head_dim, block, q.dtype),
+        )
+    keys = selection[..., :top].reshape(batch * heads, total_q * top)
+    sorted_keys, entry_order = torch.sort(torch.where(keys < 0, total_k, keys), dim=1, stable=True)
+    rows = torch.arange(total_k + 1, dtype=sorted_keys.dtype, device=q.device).expand(batch * heads, -1).contiguous()
+    entry_start = torch.searchsorted(sorted_keys, rows).to(torch.int32)
+    tied_prefix = torch.nn.functional.pad(tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
+    if k_block_segment.shape[0]:
+        segment_topk_bwd_dkdv_kernel[(k_block_segment.shape[0], batch * heads)](
+            q, k, v, grad_out, lse, delta, tied_threshold, dk, dv, selected_p, selected_ds,
+            selection, entry_order.to(torch.int32), entry_start, tied_prefix,
+            cu_seqlens_q, cu_seqlens_k, k_block_segment, k_block_start,
+            *strides, heads, total_q, total_k, scale, TOP=top, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
+        )
+    return dq, dk, dv

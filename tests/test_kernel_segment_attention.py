@@ -15,7 +15,9 @@ from canvas_engineering.kernels.segment_attention import (  # noqa: E402
     block_rows,
     segment_attention_bwd,
     segment_attention_fwd,
-    segment_topk_threshold,
+    segment_topk_attention_bwd,
+    segment_topk_attention_fwd,
+    selection_threshold,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,9 +77,12 @@ def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k
     scale = head_dim**-0.5
     if top_k:
         assert_no_near_ties(q.cpu(), k.cpu(), cu_q.tolist(), cu_k.tolist(), scale, top_k)
-    threshold = segment_topk_threshold(q, k, cu_q, cu_k, *q_blocks, scale, block, top_k) if top_k else None
-    out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, window, threshold, sigmoid)
-    dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, block, window, threshold, sigmoid)
+    if top_k:
+        out, lse, selection = segment_topk_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, top_k)
+        dq, dk, dv = segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, cu_q, cu_k, *q_blocks, *k_blocks, scale, block)
+    else:
+        out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, window, sigmoid)
+        dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, block, window, sigmoid)
 
     exact = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
     expected = segment_attention_reference(*exact, cu_q.cpu(), cu_k.cpu(), scale, window, top_k, sigmoid)
@@ -148,7 +153,8 @@ def test_threshold_is_the_kth_largest_logit():
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(1, 21, 1, 16, generator=generator).to(DEVICE)
     k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
-    threshold = segment_topk_threshold(q, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
+    _, _, selection = segment_topk_attention_fwd(q, k, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
+    threshold = selection_threshold(selection)
     for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
         logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5
         expected = logits.topk(4, dim=-1).values[:, -1]

@@ -55,11 +55,13 @@ def segment_attention(
         ``(B, Tq, H, d)``; a query that sees no key gets zeros.
 
     Raises:
-        ValueError: for ``sigmoid`` combined with ``window`` or ``top_k`` (no type uses it,
-            and the eager versions do not implement it).
+        ValueError: for ``sigmoid`` combined with ``window`` or ``top_k``, or ``window``
+            with ``top_k`` (no type uses them, and the eager versions do not implement them).
     """
     if sigmoid and (window or top_k):
         raise ValueError(f"segment_attention: sigmoid weights with window={window} or top_k={top_k} is not supported")
+    if window and top_k:
+        raise ValueError(f"segment_attention: a window ({window}) and top_k ({top_k}) together are not supported")
     if use_triton(q) and q.shape[-1] <= 128 and dropout_p == 0.0:
         return _triton_segment_attention(q, k, v, index, scale, window, top_k, sigmoid)
     if sigmoid:
@@ -132,59 +134,61 @@ def _segment_attention_op(
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, threshold) of the Triton forward; threshold is empty unless top_k > 0."""
-    from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_threshold
+    """(out, lse, selection) of the Triton forward; the selection record (the kept keys of
+    each row, see ``segment_topk_attention_fwd``) is empty unless top_k > 0."""
+    from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_attention_fwd
 
-    threshold = None
     if top_k:
-        threshold = segment_topk_threshold(q, k, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, top_k)
-    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, window, threshold, sigmoid)
+        return segment_topk_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, top_k)
+    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, window, sigmoid)
     if sigmoid:
         lse.zero_()  # sigmoid weights have no log-sum-exp: the kernel leaves it unwritten
-    return out, lse, threshold if threshold is not None else lse.new_empty(0)
+    return out, lse, lse.new_empty(0, dtype=torch.int32)
 
 
 @_segment_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
+    from canvas_engineering.kernels.segment_attention import top_slots
+
     statistics = (q.shape[0], q.shape[2], q.shape[1])
     lse = q.new_empty(statistics, dtype=torch.float32)
-    return torch.empty_like(q), lse, q.new_empty(statistics if top_k else (0,), dtype=torch.float32)
+    selection = q.new_empty(statistics + (top_slots(top_k) + 2,) if top_k else (0,), dtype=torch.int32)
+    return torch.empty_like(q), lse, selection
 
 
 @torch.library.custom_op("canvas_engineering::segment_attention_backward", mutates_args=())
 def _segment_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, threshold: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, selection: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
     k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of the Triton backward."""
-    from canvas_engineering.kernels.segment_attention import segment_attention_bwd
+    """(dq, dk, dv) of the Triton backward (top-k: from the forward's saved selection)."""
+    from canvas_engineering.kernels.segment_attention import segment_attention_bwd, segment_topk_attention_bwd
 
-    return segment_attention_bwd(
-        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        q_block_segment, q_block_start, k_block_segment, k_block_start,
-        scale, block, window, threshold if top_k else None, sigmoid,
-    )
+    tables = (cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start)
+    if top_k:
+        return segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, *tables, scale, block)
+    return segment_attention_bwd(grad_out, q, k, v, out, lse, *tables, scale, block, window, sigmoid)
 
 
 @_segment_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, threshold, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
+def _(grad_out, q, k, v, out, lse, selection, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables, scale, block, window, top_k, sigmoid = inputs
-    out, lse, threshold = output
-    ctx.save_for_backward(q, k, v, out, lse, threshold, *tables)
+    out, lse, selection = output
+    ctx.save_for_backward(q, k, v, out, lse, selection, *tables)
     ctx.options = (scale, block, window, top_k, sigmoid)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_threshold):
-    q, k, v, out, lse, threshold, *tables = ctx.saved_tensors
-    dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, threshold, *tables, *ctx.options)
+def _backward(ctx, grad_out, grad_lse, grad_selection):
+    q, k, v, out, lse, selection, *tables = ctx.saved_tensors
+    dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, selection, *tables, *ctx.options)
     return (dq, dk, dv) + (None,) * 11
 
 
