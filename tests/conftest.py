@@ -14,10 +14,15 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")  # the same examples on every CI run; elsewhere each run draws anew
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -107,7 +107,8 @@ def test_eager_scan_is_stable_at_16k():
 
 
 def test_eager_scan_gradcheck():
-    k, v, w, u = (t.double().requires_grad_(True) for t in inputs([70], heads=1, head_dim=3))
+    """Chunks of 16, 16 and 8 steps: the carries between chunks and a short last chunk."""
+    k, v, w, u = (t.double().requires_grad_(True) for t in inputs([40], heads=1, head_dim=3))
     assert torch.autograd.gradcheck(lambda *args: wkv_scan(*args, chunk=16), (k, v, w, u))
 
 
