@@ -32,8 +32,9 @@ import triton.language as tl
 from .buffers import new_output
 
 CHUNK = 64
-CARRY_BLOCK = 4
-"""Chunks the carry reduction reads at a time."""
+CARRY_BLOCK = 1
+"""Chunks the carry reduction reads at a time (more only costs registers: the loads of
+successive chunks do not wait on each other)."""
 SEARCH_BLOCK = 64
 """Sequences a program's search for its sequence reads at a time."""
 WORKERS = 528
