@@ -366,25 +366,33 @@ def print_table(report: Dict) -> None:
             print(f"{r['variant']:<22}FAILED: {r['error']}")
 
 
-def main(out_dir: str) -> int:
+def run_and_report(out_dir: str, filename: str, variants: List[Case], table: Callable[[Dict], None], **fields) -> int:
+    """Measures ``variants`` into OUT_DIR/``filename`` (see :func:`run_cases`) under a header
+    of the device, the versions and ``fields``, then prints ``table(report)``. Returns the
+    exit code: 1 when any variant failed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__,
-        "dry_run": DRY_RUN,
-        "ceilings": ceilings(),
-        "results": [],
-    }
     try:
         import triton
 
-        report["triton"] = triton.__version__
+        triton_version = triton.__version__
     except ImportError:
-        report["triton"] = None
-    succeeded = run_cases(cases(), report, out / "kernels.json")
-    print_table(report)
+        triton_version = None
+    report = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "dry_run": DRY_RUN,
+        **fields,
+        "results": [],
+    }
+    succeeded = run_cases(variants, report, out / filename)
+    table(report)
     return 0 if succeeded else 1
+
+
+def main(out_dir: str) -> int:
+    return run_and_report(out_dir, "kernels.json", cases(), print_table, ceilings=ceilings())
 
 
 if __name__ == "__main__":

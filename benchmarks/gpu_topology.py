@@ -17,8 +17,8 @@ Usage: ``python benchmarks/gpu_topology.py OUT_DIR [--dry-run]``.
 
 Variants run with ``gpu_kernels.run_cases``: a failing one is recorded with its error and
 the rest still run; OUT_DIR/topology.json is rewritten after every variant. ``--dry-run``
-runs the same code on a CPU at toy sizes (FlexAttention unfused and forward only, since
-PyTorch's has no CPU backward); its timings mean nothing.
+runs the same code on a CPU at toy sizes (FlexAttention forward only, since PyTorch's has
+no CPU backward; the mask variant unfused); its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from canvases import causal_temporal  # noqa: E402
-from gpu_kernels import DEVICE, DRY_RUN, Case, first_call_ms, run_cases, timed  # noqa: E402
+from gpu_kernels import DEVICE, Case, first_call_ms, run_and_report, timed  # noqa: E402
 
 HEADS, HEAD_DIM, BATCH = (8, 64, 2) if DEVICE == "cuda" else (2, 16, 1)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -140,17 +140,7 @@ def print_table(report: Dict) -> None:
 
 
 def main(out_dir: str) -> int:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__,
-        "dry_run": DRY_RUN,
-        "results": [],
-    }
-    succeeded = run_cases(cases(), report, out / "topology.json")
-    print_table(report)
-    return 0 if succeeded else 1
+    return run_and_report(out_dir, "topology.json", cases(), print_table)
 
 
 if __name__ == "__main__":

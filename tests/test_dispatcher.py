@@ -3,8 +3,6 @@ deviations from canvas-engineering 0.5.0, and the errors for bad input."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
