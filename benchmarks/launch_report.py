@@ -165,6 +165,8 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
     block = kernels.block_rows(head_dim, "cuda")
     q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(3))
     cu = offsets([length])
+    keyset = torch.empty(1, dtype=torch.int32, device=META)
+    keysets = (keyset, keyset, offsets([1]))
     blocks = block_table(length, block)
     window_arg = window if variant == "local" else 0
     pairs = batch * heads * length * (min(length, window + 1) if variant == "local" else length)
@@ -177,15 +179,15 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
 
     def forward():
         if variant == "top-k":
-            kernels.segment_topk_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, top_k)
+            kernels.segment_topk_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, top_k)
         else:
-            kernels.segment_attention_fwd(q, k, v, cu, cu, *blocks, 0.125, block, window_arg)
+            kernels.segment_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, window_arg)
 
     def backward():
         if variant == "top-k":
-            kernels.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *blocks, *blocks, 0.125, block)
+            kernels.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *keysets, *blocks, *blocks, 0.125, block)
         else:
-            kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *blocks, *blocks, 0.125, block, window_arg)
+            kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *keysets, *blocks, *blocks, 0.125, block, window_arg)
 
     kept = batch * heads * length * top
     gathered = kept * head_dim * BYTES[dtype]
@@ -219,11 +221,12 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
     n_parts = wkv._parts(1, length, batch * heads, math.ceil(head_dim / wkv._channel_block(head_dim)))
     steps = math.ceil(length / n_parts)
     part_bytes = n_parts * batch * heads * head_dim * 4
+    carried = part_bytes * (n_parts - 1) / 2
     costs = {
         "wkv_fwd_state_kernel": Cost(2 * elements * size + 3 * part_bytes, 6 * elements, steps),
-        "wkv_fwd_kernel": Cost(elements * (3 * size + 8) + 3 * part_bytes, 20 * elements, steps),
+        "wkv_fwd_kernel": Cost(elements * (3 * size + 8) + 3 * carried, 20 * elements, steps),
         "wkv_bwd_state_kernel": Cost(elements * (2 * size + 4) + 4 * part_bytes, 8 * elements, steps),
-        "wkv_bwd_kernel": Cost(elements * (6 * size + 8) + 6 * part_bytes, 30 * elements, steps),
+        "wkv_bwd_kernel": Cost(elements * (6 * size + 8) + 2 * part_bytes + 4 * carried, 30 * elements, steps),
     }
     return rows_for("wkv", f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
 

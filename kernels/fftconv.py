@@ -28,7 +28,8 @@ Segments are launched by class: all segments of one FFT length L share a launch.
   pass 3 (per n1): ``y[n1 + COLS n2] = (1/L) Re sum_k2 conj(W_ROWS)[n2, k2] B[n1, k2]``,
   with ``w = exp(-2 pi i / L)``. Passes 1 and 3 loop over the ``ROWS x ROWS`` DFT matrix in
   blocks of ``BLOCK_K`` columns; pass 2 holds the ``COLS x COLS`` one.
-The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P).
+The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P,
+stored in the products' operand type).
 Every matrix product takes its operands in ``DOT`` (:mod:`.operands`): for bf16 inputs on the
 GPU the DFT matrices and the transforms enter the tensor cores rounded to bf16 (float32
 accumulators and scratch), for float32 inputs they stay float32 (TF32).
@@ -338,8 +339,8 @@ def fftconv_inverse_rows_kernel(
 
 
 @lru_cache(maxsize=None)
-def dft_matrix(size: int, padded: int, device: torch.device) -> torch.Tensor:
-    """``(2, padded, padded)`` float32: ``cos`` and ``-sin`` of ``2 pi k n / size`` for
+def dft_matrix(size: int, padded: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(2, padded, padded)`` in ``dtype``: ``cos`` and ``-sin`` of ``2 pi k n / size`` for
     ``k, n < size`` (the real and imaginary parts of the DFT matrix), zero elsewhere."""
     k = torch.arange(size, dtype=torch.float64)
     angle = (torch.outer(k, k) % size) * (TWO_PI / size)
@@ -347,7 +348,7 @@ def dft_matrix(size: int, padded: int, device: torch.device) -> torch.Tensor:
     parts = torch.where(parts.abs() < 1e-12, torch.zeros_like(parts), parts)
     matrix = torch.zeros(2, padded, padded, dtype=torch.float64)
     matrix[:, :size, :size] = parts
-    return matrix.to(device=device, dtype=torch.float32)
+    return matrix.to(device=device, dtype=dtype)
 
 
 def factors(length: int) -> Tuple[int, int]:
@@ -356,9 +357,17 @@ def factors(length: int) -> Tuple[int, int]:
     return length // rows, rows
 
 
-def _tables(rows: int, cols: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16)."""
-    return dft_matrix(rows, rows, device), dft_matrix(cols, max(16, cols), device)
+def _tables(rows: int, cols: int, device: torch.device, dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16),
+    in the matrix products' operand type ``dot``."""
+    dtype = _table_dtype(dot)
+    return dft_matrix(rows, rows, device, dtype), dft_matrix(cols, max(16, cols), device, dtype)
+
+
+def _table_dtype(dot) -> torch.dtype:
+    """The DFT matrices' dtype for products with operands of type ``dot``: stored as the
+    operands, so that every program reads half the bytes of its matrix where they are bf16."""
+    return torch.bfloat16 if dot == tl.bfloat16 else torch.float32
 
 
 def launch_config(kernel: str, length: int, n_channels: int) -> dict:
@@ -411,13 +420,13 @@ def fftconv_fwd(
             config = launch_config("dense", length, n_channels)
             padded = max(16, length)
             fftconv_dense_fwd_kernel[_grid(count, config, n_channels, batch)](
-                mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), y, cu_seqlens, segments, n_segments, n_channels,
+                mixed, gate, spectrum, dft_matrix(length, padded, mixed.device, _table_dtype(dot)), y, cu_seqlens, segments, n_segments, n_channels,
                 LENGTH=length, PADDED=padded, DOT=dot, **config,
             )
             continue
         cols, rows = factors(length)
         scratch = _scratch(batch, count, length, n_channels, mixed.device)
-        table_rows, table_cols = _tables(rows, cols, mixed.device)
+        table_rows, table_cols = _tables(rows, cols, mixed.device, dot)
         shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
         config = launch_config("rows", length, n_channels)
         fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
@@ -451,13 +460,13 @@ def fftconv_bwd(
             config = launch_config("dense", length, n_channels)
             padded = max(16, length)
             fftconv_dense_bwd_kernel[_grid(count, config, n_channels, batch)](
-                grad, mixed, gate, spectrum, dft_matrix(length, padded, mixed.device), d_mixed, d_gate, partial,
+                grad, mixed, gate, spectrum, dft_matrix(length, padded, mixed.device, _table_dtype(dot)), d_mixed, d_gate, partial,
                 cu_seqlens, segments, n_segments, n_channels, LENGTH=length, PADDED=padded, DOT=dot, **config,
             )
         else:
             cols, rows = factors(length)
             signal, grad_signal = (_scratch(batch, count, length, n_channels, mixed.device) for _ in range(2))
-            table_rows, table_cols = _tables(rows, cols, mixed.device)
+            table_rows, table_cols = _tables(rows, cols, mixed.device, dot)
             shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
             config = launch_config("rows", length, n_channels)
             for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):

@@ -30,11 +30,11 @@ STATISTICS = {
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
     "PART_NUMERATOR", "PART_DENOMINATOR", "PART_EXPONENT", "PART_ALPHA", "PART_BETA", "PART_LAGGED_ALPHA", "PART_LAGGED_BETA",
     "CHUNK_STATE", "CHUNK_DT", "CHUNK_ADJOINT", "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
-    "SPECTRUM", "DFT", "DFT_ROWS", "DFT_COLS", "SCRATCH_X", "DSPECTRUM_PARTIAL",
+    "SPECTRUM", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
     "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset",
-    "class_segments", "selection", "entry_order", "entry_start", "tied_prefix",
+    "class_segments", "selection", "entry_order", "entry_start", "tied_prefix", "keyset_segments", "cu_keyset_segments", "block_keyset",
 }
 FLOATS = {"scale", "eps"}
 SHARED_MEMORY = 227 * 1024
