@@ -2,13 +2,17 @@
 windows, per-row logit thresholds (top-k) and sigmoid instead of softmax.
 
 Layout: queries ``q (B, Tq, H, D)`` packed segment after segment; keys and values
-``k, v (B, Tk, H, D)`` packed the same way, one key range per segment; segment ``s`` owns
-query rows ``cu_seqlens_q[s] .. cu_seqlens_q[s+1]`` and key rows ``cu_seqlens_k[s] ..
-cu_seqlens_k[s+1]``. The last dimension is contiguous. Work is split into blocks of
-``block`` rows (:func:`block_rows`): query blocks for the forward and dQ, key blocks for
-dK/dV, listed in block tables: ``block_segment[i]`` and ``block_start[i]`` give the segment
-of block i and its first row within the segment. Each program walks the other side in
-tiles of the inner size of its launch configuration (:func:`launch_config`).
+``k, v (B, Tk, H, D)`` packed by key set, read in place: key set ``j`` owns key rows
+``cu_seqlens_k[j] .. cu_seqlens_k[j+1]``, segment ``s`` owns query rows
+``cu_seqlens_q[s] .. cu_seqlens_q[s+1]`` and reads key set ``segment_keyset[s]`` (several
+segments may read one key set). The last dimension is contiguous. Work is split into
+blocks of ``block`` rows (:func:`block_rows`): query blocks for the forward and dQ
+(``block_segment[i]``, ``block_start[i]``: the segment of block i and its first row within
+the segment), key blocks of the key sets for dK/dV (``block_keyset``, ``block_start``),
+whose programs visit every segment that reads their key set (``keyset_segments``, from
+``cu_keyset_segments``), so no key is copied and no gradient is summed outside a kernel.
+Each program walks the other side in tiles of the inner size of its launch configuration
+(:func:`launch_config`).
 
 Masks, per segment of N queries and M keys:
 - local window ``WINDOW > 0``: key m is visible to query i when
@@ -67,16 +71,32 @@ def launch_config(kind: str, head_dim: int, block: int) -> dict:
 
 
 @triton.jit
-def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads):
-    """(batch, head, first row of the block within its segment, the segment's first query
-    row and query count, its first key row and key count) of this program."""
+def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads):
+    """(batch, head, first row of the query block within its segment, the segment's first
+    query row and query count, its key set's first key row and key count) of this program."""
     batch_head = tl.program_id(1)
     segment = tl.load(block_segment + tl.program_id(0))
     q_begin = tl.load(cu_seqlens_q + segment)
-    k_begin = tl.load(cu_seqlens_k + segment)
+    keyset = tl.load(segment_keyset + segment)
+    k_begin = tl.load(cu_seqlens_k + keyset)
     return (
         (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), tl.load(block_start + tl.program_id(0)),
-        q_begin, tl.load(cu_seqlens_q + segment + 1) - q_begin, k_begin, tl.load(cu_seqlens_k + segment + 1) - k_begin,
+        q_begin, tl.load(cu_seqlens_q + segment + 1) - q_begin, k_begin, tl.load(cu_seqlens_k + keyset + 1) - k_begin,
+    )
+
+
+@triton.jit
+def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads):
+    """(batch, head, first row of the key block within its key set, the key set's first key
+    row and key count, and the range ``[first, last)`` of ``keyset_segments`` that lists the
+    segments reading it) of this program."""
+    batch_head = tl.program_id(1)
+    keyset = tl.load(block_keyset + tl.program_id(0))
+    k_begin = tl.load(cu_seqlens_k + keyset)
+    return (
+        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), tl.load(block_start + tl.program_id(0)),
+        k_begin, tl.load(cu_seqlens_k + keyset + 1) - k_begin,
+        tl.load(cu_keyset_segments + keyset), tl.load(cu_keyset_segments + keyset + 1),
     )
 
 
@@ -193,7 +213,7 @@ def _normalised(acc, row_max, row_sum, SIGMOID: tl.constexpr):
 @triton.jit
 def segment_attention_fwd_kernel(
     Q, K, V, O, LSE,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -204,7 +224,7 @@ def segment_attention_fwd_kernel(
     WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -249,16 +269,14 @@ def _logit_gradient(p, dp, delta, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _dkdv_over_queries(
-    k, v, Q, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
+    dk, dv, k, v, Q, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
     stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
-    """(dK / scale, dV) ``(N, D)`` of the key block ``k, v`` (in DOT) over the query tiles
-    that meet queries ``[low, high)``, on transposed tiles (keys by queries), so that every
-    product reads its operands as loaded."""
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    """``dk`` (dK / scale) and ``dv`` ``(N, D)`` of the key block ``k, v`` (in DOT) plus
+    those of one segment's query tiles that meet queries ``[low, high)``, on transposed
+    tiles (keys by queries), so that every product reads its operands as loaded."""
     for start in range((low // BLOCK_M) * BLOCK_M, high, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_q
@@ -309,7 +327,7 @@ def _dq_over_keys(
 @triton.jit
 def segment_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -319,9 +337,10 @@ def segment_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One key block of BLOCK_N rows against its query tiles of BLOCK_M rows, on transposed
-    tiles (keys by queries), so that every product reads its operands as loaded."""
-    b, h, k_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    """One key block of BLOCK_N rows of a key set against the query tiles of every segment
+    that reads the key set (``keyset_segments``), on transposed tiles (keys by queries),
+    so that every product reads its operands as loaded."""
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
 
     offs_n = k_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -330,12 +349,18 @@ def segment_attention_bwd_dkdv_kernel(
     k_rows = (k_begin + offs_n).to(tl.int64)
     k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
     v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
-    low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
-    dk, dv = _dkdv_over_queries(
-        k, v, Q, DO, LSE, DELTA, LSE, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
-        stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
-    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(first, last):
+        segment = tl.load(keyset_segments + i)
+        q_begin = tl.load(cu_seqlens_q + segment)
+        n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
+        low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
+        dk, dv = _dkdv_over_queries(
+            dk, dv, k, v, Q, DO, LSE, DELTA, LSE, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
+            stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+        )
     tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
     tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
@@ -345,7 +370,7 @@ def segment_attention_bwd_dkdv_kernel(
 @triton.jit
 def segment_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -356,7 +381,7 @@ def segment_attention_bwd_dq_kernel(
     WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -416,7 +441,7 @@ def _slot(x, slots, j):
 @triton.jit
 def segment_topk_fwd_kernel(
     Q, K, V, O, LSE, selection,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -433,7 +458,7 @@ def segment_topk_fwd_kernel(
     Rows whose k-th largest logit ties with keys beyond the list (exact ties, as integer
     inputs give) take a second pass over the keys with the threshold, as the same
     :func:`_logits` computes them."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -487,7 +512,7 @@ def segment_topk_fwd_kernel(
 @triton.jit
 def segment_topk_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DQ, SELECTED_P, SELECTED_DS, selection,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -500,7 +525,7 @@ def segment_topk_bwd_dq_kernel(
     each row from the gathered key and value rows (O(k * D) per row); the weights and dS
     are saved for the dK/dV kernel. Rows with ties beyond the list (``TIED_THRESHOLD``
     finite) take the threshold pass over the keys instead."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -539,7 +564,7 @@ def segment_topk_bwd_dq_kernel(
 def segment_topk_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DK, DV, SELECTED_P, SELECTED_DS,
     selection, entry_order, entry_start, tied_prefix,
-    cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -552,9 +577,10 @@ def segment_topk_bwd_dkdv_kernel(
     (``entry_order``: each (batch, head)'s entries ``row * TOP + slot`` sorted by key row;
     ``entry_start``: where each key row's entries begin): BLOCK_M entries at a time, their
     weights and dS spread over the block's keys by a one-hot product with the gathered
-    dO and Q rows. Queries with ties beyond their list (``tied_prefix``: the running count
-    of such rows) add their threshold pass over the block's keys."""
-    b, h, k_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, n_heads)
+    dO and Q rows (the entries of every segment that reads the key set). Queries with ties
+    beyond their list (``tied_prefix``: the running count of such rows) add their
+    threshold pass over the block's keys, segment by segment (``keyset_segments``)."""
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
 
     offs_n = k_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -564,13 +590,13 @@ def segment_topk_bwd_dkdv_kernel(
     batch_head = b * n_heads + h
     entries = batch_head * total_q * TOP
     starts = entry_start + batch_head * (total_k + 1) + k_begin
-    first = tl.load(starts + k_first)
-    last = tl.load(starts + tl.minimum(k_first + BLOCK_N, n_k))
+    first_entry = tl.load(starts + k_first)
+    last_entry = tl.load(starts + tl.minimum(k_first + BLOCK_N, n_k))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start in range(first, last, BLOCK_M):
+    for start in range(first_entry, last_entry, BLOCK_M):
         offs_e = start + tl.arange(0, BLOCK_M)
-        e_mask = offs_e < last
+        e_mask = offs_e < last_entry
         entry = tl.load(entry_order + entries + offs_e, mask=e_mask, other=0).to(tl.int64)
         q_rows = entry // TOP
         key = tl.load(selection + (batch_head * total_q + q_rows) * (TOP + 2) + entry % TOP, mask=e_mask, other=-1)
@@ -581,17 +607,19 @@ def segment_topk_bwd_dkdv_kernel(
         q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, e_mask, d_mask).to(DOT)
         dv = tl.dot(tl.where(hit, p[None, :], 0.0).to(DOT), do, dv)
         dk = tl.dot(tl.where(hit, ds[None, :], 0.0).to(DOT), q, dk)
-    prefix = tied_prefix + batch_head * (total_q + 1) + q_begin
-    if tl.load(prefix + n_q) > tl.load(prefix):
-        k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
-        v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
-        tied_dk, tied_dv = _dkdv_over_queries(
-            k, v, Q, DO, LSE, DELTA, TIED_THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, 0, n_q, offs_d, d_mask,
-            stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
-        )
-        dk += tied_dk
-        dv += tied_dv
+    for i in range(first, last):
+        segment = tl.load(keyset_segments + i)
+        q_begin = tl.load(cu_seqlens_q + segment)
+        n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
+        prefix = tied_prefix + batch_head * (total_q + 1) + q_begin
+        if tl.load(prefix + n_q) > tl.load(prefix):
+            k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
+            v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+            dk, dv = _dkdv_over_queries(
+                dk, dv, k, v, Q, DO, LSE, DELTA, TIED_THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, 0, n_q, offs_d, d_mask,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+            )
     tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
     tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
@@ -633,7 +661,7 @@ def _backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 def segment_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
     scale: float, block: int, window: int = 0, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -641,7 +669,9 @@ def segment_attention_fwd(
 
     Args:
         q: ``(B, Tq, H, D)``; k, v: ``(B, Tk, H, D)``; D <= 128.
-        cu_seqlens_q, cu_seqlens_k: ``(S + 1,)`` int32 segment offsets.
+        cu_seqlens_q: ``(S + 1,)`` int32 segment offsets; cu_seqlens_k: ``(S_k + 1,)`` int32
+        key-set offsets; segment_keyset: ``(S,)`` int32, the key set each segment reads
+        (read in place: several segments may read one key set).
         block_segment, block_start: ``(n_blocks,)`` int32 query-block table (``block`` rows each).
         scale: logit scale; block: rows per block (a power of two >= 16);
         window: local window (0: none);
@@ -658,7 +688,7 @@ def segment_attention_fwd(
     if grid[0]:
         segment_attention_fwd_kernel[grid](
             q, k, v, out, lse,
-            cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+            cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -671,30 +701,33 @@ def segment_attention_fwd(
 
 def segment_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int, window: int = 0, sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`segment_attention_fwd`: (dq, dk, dv) in the inputs' dtypes.
 
-    ``k_block_segment``/``k_block_start`` list the key blocks (``block`` rows each).
+    ``keyset_segments`` lists the segments grouped by key set, key set j's from
+    ``cu_keyset_segments[j]`` (int32); ``k_block_keyset``/``k_block_start`` list the key
+    blocks of the key sets (``block`` rows each).
     """
     _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
     grad_out, delta, strides = _backward_inputs(grad_out, q, k, v, out)
     dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
     flags = dict(WINDOW=window, SIGMOID=sigmoid)
-    if k_block_segment.shape[0]:
-        segment_attention_bwd_dkdv_kernel[(k_block_segment.shape[0], batch * heads)](
+    if k_block_keyset.shape[0]:
+        segment_attention_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
-            cu_seqlens_q, cu_seqlens_k, k_block_segment, k_block_start,
+            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
             *strides, heads, total_q, scale, **flags, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
         )
     if q_block_segment.shape[0]:
         segment_attention_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, dq,
-            cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start,
+            cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
             *strides, heads, total_q, scale, **flags, **_tiles("bwd_dq", head_dim, block, q.dtype),
         )
     return dq, dk, dv
@@ -713,7 +746,7 @@ def selection_threshold(selection: torch.Tensor) -> torch.Tensor:
 
 def segment_topk_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
     block_segment: torch.Tensor, block_start: torch.Tensor,
     scale: float, block: int, top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -739,7 +772,7 @@ def segment_topk_attention_fwd(
     if block_segment.shape[0]:
         segment_topk_fwd_kernel[(block_segment.shape[0], batch * heads)](
             q, k, v, out, lse, selection,
-            cu_seqlens_q, cu_seqlens_k, block_segment, block_start,
+            cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
             *(s for t in (q, k, v, out) for s in t.stride()[:3]),
             heads, total_q, scale, top_k, TOP=top, **_tiles("fwd", head_dim, block, q.dtype),
         )
@@ -748,12 +781,14 @@ def segment_topk_attention_fwd(
 
 def segment_topk_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    selection: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    selection: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of :func:`segment_topk_attention_fwd` from its saved selection: (dq, dk, dv).
+    """Backward of :func:`segment_topk_attention_fwd` from its saved selection: (dq, dk, dv);
+    the tables as for :func:`segment_attention_bwd`.
 
     dQ per query block over its kept keys; then each (batch, head)'s selection entries
     sorted by key row (a stable sort of ``Tq * TOP`` entries, so the work and memory grow
@@ -774,7 +809,7 @@ def segment_topk_attention_bwd(
     if q_block_segment.shape[0]:
         segment_topk_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, tied_threshold, dq, selected_p, selected_ds, selection,
-            cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start,
+            cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
             *strides, heads, total_q, scale, TOP=top, **_tiles("bwd_dq", head_dim, block, q.dtype),
         )
     keys = selection[..., :top].reshape(batch * heads, total_q * top)
@@ -782,11 +817,11 @@ def segment_topk_attention_bwd(
     rows = torch.arange(total_k + 1, dtype=sorted_keys.dtype, device=q.device).expand(batch * heads, -1).contiguous()
     entry_start = torch.searchsorted(sorted_keys, rows).to(torch.int32)
     tied_prefix = torch.nn.functional.pad(tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
-    if k_block_segment.shape[0]:
-        segment_topk_bwd_dkdv_kernel[(k_block_segment.shape[0], batch * heads)](
+    if k_block_keyset.shape[0]:
+        segment_topk_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, tied_threshold, dk, dv, selected_p, selected_ds,
             selection, entry_order.to(torch.int32), entry_start, tied_prefix,
-            cu_seqlens_q, cu_seqlens_k, k_block_segment, k_block_start,
+            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
             *strides, heads, total_q, total_k, scale, TOP=top, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
         )
     return dq, dk, dv

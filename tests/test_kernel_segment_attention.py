@@ -54,12 +54,15 @@ def assert_no_near_ties(q, k, cu_seqlens_q, cu_seqlens_k, scale, top_k):
         assert ((gap == 0) | (gap > SEPARATION)).all(), f"segment {s}: a near-tie of {gap[(gap > 0) & (gap <= SEPARATION)].min().item():.1e}"
 
 
-def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, ties=False, seed=0, block=BLOCK):
+def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, ties=False, seed=0, block=BLOCK,
+             keyset_of=None):
     """Kernel forward and backward against the oracle; returns the four relative errors.
 
-    ``ties``: q and k hold small integers (every logit exact in any format, so many rows tie
-    at their k-th largest logit, the same on every machine) and every odd key repeats the
-    key before it."""
+    ``key_lengths`` are the key sets' lengths; segment s reads key set ``keyset_of[s]``
+    (its own when None). ``ties``: q and k hold small integers (every logit exact in any
+    format, so many rows tie at their k-th largest logit, the same on every machine) and
+    every odd key repeats the key before it."""
+    keyset_of = list(range(len(query_lengths))) if keyset_of is None else keyset_of
     generator = torch.Generator().manual_seed(seed)
     batch = 2
     if ties:
@@ -74,18 +77,22 @@ def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k
     q, k, v, grad_out = (t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out))
     cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
     q_blocks, k_blocks = blocks(query_lengths, block), blocks(key_lengths, block)
+    readers = [[s for s, keyset in enumerate(keyset_of) if keyset == j] for j in range(len(key_lengths))]
+    keysets = (torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE), torch.tensor(sum(readers, []), dtype=torch.int32, device=DEVICE),
+               offsets([len(r) for r in readers]))
+    read = torch.tensor([row for j in keyset_of for row in range(cu_k[j], cu_k[j + 1])], dtype=torch.long)
+    cu_read = offsets([key_lengths[j] for j in keyset_of]).cpu()
     scale = head_dim**-0.5
     if top_k:
-        assert_no_near_ties(q.cpu(), k.cpu(), cu_q.tolist(), cu_k.tolist(), scale, top_k)
-    if top_k:
-        out, lse, selection = segment_topk_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, top_k)
-        dq, dk, dv = segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, cu_q, cu_k, *q_blocks, *k_blocks, scale, block)
+        assert_no_near_ties(q.cpu(), k.cpu()[:, read], cu_q.tolist(), cu_read.tolist(), scale, top_k)
+        out, lse, selection = segment_topk_attention_fwd(q, k, v, cu_q, cu_k, keysets[0], *q_blocks, scale, block, top_k)
+        dq, dk, dv = segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block)
     else:
-        out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, *q_blocks, scale, block, window, sigmoid)
-        dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *q_blocks, *k_blocks, scale, block, window, sigmoid)
+        out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, keysets[0], *q_blocks, scale, block, window, sigmoid)
+        dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block, window, sigmoid)
 
     exact = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
-    expected = segment_attention_reference(*exact, cu_q.cpu(), cu_k.cpu(), scale, window, top_k, sigmoid)
+    expected = segment_attention_reference(exact[0], exact[1][:, read], exact[2][:, read], cu_q.cpu(), cu_read, scale, window, top_k, sigmoid)
     expected.backward(grad_out.cpu().double())
     return [relative_error(a.cpu(), b) for a, b in zip((out, dq, dk, dv), (expected, *(t.grad for t in exact)))]
 
@@ -148,12 +155,22 @@ def test_many_queries_few_keys_leave_empty_windows():
     assert max(errors) < TOLERANCE[torch.float32], errors
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["softmax", "local_w5", "top3", "top3_ties"])
+def test_shared_key_sets(case):
+    """Segments that read one key set (in place, gradients summed over its readers), and
+    a key set that no segment reads (zero gradients)."""
+    errors = run_case([5, 0, 19, 12], [20, 9, 4], heads=2, head_dim=24, dtype=torch.float32, keyset_of=[0, 1, 0, 0], **CASES[case])
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
 def test_threshold_is_the_kth_largest_logit():
     query_lengths, key_lengths = [3, 18], [7, 18]
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(1, 21, 1, 16, generator=generator).to(DEVICE)
     k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
-    _, _, selection = segment_topk_attention_fwd(q, k, k, offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
+    keysets = torch.arange(2, dtype=torch.int32, device=DEVICE)
+    _, _, selection = segment_topk_attention_fwd(q, k, k, offsets(query_lengths), offsets(key_lengths), keysets, *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
     threshold = selection_threshold(selection)
     for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
         logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5

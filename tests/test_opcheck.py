@@ -57,14 +57,14 @@ def check_with_backward(forward_op, backward_op, args, backward_args) -> None:
 def test_segment_attention_ops(window, top_k, sigmoid):
     index = INDEX.to(DEVICE)
     tables = KernelTables.build(index, 16)
-    q, k, v = leaves((1, index.n_queries, 2, 16), (1, tables.segment_keys.index.shape[0], 2, 16), (1, tables.segment_keys.index.shape[0], 2, 16))
-    table_args = (tables.cu_seqlens_q, tables.cu_seqlens_k, tables.q_block_segment, tables.q_block_start, tables.k_block_segment, tables.k_block_start)
+    q, k, v = leaves((1, index.n_queries, 2, 16), (1, index.n_keys, 2, 16), (1, index.n_keys, 2, 16))
+    table_args = tables.tensors
     options = (0.25, 16, window, top_k, sigmoid)
     grad_out, = leaves(q.shape, seed=1)
 
     def backward_args(outputs):
-        out, lse, threshold = outputs
-        return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, lse, threshold, *table_args, *options)
+        out, lse, selection = outputs
+        return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, lse, selection, *table_args, *options)
 
     check_with_backward(_segment_attention_op, _segment_attention_backward_op, (q, k, v, *table_args, *options), backward_args)
 

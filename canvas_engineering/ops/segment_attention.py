@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.local import blocked_windows, masked_softmax, segment_local_attention
-from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentBucket, SegmentIndex
+from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex
 
 KeySelector = Callable[[SegmentBucket, torch.Tensor], torch.Tensor]
 """(bucket, logits (B, n, H, Lq, Lk) with padding at -inf) -> bool keep mask, broadcastable."""
@@ -89,38 +89,44 @@ def keep_top_k(top_k: int) -> KeySelector:
 
 @dataclass(eq=False)
 class KernelTables:
-    """What the kernels need of a :class:`SegmentIndex`: int32 segment offsets with one key
-    range per segment (``segment_keys`` copies each segment's key set out of the packed key
-    rows), and the query- and key-block tables of ``block`` rows per block."""
+    """What the kernels need of a :class:`SegmentIndex` (int32): segment offsets, key-set
+    offsets into the packed key rows (read in place), each segment's key set, the segments
+    grouped by key set, and the query- and key-block tables of ``block`` rows per block."""
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
+    segment_keyset: torch.Tensor
+    keyset_segments: torch.Tensor
+    cu_keyset_segments: torch.Tensor
     q_block_segment: torch.Tensor
     q_block_start: torch.Tensor
-    k_block_segment: torch.Tensor
+    k_block_keyset: torch.Tensor
     k_block_start: torch.Tensor
-    segment_keys: RowSelection
     block: int
 
     @staticmethod
     def build(index: SegmentIndex, block: int) -> "KernelTables":
         device = index.query_segment.device
-        keyset_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
-        offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)  # noqa: E731
+        table = lambda values: torch.tensor(list(values), dtype=torch.int32, device=device)  # noqa: E731
+        offsets = lambda lengths: table([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))])  # noqa: E731
 
         def blocks(lengths: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
             pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, block)]
-            return (torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
-                    torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device))
+            return table(p[0] for p in pairs), table(p[1] for p in pairs)
 
+        readers = [[s for s, keyset in enumerate(index.keyset_of) if keyset == j] for j in range(len(index.keyset_sizes))]
         query_lengths = [n for n, _ in index.shapes]
-        key_lengths = [m for _, m in index.shapes]
-        segment_keys = RowSelection.of([keyset_starts[k] + i for k, m in zip(index.keyset_of, key_lengths) for i in range(m)])
         return KernelTables(
-            offsets(query_lengths), offsets(key_lengths), *blocks(query_lengths), *blocks(key_lengths),
-            RowSelection(segment_keys.index.to(device), segment_keys.start),
-            block,
+            offsets(query_lengths), offsets(list(index.keyset_sizes)), table(index.keyset_of),
+            table(s for segments in readers for s in segments), offsets([len(segments) for segments in readers]),
+            *blocks(query_lengths), *blocks(list(index.keyset_sizes)), block,
         )
+
+    @property
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The tables in the order the custom ops take them."""
+        return (self.cu_seqlens_q, self.cu_seqlens_k, self.segment_keyset, self.keyset_segments, self.cu_keyset_segments,
+                self.q_block_segment, self.q_block_start, self.k_block_keyset, self.k_block_start)
 
 
 _kernel_tables = PerIndexCache()
@@ -129,9 +135,10 @@ _kernel_tables = PerIndexCache()
 @torch.library.custom_op("canvas_engineering::segment_attention", mutates_args=())
 def _segment_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, selection) of the Triton forward; the selection record (the kept keys of
@@ -139,15 +146,16 @@ def _segment_attention_op(
     from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_attention_fwd
 
     if top_k:
-        return segment_topk_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, top_k)
-    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, scale, block, window, sigmoid)
+        return segment_topk_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start, scale, block, top_k)
+    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start, scale, block, window, sigmoid)
     if sigmoid:
         lse.zero_()  # sigmoid weights have no log-sum-exp: the kernel leaves it unwritten
     return out, lse, lse.new_empty(0, dtype=torch.int32)
 
 
 @_segment_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
+      q_block_segment, q_block_start, k_block_keyset, k_block_start, scale, block, window, top_k, sigmoid):
     from canvas_engineering.kernels.segment_attention import top_slots
 
     statistics = (q.shape[0], q.shape[2], q.shape[1])
@@ -160,22 +168,25 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_blo
 def _segment_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, selection: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
     q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_segment: torch.Tensor, k_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
     scale: float, block: int, window: int, top_k: int, sigmoid: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the Triton backward (top-k: from the forward's saved selection)."""
     from canvas_engineering.kernels.segment_attention import segment_attention_bwd, segment_topk_attention_bwd
 
-    tables = (cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start)
+    tables = (cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
+              q_block_segment, q_block_start, k_block_keyset, k_block_start)
     if top_k:
         return segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, *tables, scale, block)
     return segment_attention_bwd(grad_out, q, k, v, out, lse, *tables, scale, block, window, sigmoid)
 
 
 @_segment_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, selection, cu_seqlens_q, cu_seqlens_k, q_block_segment, q_block_start, k_block_segment, k_block_start, scale, block, window, top_k, sigmoid):
+def _(grad_out, q, k, v, out, lse, selection, cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
+      q_block_segment, q_block_start, k_block_keyset, k_block_start, scale, block, window, top_k, sigmoid):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -189,7 +200,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, grad_lse, grad_selection):
     q, k, v, out, lse, selection, *tables = ctx.saved_tensors
     dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, selection, *tables, *ctx.options)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 14
 
 
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -222,10 +233,8 @@ def _triton_segment_attention(
     block = tables.block
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0
-    k, v = tables.segment_keys.take(k).contiguous(), tables.segment_keys.take(v).contiguous()
     out, _, _ = _segment_attention_op(
-        q.contiguous(), k, v, tables.cu_seqlens_q, tables.cu_seqlens_k,
-        tables.q_block_segment, tables.q_block_start, tables.k_block_segment, tables.k_block_start,
+        q.contiguous(), k.contiguous(), v.contiguous(), *tables.tensors,
         float(scale), block, int(window), int(top_k), bool(sigmoid),
     )
     return out
