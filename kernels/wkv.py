@@ -124,9 +124,9 @@ def wkv_fwd_kernel(
         gap = ((part - 1 - earlier) * steps).to(tl.float32)
         scaled = tl.load(PART_EXPONENT + at, mask=mask, other=float("-inf")) + gap[:, None] * w[None, :]
         top = tl.maximum(exponent, tl.max(scaled, axis=0))
-        live = top > float("-inf")
-        kept = tl.where(live, tl.exp(exponent - top), 0.0)
-        weight = tl.where(live[None, :], tl.exp(scaled - top[None, :]), 0.0)
+        shift = tl.where(top > float("-inf"), top, 0.0)
+        kept = tl.exp(exponent - shift)
+        weight = tl.exp(scaled - shift[None, :])
         numerator = kept * numerator + tl.sum(weight * tl.load(PART_NUMERATOR + at, mask=mask, other=0.0), axis=0)
         denominator = kept * denominator + tl.sum(weight * tl.load(PART_DENOMINATOR + at, mask=mask, other=0.0), axis=0)
         exponent = top
