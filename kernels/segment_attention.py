@@ -43,15 +43,16 @@ from .operands import INTERPRETING, dot_dtype
 GPU_BLOCK = 64
 """Rows per block of the block tables on a GPU (query blocks and key blocks)."""
 GPU_CONFIGS = {
-    "fwd": {64: (64, 4, 2), 128: (64, 8, 2)},
-    "bwd_dq": {64: (64, 4, 2), 128: (16, 8, 2)},
-    "bwd_dkdv": {64: (32, 8, 2), 128: (16, 8, 2)},
+    "fwd": {64: (64, 4), 128: (64, 8)},
+    "bwd_dq": {64: (64, 4), 128: (16, 8)},
+    "bwd_dkdv": {64: (32, 8), 128: (16, 8)},
 }
 """kind -> padded head dim (64 stands for every head dim up to 64) -> (inner tile rows,
-warps, pipeline stages) on a GPU: the tiles a program walks (key tiles for the forward and
-dQ, query tiles for dK/dV), chosen per head dim from sm_90 compiles
-(``tests/compile_for_hopper.py``, ``benchmarks/launch_report.py``) as the largest tiles
-whose registers do not spill (dK/dV at head dim 128 still spills a few hundred bytes)."""
+warps) on a GPU, with Triton's default 3 pipeline stages: the tiles a program walks (key
+tiles for the forward and dQ, query tiles for dK/dV), chosen per head dim from sm_90
+compiles with the launches' divisibility hints (``benchmarks/launch_report.py``) as the
+largest tiles whose registers do not spill for bf16/fp16 inputs (float32 inputs, TF32
+products, spill up to a few hundred bytes in the dK/dV and top-k kernels at head dim 128)."""
 
 
 def block_rows(head_dim: int, device: torch.device) -> int:
@@ -61,13 +62,13 @@ def block_rows(head_dim: int, device: torch.device) -> int:
 
 
 def launch_config(kind: str, head_dim: int, block: int) -> dict:
-    """Inner tile rows (``INNER``), warps and stages of kernel ``kind`` ('fwd', 'bwd_dq',
+    """Inner tile rows (``INNER``) and warps of kernel ``kind`` ('fwd', 'bwd_dq',
     'bwd_dkdv') at ``head_dim`` for blocks of ``block`` rows: the one GPU configuration of
     GPU_CONFIGS, or the block itself with 4 warps under the interpreter."""
     if INTERPRETING:
-        return {"INNER": block, "num_warps": 4, "num_stages": 1}
-    inner, warps, stages = GPU_CONFIGS[kind][64 if head_dim <= 64 else 128]
-    return {"INNER": min(inner, block), "num_warps": warps, "num_stages": stages}
+        return {"INNER": block, "num_warps": 4}
+    inner, warps = GPU_CONFIGS[kind][64 if head_dim <= 64 else 128]
+    return {"INNER": min(inner, block), "num_warps": warps}
 
 
 @triton.jit
@@ -643,7 +644,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _tiles(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
     """The compile-time arguments of kernel ``kind`` over blocks of ``block`` rows: the
-    block on its own side, the inner tile on the other, warps, stages and DOT."""
+    block on its own side, the inner tile on the other, warps and DOT."""
     config = launch_config(kind, head_dim, block)
     inner = config.pop("INNER")
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
