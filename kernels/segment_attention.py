@@ -102,6 +102,23 @@ def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segmen
 
 
 @triton.jit
+def _block_rows(first, begin, count, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Positions ``first .. first + BLOCK - 1`` of a segment or key set of ``count`` rows
+    starting at packed row ``begin``: (positions, columns, row mask, column mask, packed
+    rows in int64)."""
+    offs = first + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs, offs_d, offs < count, offs_d < HEAD_DIM, (begin + offs).to(tl.int64)
+
+
+@triton.jit
+def _store_rows(ptr, value, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
+    """Store ``value (rows, D)`` into rows ``rows`` of head h in batch b of a (B, T, H, D) tensor."""
+    tl.store(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
+             value.to(ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _load_rows(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
     """Rows ``rows`` (int64) of head h in batch b of a (B, T, H, D) tensor as ``(rows, D)``
     in its own dtype; zeros outside the masks."""
@@ -227,11 +244,7 @@ def segment_attention_fwd_kernel(
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_rows = (q_begin + offs_m).to(tl.int64)
+    offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
     lse_rows = (b * n_heads + h) * total_q + q_rows
     low, high = _key_range(q_first, n_q, n_k, WINDOW, BLOCK_M)
@@ -243,8 +256,7 @@ def segment_attention_fwd_kernel(
     out, lse = _normalised(acc, row_max, row_sum, SIGMOID)
     if not SIGMOID:
         tl.store(LSE + lse_rows, lse, mask=m_mask)
-    tl.store(O + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    _store_rows(O, out, b, h, q_rows, offs_d, stride_ob, stride_ot, stride_oh, m_mask, d_mask)
 
 
 @triton.jit
@@ -343,11 +355,7 @@ def segment_attention_bwd_dkdv_kernel(
     so that every product reads its operands as loaded."""
     b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
 
-    offs_n = k_first + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_k
-    d_mask = offs_d < HEAD_DIM
-    k_rows = (k_begin + offs_n).to(tl.int64)
+    offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
     k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
     v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -362,10 +370,8 @@ def segment_attention_bwd_dkdv_kernel(
             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
             BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
         )
-    tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
-    tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    _store_rows(DK, dk * scale, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+    _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
 
 
 @triton.jit
@@ -384,11 +390,7 @@ def segment_attention_bwd_dq_kernel(
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_rows = (q_begin + offs_m).to(tl.int64)
+    offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
     do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(DOT)
     stat_rows = (b * n_heads + h) * total_q + q_rows
@@ -400,8 +402,7 @@ def segment_attention_bwd_dq_kernel(
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
         BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
     )
-    tl.store(DQ + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    _store_rows(DQ, dq * scale, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
 
 
 @triton.jit
@@ -461,12 +462,8 @@ def segment_topk_fwd_kernel(
     :func:`_logits` computes them."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     slots = tl.arange(0, TOP)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_rows = (q_begin + offs_m).to(tl.int64)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
 
     wanted = tl.minimum(top_k, n_k)
@@ -502,8 +499,7 @@ def segment_topk_fwd_kernel(
 
     stat_rows = (b * n_heads + h) * total_q + q_rows
     tl.store(LSE + stat_rows, lse, mask=m_mask)
-    tl.store(O + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    _store_rows(O, out, b, h, q_rows, offs_d, stride_ob, stride_ot, stride_oh, m_mask, d_mask)
     record = stat_rows * (TOP + 2)
     tl.store(selection + record[:, None] + slots[None, :], tl.where(kept, k_begin + best_key, -1), mask=m_mask[:, None])
     tl.store(selection + record + TOP, ties, mask=m_mask)
@@ -528,11 +524,7 @@ def segment_topk_bwd_dq_kernel(
     finite) take the threshold pass over the keys instead."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_rows = (q_begin + offs_m).to(tl.int64)
+    offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(tl.float32)
     do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(tl.float32)
     stat_rows = (b * n_heads + h) * total_q + q_rows
@@ -557,8 +549,7 @@ def segment_topk_bwd_dq_kernel(
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
             BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
         )
-    tl.store(DQ + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    _store_rows(DQ, dq * scale, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
 
 
 @triton.jit
@@ -583,11 +574,7 @@ def segment_topk_bwd_dkdv_kernel(
     threshold pass over the block's keys, segment by segment (``keyset_segments``)."""
     b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
 
-    offs_n = k_first + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_k
-    d_mask = offs_d < HEAD_DIM
-    k_rows = (k_begin + offs_n).to(tl.int64)
+    offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
     batch_head = b * n_heads + h
     entries = batch_head * total_q * TOP
     starts = entry_start + batch_head * (total_k + 1) + k_begin
@@ -621,10 +608,8 @@ def segment_topk_bwd_dkdv_kernel(
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
             )
-    tl.store(DK + b * stride_kb + h * stride_kh + k_rows[:, None] * stride_kt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
-    tl.store(DV + b * stride_vb + h * stride_vh + k_rows[:, None] * stride_vt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    _store_rows(DK, dk * scale, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+    _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
 
 
 def _head_block(head_dim: int) -> int:
