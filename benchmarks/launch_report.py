@@ -251,13 +251,15 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     rows = batch * length
     states = rows * channels * state
     chunk_bytes = batch * n_chunks * channels * state * 4
-    carried = chunk_bytes * (n_chunks - 1) / 2
+    group = selective_scan.GROUP
+    carried = chunk_bytes * ((min(group, n_chunks) - 1) / 2 + (math.ceil(n_chunks / group) - 1) / 2)
     channel_blocks = math.ceil(channels / 32)
     items = n_chunks * batch * channel_blocks
     rounds = math.ceil(items / min(selective_scan.WORKERS, items))
     chunk = selective_scan.CHUNK
     costs = {
         "selective_scan_fwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
+        "selective_scan_group_kernel": Cost(chunk_bytes * (1 + 1 / group), 4 * batch * n_chunks * channels * state),
         "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk),
         "selective_scan_bwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
         "selective_scan_bwd_kernel": Cost(rows * (7 * channels + 3 * state) * size + 2 * channel_blocks * rows * state * 4

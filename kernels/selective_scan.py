@@ -35,6 +35,9 @@ CHUNK = 64
 CARRY_BLOCK = 1
 """Chunks the carry reduction reads at a time (more only costs registers: the loads of
 successive chunks do not wait on each other)."""
+GROUP = 16
+"""Chunks per group of the carries: a chunk reads its own group's chunks and the other
+groups' sums."""
 SEARCH_BLOCK = 64
 """Sequences a program's search for its sequence reads at a time."""
 WORKERS = 528
@@ -90,10 +93,10 @@ def _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK: tl.constex
 @triton.jit
 def _carry(STATE, DT, a, b, n_checkpoints, chunk, count, step, channels, states, c_mask, n_mask, n_channels, n_state,
            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr):
-    """The states of the ``count`` chunks ``chunk + step * (1 + k)`` (k = 0, 1, ...), each
-    decayed by ``exp(A * dt summed over the chunks between it and this one)``, summed:
-    ``(BLOCK_D, BLOCK_N)``. The chunks' states and dt sums are in ``STATE (B, chunks, D, N)``
-    and ``DT (B, chunks, D)``; read CARRY chunks at a time."""
+    """The states of the ``count`` chunks (or groups) ``chunk + step * (1 + k)`` (k = 0, 1,
+    ...), each decayed by ``exp(A * dt summed over those between it and this one)``, summed:
+    ``(BLOCK_D, BLOCK_N)``; and the sum of their dts ``(BLOCK_D,)``. The states and dt sums
+    are in ``STATE (B, chunks, D, N)`` and ``DT (B, chunks, D)``; read CARRY at a time."""
     carried = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     gap = tl.zeros([BLOCK_D], dtype=tl.float32)
     for first in range(0, count, CARRY):
@@ -106,7 +109,58 @@ def _carry(STATE, DT, a, b, n_checkpoints, chunk, count, step, channels, states,
         chunk_states = tl.load(STATE + at, mask=mask[:, :, None] & n_mask[None, None, :], other=0.0)
         carried += tl.sum(tl.exp(between[:, :, None] * a[None, :, :]) * chunk_states, axis=0)
         gap += tl.sum(dts, axis=0)
-    return carried
+    return carried, gap
+
+
+@triton.jit
+def _carry_in(STATE, DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels, states, c_mask, n_mask,
+              n_channels, n_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr, GROUP: tl.constexpr,
+              FORWARD: tl.constexpr):
+    """What the other chunks of the sequence carry into chunk ``chunk``: FORWARD, the state
+    entering it (from the chunks before it); else the adjoint of the state leaving it (from
+    the chunks after it). The chunks are grouped by GROUP from the sequence's first: those of
+    its own group are read one by one, the other groups as their group sums (written by
+    ``selective_scan_group_kernel`` at each group's first chunk), then decayed across the
+    chunks of its own group between: O(GROUP + chunks / GROUP) reads."""
+    group = first_chunk + (chunk - first_chunk) // GROUP * GROUP
+    if FORWARD:
+        carried, gap = _carry(STATE, DT, a, b, n_checkpoints, chunk, chunk - group, -1, channels, states, c_mask, n_mask,
+                              n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        groups, _ = _carry(GROUP_STATE, GROUP_DT, a, b, n_checkpoints, group, (group - first_chunk) // GROUP, -GROUP, channels, states,
+                           c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+    else:
+        carried, gap = _carry(STATE, DT, a, b, n_checkpoints, chunk, tl.minimum(group + GROUP, end_chunk) - 1 - chunk, 1, channels,
+                              states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        groups, _ = _carry(GROUP_STATE, GROUP_DT, a, b, n_checkpoints, group, (end_chunk - 1 - group) // GROUP, GROUP, channels, states,
+                           c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+    return carried + tl.exp(gap[:, None] * a) * groups
+
+
+@triton.jit
+def selective_scan_group_kernel(
+    CHUNK_STATE, CHUNK_DT, A, GROUP_STATE, GROUP_DT, cu_seqlens, checkpoint_offsets,
+    n_sequences, n_checkpoints, n_channels, n_state,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+    GROUP: tl.constexpr, FORWARD: tl.constexpr,
+):
+    """For a chunk that starts a group of GROUP chunks of its sequence: the group's sum of the
+    chunks' states (FORWARD: each decayed to the group's end; else adjoints, decayed to its
+    start) and of their dts, stored at the chunk's slot."""
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    if (chunk - first_chunk) % GROUP == 0:
+        a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        count = tl.minimum(GROUP, end_chunk - chunk)
+        if FORWARD:
+            summed, gap = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk + count, count, -1, channels, states, c_mask, n_mask,
+                                 n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        else:
+            summed, gap = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk - 1, count, 1, channels, states, c_mask, n_mask,
+                                 n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        tl.store(GROUP_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), summed, mask=tile_mask)
+        tl.store(GROUP_DT + (b * n_checkpoints + chunk) * n_channels + channels, gap, mask=c_mask)
 
 
 @triton.jit
@@ -134,9 +188,10 @@ def selective_scan_fwd_state_kernel(
 
 @triton.jit
 def selective_scan_fwd_kernel(
-    X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, CHUNK_STATE, CHUNK_DT, cu_seqlens, checkpoint_offsets,
+    X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, CHUNK_STATE, CHUNK_DT, GROUP_STATE, GROUP_DT, cu_seqlens, checkpoint_offsets,
     n_sequences, n_checkpoints, n_channels, n_state,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """A chunk's outputs: the state carried in from the earlier chunks of its sequence
     (stored as its checkpoint), then the walk over its steps."""
@@ -146,8 +201,8 @@ def selective_scan_fwd_kernel(
     begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
-    h = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk, chunk - first_chunk, -1, channels, states, c_mask, n_mask,
-               n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+    h = _carry_in(CHUNK_STATE, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels, states,
+                  c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, True)
     tl.store(CHECKPOINTS + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask)
     for i in range(0, CHUNK):
         t = first_step + i
@@ -189,10 +244,11 @@ def selective_scan_bwd_state_kernel(
 
 @triton.jit
 def selective_scan_bwd_kernel(
-    X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, CHUNK_ADJOINT, CHUNK_DT, SCRATCH, cu_seqlens, checkpoint_offsets,
+    X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, SCRATCH, cu_seqlens, checkpoint_offsets,
     DX, DDT, DA_PARTIAL, DBM_PARTIAL, DC_PARTIAL, DDSKIP_PARTIAL,
     n_sequences, n_checkpoints, n_batch, n_blocks, n_channels, n_state,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """Workers take (chunk, batch row, channel block) items in turn. For one: the adjoint
     carried in from the later chunks of its sequence; the chunk's states recomputed from its
@@ -208,8 +264,8 @@ def selective_scan_bwd_kernel(
         a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
         slot = _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state)
-        dh = _carry(CHUNK_ADJOINT, CHUNK_DT, a, b, n_checkpoints, chunk, end_chunk - 1 - chunk, 1, channels, states, c_mask, n_mask,
-                    n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        dh = _carry_in(CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels,
+                       states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, False)
         entering = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
         h = entering
         for i in range(0, CHUNK):
@@ -283,9 +339,14 @@ def selective_scan_fwd(
         common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
         sizes = (cu_seqlens.shape[0] - 1, n_checkpoints, n_channels, n_state)
         selective_scan_fwd_state_kernel[grid](x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, **common)
+        group_state, group_dt = torch.empty_like(chunk_state), torch.empty_like(chunk_dt)
+        selective_scan_group_kernel[grid](
+            chunk_state, chunk_dt, A, group_state, group_dt, cu_seqlens, offsets, *sizes,
+            CARRY=CARRY_BLOCK, GROUP=GROUP, FORWARD=True, **common,
+        )
         selective_scan_fwd_kernel[grid](
-            x, dt, A, Bm, C, Dskip.float().contiguous(), y, checkpoints, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes,
-            CARRY=CARRY_BLOCK, **common,
+            x, dt, A, Bm, C, Dskip.float().contiguous(), y, checkpoints, chunk_state, chunk_dt, group_state, group_dt, cu_seqlens, offsets,
+            *sizes, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
         )
     return y, checkpoints
 
@@ -314,13 +375,18 @@ def selective_scan_bwd(
         A = A.float().contiguous()
         common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
         sequences = cu_seqlens.shape[0] - 1
-        selective_scan_bwd_state_kernel[(n_checkpoints, batch, n_blocks)](
-            dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, sequences, n_checkpoints, n_channels, n_state, **common,
+        sizes = (sequences, n_checkpoints, n_channels, n_state)
+        grid = (n_checkpoints, batch, n_blocks)
+        selective_scan_bwd_state_kernel[grid](dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, *sizes, **common)
+        group_adjoint, group_dt = torch.empty_like(chunk_adjoint), torch.empty_like(chunk_dt)
+        selective_scan_group_kernel[grid](
+            chunk_adjoint, chunk_dt, A, group_adjoint, group_dt, cu_seqlens, offsets, *sizes,
+            CARRY=CARRY_BLOCK, GROUP=GROUP, FORWARD=False, **common,
         )
         selective_scan_bwd_kernel[(workers,)](
-            x, dt, A, Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, chunk_adjoint, chunk_dt, scratch, cu_seqlens, offsets,
-            dx, ddt, da_partial, db_partial, dc_partial, dskip_partial,
-            sequences, n_checkpoints, batch, n_blocks, n_channels, n_state, CARRY=CARRY_BLOCK, **common,
+            x, dt, A, Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, chunk_adjoint, chunk_dt, group_adjoint, group_dt, scratch,
+            cu_seqlens, offsets, dx, ddt, da_partial, db_partial, dc_partial, dskip_partial,
+            sequences, n_checkpoints, batch, n_blocks, n_channels, n_state, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
         )
     return (
         dx, ddt, da_partial.sum(dim=(0, 1)), db_partial.sum(0).to(Bm.dtype), dc_partial.sum(0).to(C.dtype),

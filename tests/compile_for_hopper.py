@@ -29,7 +29,7 @@ STATISTICS = {
     "LSE", "TIED_THRESHOLD", "SELECTED_P", "SELECTED_DS", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
     "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
     "PART_NUMERATOR", "PART_DENOMINATOR", "PART_EXPONENT", "PART_ALPHA", "PART_BETA", "PART_LAGGED_ALPHA", "PART_LAGGED_BETA",
-    "CHUNK_STATE", "CHUNK_DT", "CHUNK_ADJOINT", "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
+    "CHUNK_STATE", "CHUNK_DT", "CHUNK_ADJOINT", "GROUP_STATE", "GROUP_DT", "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
     "SPECTRUM", "SCRATCH_X", "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
@@ -132,7 +132,8 @@ def resources(compiled) -> dict:
 
 def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int]:
     """(constexprs, warps) the attention launchers give kernel ``kind`` on a GPU."""
-    launch = attention.launch_config(kind, head_dim, attention.block_rows(head_dim, "cuda"))
+    dtype = {name: dtype for dtype, name in TYPES.items()}[data_type]
+    launch = attention.launch_config(kind, head_dim, attention.block_rows(head_dim, "cuda"), dtype)
     block, inner = attention.block_rows(head_dim, "cuda"), launch["INNER"]
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
     return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), "DOT": DOTS[data_type], **sides}, launch["num_warps"]
@@ -170,12 +171,15 @@ def wkv_configs():
 
 
 def scan_configs():
-    carry = {"CARRY": selective_scan.CARRY_BLOCK}
+    carry = {"CARRY": selective_scan.CARRY_BLOCK, "GROUP": selective_scan.GROUP}
     kernels = {selective_scan.selective_scan_fwd_state_kernel: {}, selective_scan.selective_scan_fwd_kernel: carry,
                selective_scan.selective_scan_bwd_state_kernel: {}, selective_scan.selective_scan_bwd_kernel: carry}
+    shape = {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK}
     for kernel, flags in kernels.items():
         for data_type in ("bf16", "fp32"):
-            yield kernel, data_type, {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK, **flags}
+            yield kernel, data_type, {**shape, **flags}
+    for forward in (True, False):
+        yield selective_scan.selective_scan_group_kernel, "fp32", {**shape, **carry, "FORWARD": forward}
 
 
 def linear_configs():

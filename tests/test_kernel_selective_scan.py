@@ -52,14 +52,16 @@ def run(lengths, channels, state, dtype, chunk, seed=0):
 @pytest.mark.parametrize("chunk", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matches_the_oracle(dtype, chunk, monkeypatch):
-    """Chunks of 4: the carries read 2 chunks at a time, the sequence search 2 sequences at a
-    time. Chunks of 8: three backward workers take the 24 (chunk, batch row, channel block)
+    """Chunks of 4: groups of 2 chunks (the 19-step sequence's 5 chunks in groups of 2, 2
+    and 1), the carries read 2 chunks at a time, the sequence search 2 sequences at a time.
+    Chunks of 8: three backward workers take the 24 (chunk, batch row, channel block)
     items in turn."""
     from canvas_engineering.kernels import selective_scan
 
     if chunk == 4:
         monkeypatch.setattr(selective_scan, "CARRY_BLOCK", 2)
         monkeypatch.setattr(selective_scan, "SEARCH_BLOCK", 2)
+        monkeypatch.setattr(selective_scan, "GROUP", 2)
     else:
         monkeypatch.setattr(selective_scan, "WORKERS", 3)
     errors = run(LENGTHS, channels=40, state=5, dtype=dtype, chunk=chunk)
