@@ -51,8 +51,11 @@ GPU_CONFIGS = {
 warps) on a GPU, with Triton's default 3 pipeline stages: the tiles a program walks (key
 tiles for the forward and dQ, query tiles for dK/dV), chosen per head dim from sm_90
 compiles with the launches' divisibility hints (``benchmarks/launch_report.py``) as the
-largest tiles whose registers do not spill for bf16/fp16 inputs (float32 inputs, TF32
-products, spill up to a few hundred bytes in the dK/dV and top-k kernels at head dim 128)."""
+largest tiles whose registers do not spill for bf16/fp16 inputs."""
+FLOAT32_CONFIGS = {"fwd": {128: (32, 8)}, "bwd_dq": {64: (32, 8)}}
+"""Where float32 inputs (float32 operands, TF32 products) take smaller tiles than
+GPU_CONFIGS: the forward at head dim 128, dQ at 64 (dK/dV and top-k's dQ at head dim 128
+still spill up to a few hundred bytes with float32 inputs)."""
 
 
 def block_rows(head_dim: int, device: torch.device) -> int:
@@ -61,13 +64,16 @@ def block_rows(head_dim: int, device: torch.device) -> int:
     return 16 if torch.device(device).type != "cuda" else GPU_BLOCK
 
 
-def launch_config(kind: str, head_dim: int, block: int) -> dict:
+def launch_config(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
     """Inner tile rows (``INNER``) and warps of kernel ``kind`` ('fwd', 'bwd_dq',
-    'bwd_dkdv') at ``head_dim`` for blocks of ``block`` rows: the one GPU configuration of
-    GPU_CONFIGS, or the block itself with 4 warps under the interpreter."""
+    'bwd_dkdv') at ``head_dim`` for blocks of ``block`` rows and inputs of ``dtype``: the
+    one GPU configuration of GPU_CONFIGS (FLOAT32_CONFIGS first for float32), or the block
+    itself with 4 warps under the interpreter."""
     if INTERPRETING:
         return {"INNER": block, "num_warps": 4}
-    inner, warps = GPU_CONFIGS[kind][64 if head_dim <= 64 else 128]
+    padded = 64 if head_dim <= 64 else 128
+    configs = FLOAT32_CONFIGS[kind] if dtype == torch.float32 and padded in FLOAT32_CONFIGS.get(kind, {}) else GPU_CONFIGS[kind]
+    inner, warps = configs[padded]
     return {"INNER": min(inner, block), "num_warps": warps}
 
 
@@ -630,7 +636,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _tiles(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
     """The compile-time arguments of kernel ``kind`` over blocks of ``block`` rows: the
     block on its own side, the inner tile on the other, warps and DOT."""
-    config = launch_config(kind, head_dim, block)
+    config = launch_config(kind, head_dim, block, dtype)
     inner = config.pop("INNER")
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
     return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype), **sides, **config}
