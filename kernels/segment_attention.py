@@ -1,5 +1,5 @@
 """Attention over packed segments ("varlen"), forward and backward, with optional local
-windows, per-row logit thresholds (top-k) and sigmoid instead of softmax.
+windows, top-k key selection per row, and sigmoid weights instead of softmax.
 
 Layout: queries ``q (B, Tq, H, D)`` packed segment after segment; keys and values
 ``k, v (B, Tk, H, D)`` packed by key set, read in place: key set ``j`` owns key rows
@@ -21,7 +21,9 @@ Masks, per segment of N queries and M keys:
 - top-k (:func:`segment_topk_attention_fwd`): key m is visible to query i when its logit
   is ``>=`` the row's k-th largest logit (ties kept). One pass over the keys keeps each
   row's k largest logits in registers; the forward reads the kept values only, and the
-  backward works from the saved selection: O(N * k * D) for dQ, dK and dV.
+  backward works from the saved selection, reading O(N * k * D) values for dQ, dK and dV.
+  Rows whose k-th largest logit ties exactly with keys beyond their list take a threshold
+  pass over the keys instead (forward and backward).
 A query with no visible key gets zeros and ``lse = -inf``.
 
 Matrix products take their operands in ``DOT`` (:mod:`.operands`): the inputs' bf16/fp16
