@@ -26,11 +26,11 @@ Masks, per segment of N queries and M keys:
   pass over the keys instead (forward and backward).
 A query with no visible key gets zeros and ``lse = -inf``.
 
-Matrix products take their operands in ``DOT`` (:mod:`.operands`): the inputs' bf16/fp16
-on the GPU, the attention weights and their gradients cast to it before their products, as
-FlashAttention does; float32 under the interpreter. Accumulators, softmax statistics and
-``lse`` are float32; outputs are stored in the input dtype. Offsets that multiply two
-lengths are 64-bit.
+Matrix products take their operands in ``DOT`` (:mod:`.operands`, bounded operands): the
+inputs' bf16/fp16 on the GPU, the attention weights and their gradients cast to it before
+their products, as FlashAttention does; float32 under the interpreter. Accumulators,
+softmax statistics and ``lse`` are float32; outputs are stored in the input dtype. Offsets
+that multiply two lengths are 64-bit.
 """
 
 from __future__ import annotations
@@ -635,13 +635,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"segment attention: head dims up to 128 are supported, got {q.shape[3]}")
 
 
-def _tiles(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
+def launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
     """The compile-time arguments of kernel ``kind`` over blocks of ``block`` rows: the
     block on its own side, the inner tile on the other, warps and DOT."""
     config = launch_config(kind, head_dim, block, dtype)
     inner = config.pop("INNER")
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
-    return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype), **sides, **config}
+    return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype, bounded=True), **sides, **config}
 
 
 def _backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
@@ -688,7 +688,7 @@ def segment_attention_fwd(
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, total_q, scale,
-            WINDOW=window, SIGMOID=sigmoid, **_tiles("fwd", head_dim, block, q.dtype),
+            WINDOW=window, SIGMOID=sigmoid, **launch_arguments("fwd", head_dim, block, q.dtype),
         )
     return out, lse
 
@@ -716,13 +716,13 @@ def segment_attention_bwd(
         segment_attention_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
             cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, scale, **flags, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
+            *strides, heads, total_q, scale, **flags, **launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
         )
     if q_block_segment.shape[0]:
         segment_attention_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, dq,
             cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, **flags, **_tiles("bwd_dq", head_dim, block, q.dtype),
+            *strides, heads, total_q, scale, **flags, **launch_arguments("bwd_dq", head_dim, block, q.dtype),
         )
     return dq, dk, dv
 
@@ -768,7 +768,7 @@ def segment_topk_attention_fwd(
             q, k, v, out, lse, selection,
             cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
             *(s for t in (q, k, v, out) for s in t.stride()[:3]),
-            heads, total_q, scale, top_k, TOP=top, **_tiles("fwd", head_dim, block, q.dtype),
+            heads, total_q, scale, top_k, TOP=top, **launch_arguments("fwd", head_dim, block, q.dtype),
         )
     return out, lse, selection
 
@@ -804,7 +804,7 @@ def segment_topk_attention_bwd(
         segment_topk_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, tied_threshold, dq, selected_p, selected_ds, selection,
             cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, TOP=top, **_tiles("bwd_dq", head_dim, block, q.dtype),
+            *strides, heads, total_q, scale, TOP=top, **launch_arguments("bwd_dq", head_dim, block, q.dtype),
         )
     keys = selection[..., :top].reshape(batch * heads, total_q * top)
     sorted_keys, entry_order = torch.sort(torch.where(keys < 0, total_k, keys), dim=1, stable=True)
@@ -816,6 +816,6 @@ def segment_topk_attention_bwd(
             q, k, v, grad_out, lse, delta, tied_threshold, dk, dv, selected_p, selected_ds,
             selection, entry_order.to(torch.int32), entry_start, tied_prefix,
             cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, total_k, scale, TOP=top, **_tiles("bwd_dkdv", head_dim, block, q.dtype),
+            *strides, heads, total_q, total_k, scale, TOP=top, **launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
         )
     return dq, dk, dv

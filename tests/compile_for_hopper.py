@@ -133,10 +133,8 @@ def resources(compiled) -> dict:
 def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int]:
     """(constexprs, warps) the attention launchers give kernel ``kind`` on a GPU."""
     dtype = {name: dtype for dtype, name in TYPES.items()}[data_type]
-    launch = attention.launch_config(kind, head_dim, attention.block_rows(head_dim, "cuda"), dtype)
-    block, inner = attention.block_rows(head_dim, "cuda"), launch["INNER"]
-    sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
-    return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), "DOT": DOTS[data_type], **sides}, launch["num_warps"]
+    constexprs = attention.launch_arguments(kind, head_dim, attention.block_rows(head_dim, "cuda"), dtype)
+    return constexprs, constexprs.pop("num_warps")
 
 
 def attention_configs():
