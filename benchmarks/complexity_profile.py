@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -42,14 +41,11 @@ Point = Tuple[int, float, int]
 
 
 def claimed(name: str) -> str:
-    """The complexity the type's description claims, e.g. ``O(N*M)``; an alias
-    (``self_attention``) has the claim of the type it names."""
-    from canvas_engineering import ATTENTION_TYPES, BUILTIN_ATTENTION
+    """The complexity the type's class claims, e.g. ``O(NM)`` (an alias, ``self_attention``,
+    names the class of the type it stands for)."""
+    from canvas_engineering import BUILTIN_ATTENTION
 
-    if name not in ATTENTION_TYPES:
-        name = next(t for t in ATTENTION_TYPES if BUILTIN_ATTENTION[t] is BUILTIN_ATTENTION[name])
-    found = re.findall(r"O\([^)]*\)", ATTENTION_TYPES[name])
-    return found[-1] if found else "?"
+    return BUILTIN_ATTENTION[name].complexity
 
 
 def run(profile: str, select: str, json_path: Path) -> int:

@@ -31,6 +31,7 @@ _link_source_kernels()
 
 from canvas_engineering.attention import (
     ATTENTION_REGISTRY,
+    ATTENTION_TYPES,
     BUILTIN_ATTENTION,
     CogVideoXAttention,
     CopyAttention,
@@ -54,7 +55,7 @@ from canvas_engineering.attention import (
 )
 from canvas_engineering.action_heads import ActionHead
 from canvas_engineering.attn_processor import CanvasAttnProcessor
-from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout, RegionSpec
+from canvas_engineering.canvas import CanvasLayout, RegionSpec
 from canvas_engineering.cogvideox import LoopedCogVideoXBlock, detect_inner_dim
 from canvas_engineering.connectivity import CanvasTopology, Connection, MaskSpec, TemporalFill
 from canvas_engineering.dispatch import AttentionDispatcher

@@ -20,37 +20,6 @@ if TYPE_CHECKING:
     import torch
 
 
-ATTENTION_TYPES: Dict[str, str] = {
-    "cross_attention": "Standard scaled dot-product QKV attention with softmax. The default. O(N*M).",
-    "linear_attention": "No softmax: kernel trick with elu+1 (or ReLU) features. O(N+M).",
-    "cosine_attention": "Cosine similarity of normalised queries and keys, scaled by a learned "
-    "temperature, then softmax. O(N*M).",
-    "sigmoid_attention": "Sigmoid instead of softmax: each query gates each key independently. O(N*M).",
-    "gated": "Flamingo-style gated cross-attention: a learned sigmoid gate (zero-initialised) "
-    "scales the attended context. O(N*M).",
-    "perceiver": "Cross-attend through K learned latents: the latents read dst, src reads the "
-    "latents. O(N*K + M*K).",
-    "pooling": "Mean-pool dst into one vector, project it, broadcast to every src position. O(N+M).",
-    "copy": "Direct transfer of dst rows to src rows (truncated or zero-padded), no parameters. O(N).",
-    "mamba": "Selective state-space scan (S6) over dst, read out by each query through scaled "
-    "dot-product attention. O(M) scan.",
-    "rwkv": "Linear attention with learned per-channel exponential decay (the WKV recurrence over the "
-    "min(N, M) steps the queries read). O(N).",
-    "hyena": "Data-gated long convolutions computed with the FFT. O(N log N).",
-    "sparse_attention": "Top-k attention: only the k largest logits of each row survive the "
-    "softmax. O(N*K) kept entries.",
-    "local_attention": "Windowed attention: query i sees the keys whose scaled position lies "
-    "within W//2 of i. O(N*W).",
-    "none": "The edge is declared but disabled: it contributes zeros. O(0).",
-    "random_fixed": "Each query attends to K keys chosen at random once, from a stored seed. O(N*K).",
-    "mixture": "Mixture of experts: dst is split into slices, each query is routed to its "
-    "top-k expert slices by a learned router. O(N*M) over the chosen experts.",
-    "cogvideox": "CogVideoX-native attention; inside the dispatcher it is standard cross-attention. O(N*M).",
-}
-"""The 17 declared attention function types and what each computes (``self_attention`` is
-a registered alias of ``cross_attention``, see ``canvas_engineering.attention``)."""
-
-
 Bounds = Tuple[int, ...]
 
 
@@ -361,10 +330,16 @@ from this module too (where canvas-engineering 0.5.0 defines them)."""
 
 
 def __getattr__(name: str):
-    """Loads the names in :data:`CANVAS_MODULES` on first access, so that this module
-    itself holds no torch state."""
+    """Loads the names in :data:`CANVAS_MODULES` and ``ATTENTION_TYPES`` (the built-in
+    attention types and what each computes, derived from their classes in
+    ``canvas_engineering.attention``) on first access, so that this module itself holds no
+    torch state."""
     if name in CANVAS_MODULES:
         from canvas_engineering import spatiotemporal
 
         return getattr(spatiotemporal, name)
+    if name == "ATTENTION_TYPES":
+        from canvas_engineering.attention import ATTENTION_TYPES
+
+        return ATTENTION_TYPES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import operator
-from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 
-from canvas_engineering.attention import create_attention
+from canvas_engineering.attention import (
+    ATTENTION_REGISTRY,
+    check_options,
+    create_attention,
+    format_options,
+    type_options,
+    unknown_attention_message,
+)
 from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_dropout, check_heads
-from canvas_engineering.canvas import ATTENTION_TYPES, CanvasLayout
+from canvas_engineering.canvas import CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology
 from canvas_engineering.ops.segments import SegmentIndex
 from canvas_engineering.plan import ExecutionPlan, Segment, compile_segments, resolve_connections
@@ -31,6 +39,43 @@ def run_segment_by_segment(
         outputs.append(module(queries, keys, keys))
         query_start += n
     return torch.cat(outputs, dim=1) if outputs else query_rows[:, :0]
+
+
+def check_fn_kwargs(fn_kwargs: Optional[Mapping], used: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``fn_kwargs`` (attention type name -> constructor options) as a copy of plain dicts,
+    checked against the registry and against ``used``, the types the connections run.
+
+    Raises:
+        TypeError: when ``fn_kwargs`` or an entry is not a mapping, a key is not a string,
+            or an option is one the type does not take (the message lists those it takes).
+        ValueError: for a name that is not registered (listing the registered ones) or a
+            type that no connection runs (listing those that run).
+    """
+    if fn_kwargs is None:
+        return {}
+    if not isinstance(fn_kwargs, Mapping):
+        raise TypeError(
+            f"AttentionDispatcher: fn_kwargs must be a dict of attention type name -> dict of options, "
+            f"got {type(fn_kwargs).__name__}"
+        )
+    checked: Dict[str, Dict[str, Any]] = {}
+    for fn, options in fn_kwargs.items():
+        if not isinstance(fn, str):
+            raise TypeError(f"AttentionDispatcher: fn_kwargs keys must be attention type names (strings), got {fn!r}")
+        if fn not in ATTENTION_REGISTRY:
+            raise ValueError(f"AttentionDispatcher: fn_kwargs: {unknown_attention_message(fn)}")
+        if fn not in used:
+            raise ValueError(
+                f"AttentionDispatcher: fn_kwargs sets options for {fn!r}, which no connection runs; "
+                f"the connections run {sorted(used)}"
+            )
+        if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
+            raise TypeError(
+                f"AttentionDispatcher: fn_kwargs[{fn!r}] must be a dict of option name (string) -> value, got {options!r}"
+            )
+        check_options("AttentionDispatcher: fn_kwargs", fn, options)
+        checked[fn] = dict(options)
+    return checked
 
 
 class AttentionDispatcher(nn.Module):
@@ -57,16 +102,23 @@ class AttentionDispatcher(nn.Module):
         skip_temporal: ignore ``t_src``/``t_dst`` and run every connection dense in time.
         strict: raise for a connection naming a region the layout lacks; with False such
             edges are skipped with a warning.
+        fn_kwargs: constructor options per attention type, e.g. ``{"hyena": {"max_len":
+            16384}, "local_attention": {"window_size": 16}}``; each named type must be one
+            that a connection runs. Types not named are built with their defaults.
 
     Attributes:
         segments: the compiled segments, in declaration order.
         idle_connections: ``(index, reason)`` of every declared connection that runs nothing.
+        fn_kwargs: the options given per type (a copy of the argument; ``explain()`` shows
+            every type's options with the defaults).
 
     Raises:
         ValueError: at construction, for bad geometry, a missing region (strict), an unknown
-            attention type (the message lists the registered ones), bad sizes or a dropout
-            outside [0, 1].
-        TypeError: for a topology, layout or connection of the wrong class.
+            attention type (the message lists the registered ones), bad sizes, a dropout
+            outside [0, 1], or ``fn_kwargs`` naming a type that no connection runs or giving
+            a bad option value.
+        TypeError: for a topology, layout or connection of the wrong class, or ``fn_kwargs``
+            with an option its type does not take (the message lists those it takes).
     """
 
     def __init__(
@@ -79,6 +131,7 @@ class AttentionDispatcher(nn.Module):
         skip_temporal: bool = False,
         *,
         strict: bool = True,
+        fn_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ):
         super().__init__()
         check_heads("AttentionDispatcher", d_model, n_heads)
@@ -98,11 +151,11 @@ class AttentionDispatcher(nn.Module):
         segments, idle = compile_segments(connections, layout, skip_temporal)
         self.segments: List[Segment] = segments
         self.idle_connections: List[Tuple[int, str]] = sorted(skipped + idle)
-        modules: Dict[str, nn.Module] = {}
-        for _, _, fn in connections:
-            if fn not in modules:
-                modules[fn] = create_attention(fn, d_model, n_heads, dropout)
-        self.fn_modules = nn.ModuleDict(modules)
+        used = list(dict.fromkeys(fn for _, _, fn in connections))
+        self.fn_kwargs = check_fn_kwargs(fn_kwargs, used)
+        self.fn_modules = nn.ModuleDict(
+            {fn: create_attention(fn, d_model, n_heads, dropout, **self.fn_kwargs.get(fn, {})) for fn in used}
+        )
         self._plans: Dict[Tuple[Optional[FrozenSet[str]], torch.device], ExecutionPlan] = {}
         self.plan()
 
@@ -139,8 +192,9 @@ class AttentionDispatcher(nn.Module):
 
     def explain(self, active_regions: Optional[Iterable[str]] = None) -> str:
         """A readable table of what a forward runs: per attention type its segments, key
-        sets, packed rows, padded batches and query-key pairs; then every declared
-        connection that runs nothing, with the reason."""
+        sets, packed rows, padded batches, query-key pairs, complexity (the class's
+        ``complexity``) and options (defaults included); then every declared connection
+        that runs nothing, with the reason."""
         active = self.check_active_regions(active_regions)
         idle = dict(self.idle_connections)
         if active is not None:
@@ -151,7 +205,12 @@ class AttentionDispatcher(nn.Module):
         lines = [
             f"connection {i} ({connections[i].src!r} -> {connections[i].dst!r}): {reason}" for i, reason in sorted(idle.items())
         ]
-        return self.plan(None if active is None else frozenset(active)).explain(ATTENTION_TYPES, lines)
+        complexity, options = {}, {}
+        for fn, module in self.fn_modules.items():
+            declared = getattr(type(module), "complexity", "not declared")
+            complexity[fn] = declared if isinstance(module, SegmentAttention) else f"{declared} (runs segment by segment)"
+            options[fn] = format_options({**type_options(type(module)), **self.fn_kwargs.get(fn, {})}) or "-"
+        return self.plan(None if active is None else frozenset(active)).explain(complexity, options, lines)
 
     def check_active_regions(self, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
         """``active_regions`` as a set of layout region names (None stays None).
@@ -253,4 +312,5 @@ class AttentionDispatcher(nn.Module):
         for segment in self.segments:
             counts[segment.fn] = counts.get(segment.fn, 0) + 1
         summary = ", ".join(f"{fn}={n}" for fn, n in sorted(counts.items()))
-        return f"{len(self.segments)} segments, {len(self.fn_modules)} fn types: {summary}"
+        options = f", fn_kwargs={self.fn_kwargs}" if self.fn_kwargs else ""
+        return f"{len(self.segments)} segments, {len(self.fn_modules)} fn types: {summary}{options}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -275,19 +275,18 @@ class ExecutionPlan:
         """A copy with every tensor on ``device``."""
         return moved_to(self, torch.device(device))
 
-    def explain(self, types: Dict[str, str], idle: Sequence[str] = ()) -> str:
+    def explain(self, complexity: Mapping[str, str], options: Mapping[str, str], idle: Sequence[str] = ()) -> str:
         """A table of the groups: segments, key sets, packed rows, padded batches and the
-        number of (query, key) pairs each reads, with the complexity ``types`` claims; then
-        the ``idle`` lines (the declared connections that run nothing, and why)."""
-        header = ["fn", "segments", "key sets", "query rows", "key rows", "batches", "query-key pairs", "complexity"]
+        number of (query, key) pairs each reads, with each type's ``complexity`` and
+        ``options`` (keyed by type name); then the ``idle`` lines (the declared connections
+        that run nothing, and why)."""
+        header = ["fn", "segments", "key sets", "query rows", "key rows", "batches", "query-key pairs", "complexity", "options"]
         rows = []
         for group in self.groups:
             index = group.index
             pairs = sum(n * m for n, m in index.shapes)
-            complexity = types.get(group.fn, "custom (runs segment by segment)")
-            complexity = complexity[complexity.rfind("O(") :].rstrip(".") if "O(" in complexity else complexity
             rows.append([group.fn, len(group.segments), len(index.keyset_sizes), index.n_queries, index.n_keys,
-                         len(index.segment_buckets), pairs, complexity])
+                         len(index.segment_buckets), pairs, complexity[group.fn], options[group.fn]])
         widths = [max(len(str(v)) for v in column) for column in zip(header, *rows)]
         line = lambda values: "  ".join(str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
         written = int(self.written.sum())

@@ -21,6 +21,13 @@ import torch
 PEER_VERSION = "0.5.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "peer_runner.py"
+PEER_ATTENTION_NAMES = (
+    "cross_attention", "self_attention", "linear_attention", "cosine_attention", "sigmoid_attention", "gated",
+    "perceiver", "pooling", "copy", "sparse_attention", "local_attention", "random_fixed", "mixture", "mamba",
+    "rwkv", "hyena", "cogvideox", "none",
+)
+"""The 18 names the peer registers: the specification's 17 types and the alias
+``self_attention``. Parity is checked for these; a type added since has no peer counterpart."""
 
 
 def peer_dir() -> Path:

@@ -290,7 +290,7 @@ def test_wrong_classes_and_create_attention_arguments():
         AttentionDispatcher(CanvasTopology(None), layout, D_MODEL, N_HEADS)
     with pytest.raises(TypeError, match="fn_name must be a string, got list"):
         create_attention(["cross_attention"], D_MODEL, N_HEADS)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'window'"):
+    with pytest.raises(TypeError, match=r"'local_attention' \(LocalAttention\) takes no option 'window'; its options: window_size=8"):
         create_attention("local_attention", D_MODEL, N_HEADS, window=3)
     with pytest.raises(ValueError, match=r"sparse_attention: dropout must be a probability in \[0, 1\], got -0.5"):
         create_attention("sparse_attention", D_MODEL, N_HEADS, dropout=-0.5)

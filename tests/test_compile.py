@@ -23,6 +23,9 @@ LAYER_TYPES = (("cross_attention", "local_attention", "sparse_attention", "linea
 attention, linear attention, the WKV and selective scans (Mamba's readout is segment
 attention), and the FFT convolution."""
 
+LAYER_OPTIONS = {"local_attention": {"window_size": 4}, "sparse_attention": {"top_k": 4}, "hyena": {"max_len": 32}}
+"""The layers' ``fn_kwargs``: the model compiles modules built with options, not only defaults."""
+
 
 def test_first_forward_compiles_with_every_other_type():
     names = sorted(set(BUILTIN_ATTENTION) - {name for types in LAYER_TYPES for name in types})
@@ -41,7 +44,8 @@ def test_first_forward_compiles_with_every_other_type():
 
 
 def ring_dispatcher(types: Sequence[str]) -> AttentionDispatcher:
-    """Over a T=2 canvas of N_REGIONS (2, 4) regions, region i reads region i+1 with type i:
+    """Over a T=2 canvas of N_REGIONS (2, 4) regions, region i reads region i+1 with type i
+    (built with its LAYER_OPTIONS):
     both frames at once (one segment of 16 rows, which top-k and the window thin out) for
     even i, the previous frame for odd i (a segment of 8 rows per frame)."""
     layout = CanvasLayout(
@@ -49,7 +53,8 @@ def ring_dispatcher(types: Sequence[str]) -> AttentionDispatcher:
     )
     timing = ({}, {"t_src": 0, "t_dst": -1})
     connections = [Connection(f"r{i}", f"r{(i + 1) % N_REGIONS}", fn=name, **timing[i % 2]) for i, name in enumerate(types)]
-    return AttentionDispatcher(CanvasTopology(connections), layout, d_model=D_MODEL, n_heads=2)
+    options = {name: LAYER_OPTIONS[name] for name in types if name in LAYER_OPTIONS}
+    return AttentionDispatcher(CanvasTopology(connections), layout, d_model=D_MODEL, n_heads=2, fn_kwargs=options)
 
 
 class TokenModel(nn.Module):

@@ -3,6 +3,9 @@ deviations from canvas-engineering 0.5.0, and the errors for bad input."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn as nn
@@ -246,3 +249,104 @@ def test_modules_exist_for_edges_that_never_run():
     assert list(dispatcher.fn_modules) == ["rwkv"] and dispatcher.segments == []
     x = torch.randn(1, 4, 8)
     assert torch.equal(dispatcher(x), x)
+
+
+OPTIONS = {"hyena": {"max_len": 64}, "local_attention": {"window_size": 3}, "sparse_attention": {"top_k": 2}}
+
+
+def options_dispatcher(fn_kwargs=OPTIONS, seed=0):
+    """A 36-position canvas whose four edges run hyena, local, top-k and RWKV attention."""
+    layout = CanvasLayout(T=2, spatial_shape=(18,), d_model=8, regions={"a": (0, 2, 0, 6), "b": (0, 2, 6, 12), "c": (0, 2, 12, 18)})
+    topology = CanvasTopology([
+        Connection("a", "b", fn="hyena"), Connection("b", "c", fn="local_attention"),
+        Connection("c", "a", fn="sparse_attention"), Connection("a", "a", fn="rwkv"),
+    ])
+    torch.manual_seed(seed)
+    return AttentionDispatcher(topology, layout, d_model=8, n_heads=2, fn_kwargs=fn_kwargs)
+
+
+def test_fn_kwargs_build_each_type_with_its_options():
+    """Each named type is built with its options (a copy: changing the caller's dict later
+    changes nothing); the plan runs them as the edge-by-edge oracle does; options that leave
+    the parameters' shapes alone leave the initialisation alone (same seed, same state_dict)
+    and change the function."""
+    given = {name: dict(options) for name, options in OPTIONS.items()}
+    dispatcher = options_dispatcher(given)
+    given["hyena"]["max_len"] = 8
+    modules = dispatcher.fn_modules
+    assert (modules["hyena"].max_len, modules["local_attention"].window_size, modules["sparse_attention"].top_k) == (64, 3, 2)
+    assert dispatcher.fn_kwargs == OPTIONS and modules["hyena"].filter_params[0].shape == (8, 64 // 2 + 1, 2)
+    hyena_only = options_dispatcher({"hyena": {"max_len": 64}})
+    state, other_state = dispatcher.state_dict(), hyena_only.state_dict()
+    assert state.keys() == other_state.keys() and all(torch.equal(state[key], other_state[key]) for key in state)
+    x = torch.randn(2, 36, 8, dtype=torch.float64)
+    assert_matches_reference(dispatcher.double(), x)
+    assert not torch.allclose(dispatcher(x)[:, 6:], hyena_only.double()(x)[:, 6:])
+
+
+@pytest.mark.parametrize(
+    "fn_kwargs, error, message",
+    [
+        ({"hyena": {"max_lenn": 8}}, TypeError, r"fn_kwargs: 'hyena' \(HyenaAttention\) takes no option 'max_lenn'; its options: order=2, max_len=4096"),
+        ({"local_attention": {"dropout": 0.5}}, TypeError, r"takes no option 'dropout'; its options: window_size=8 \(d_model, n_heads and dropout are set"),
+        ({"hyenna": {}}, ValueError, r"fn_kwargs: unknown attention type 'hyenna'; registered types: \[.*'hyena'"),
+        ({"mamba": {}}, ValueError, r"options for 'mamba', which no connection runs; the connections run \['hyena', 'local_attention', 'rwkv', 'sparse_attention'\]"),
+        ({"hyena": {"max_len": 0}}, ValueError, "HyenaAttention: max_len must be a positive integer, got 0"),
+        ({"sparse_attention": {"top_k": 1.5}}, ValueError, "SparseAttention: top_k must be a positive integer, got 1.5"),
+        ([("hyena", {})], TypeError, "fn_kwargs must be a dict of attention type name -> dict of options, got list"),
+        ({"hyena": 64}, TypeError, r"fn_kwargs\['hyena'\] must be a dict of option name \(string\) -> value, got 64"),
+        ({3: {}}, TypeError, "fn_kwargs keys must be attention type names .strings., got 3"),
+    ],
+)
+def test_bad_fn_kwargs_are_refused_at_construction(fn_kwargs, error, message):
+    with pytest.raises(error, match=message):
+        options_dispatcher(fn_kwargs)
+
+
+def test_explain_and_repr_show_the_options():
+    """explain() gives every type's options, defaults included; repr the ones given."""
+    dispatcher = options_dispatcher()
+    rows = {line.split()[0]: line.rstrip() for line in dispatcher.explain().splitlines()[2:6]}
+    assert rows["hyena"].endswith("  order=2, max_len=64") and rows["local_attention"].endswith("  window_size=3")
+    assert rows["sparse_attention"].endswith("  top_k=2") and rows["rwkv"].endswith("  -")
+    assert f"fn_kwargs={OPTIONS}" in repr(dispatcher)
+    assert "fn_kwargs" not in repr(options_dispatcher(None))
+
+
+def test_fn_kwargs_survive_copies_pickling_and_moves():
+    """deepcopy and pickle keep the options (the attribute, repr, explain, the modules) and
+    the function; .to(float64) keeps them and still runs as the oracle does."""
+    dispatcher = options_dispatcher()
+    x = torch.randn(2, 36, 8)
+    expected = dispatcher(x)
+    for duplicate in (copy.deepcopy(dispatcher), pickle.loads(pickle.dumps(dispatcher))):
+        assert duplicate.fn_kwargs == OPTIONS and duplicate.fn_modules["hyena"].max_len == 64
+        assert repr(duplicate) == repr(dispatcher) and duplicate.explain() == dispatcher.explain()
+        assert torch.equal(duplicate(x), expected)
+    moved = copy.deepcopy(dispatcher).to(torch.float64)
+    assert moved.fn_kwargs == OPTIONS and moved.explain() == dispatcher.explain()
+    assert_matches_reference(moved, x.double())
+
+
+def test_hyena_over_16384_positions_through_fn_kwargs():
+    """One Hyena edge over a 16384-position canvas: with the default filters (max_len=4096)
+    the forward is refused; with fn_kwargs={"hyena": {"max_len": 16384}} forward and backward
+    match the edge-by-edge oracle. The canvas is one circular convolution of 16384 steps
+    (and the rest is position-wise), so rolling input and cotangent by s positions rolls the
+    output by s and leaves every parameter gradient as it was."""
+    layout = CanvasLayout(T=16, spatial_shape=(1024,), d_model=4, regions={"line": (0, 16, 0, 1024)})
+    topology = CanvasTopology([Connection("line", "line", fn="hyena")])
+    with pytest.raises(ValueError, match="16384 queries need an FFT of length 16384, longer than max_len=4096"):
+        AttentionDispatcher(topology, layout, d_model=4, n_heads=1)(torch.randn(1, 16384, 4))
+    torch.manual_seed(0)
+    dispatcher = AttentionDispatcher(topology, layout, d_model=4, n_heads=1, fn_kwargs={"hyena": {"max_len": 16384}}).double()
+    x = torch.randn(1, 16384, 4, dtype=torch.float64)
+    assert_matches_reference(dispatcher, x)
+    shift, cotangent = 5000, torch.randn_like(x)
+    names, parameters = zip(*dispatcher.named_parameters())
+    results = []
+    for inputs, grad_output in ((x, cotangent), (x.roll(shift, 1), cotangent.roll(shift, 1))):
+        output = dispatcher(inputs)
+        results.append({"output": output, **dict(zip(names, torch.autograd.grad(output, parameters, grad_output)))})
+    results[0]["output"] = results[0]["output"].roll(shift, 1)
+    assert_all_close(results[1], results[0], tolerance=1e-10, zero_floor=1e-14)

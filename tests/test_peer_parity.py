@@ -1,6 +1,6 @@
 """Parity with canvas-engineering 0.5.0 (the peer), run in a subprocess.
 
-For every registered type and several (B, N, M): the same state_dict keys and shapes, the
+For every type 0.5.0 registers and several (B, N, M): the same state_dict keys and shapes, the
 same initial parameters under the same seed, and, after loading the peer's state_dict
 (strict), the same output and gradients (inputs and parameters): see assert_matches_peer. The same for whole dispatchers, on canvases with temporal edges and each fill mode.
 random_fixed's outputs differ by design (its pattern is seeded; see test_random_fixed.py).
@@ -14,7 +14,7 @@ import torch
 import canvas_engineering
 from canvas_engineering import ATTENTION_REGISTRY, BUILTIN_ATTENTION
 from conftest import assert_all_close
-from peer import run_peer
+from peer import PEER_ATTENTION_NAMES, run_peer
 from peer_runner import run_case
 
 pytestmark = pytest.mark.peer
@@ -38,7 +38,7 @@ OPTIONS = {
 def module_cases():
     generator = torch.Generator().manual_seed(1234)
     cases = []
-    for name in BUILTIN_ATTENTION:
+    for name in PEER_ATTENTION_NAMES:
         for kwargs in OPTIONS.get(name, [{}]):
             for batch, n, m in SHAPES:
                 cases.append(
@@ -130,7 +130,7 @@ CANVASES = {
                 [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b"), ("a", "d"), ("d", "a"),
                  ("b", "d"), ("d", "b"), ("c", "d"), ("d", "c"), ("a", "a"), ("b", "b"), ("c", "c"), ("d", "d"),
                  ("a", "b")],
-                [name for name in BUILTIN_ATTENTION if name not in ("random_fixed", "self_attention")] + ["self_attention"],
+                [name for name in PEER_ATTENTION_NAMES if name not in ("random_fixed", "self_attention")] + ["self_attention"],
             )
         ],
     },
@@ -227,7 +227,7 @@ def test_dispatcher_matches_peer(index, peer_results):
 
 
 def test_every_registered_name_is_covered():
-    assert set(BUILTIN_ATTENTION) <= set(ATTENTION_REGISTRY)
-    assert {case["name"] for case in MODULE_CASES} == set(BUILTIN_ATTENTION)
+    assert set(PEER_ATTENTION_NAMES) <= set(BUILTIN_ATTENTION) <= set(ATTENTION_REGISTRY)
+    assert {case["name"] for case in MODULE_CASES} == set(PEER_ATTENTION_NAMES)
     covered = {c.get("fn") for c in CANVASES["every_type"]["connections"]}
-    assert covered == set(BUILTIN_ATTENTION) - {"random_fixed"}
+    assert covered == set(PEER_ATTENTION_NAMES) - {"random_fixed"}

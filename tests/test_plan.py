@@ -180,4 +180,6 @@ def test_explain_lists_every_group():
     assert lines[0].split()[:3] == ["fn", "segments", "key"]
     assert [line.split()[0] for line in lines[2:5]] == ["cross_attention", "mamba", "pooling"]
     assert [int(line.split()[1]) for line in lines[2:5]] == [4, 4, 4]
-    assert "O(N*M)" in lines[2] and lines[-1].startswith("3 groups")
+    for line, module in zip(lines[2:5], dispatcher.fn_modules.values()):
+        assert f"  {type(module).complexity}  " in line
+    assert lines[-1].startswith("3 groups")

@@ -1,13 +1,16 @@
 """The attention function types and their registry.
 
-Every type is an ``nn.Module`` built as ``cls(d_model, n_heads, dropout, **kwargs)`` whose
+Every type is an ``nn.Module`` built as ``cls(d_model, n_heads, dropout, **options)`` whose
 ``forward(queries (B, N, d_model), keys (B, M, d_model), values (B, M, d_model))`` returns
-``(B, N, d_model)``.
+``(B, N, d_model)``. A built-in type's class says what it computes and its complexity
+(``description``, ``complexity``); :data:`ATTENTION_TYPES`, ``AttentionDispatcher.explain()``
+and the README's type table are derived from those and from the constructor's options.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Type
+import inspect
+from typing import Any, Dict, Mapping, Type
 
 import torch.nn as nn
 
@@ -51,6 +54,55 @@ ATTENTION_REGISTRY: Dict[str, Type[nn.Module]] = dict(BUILTIN_ATTENTION)
 """Every registered name, built-in or added with :func:`register_attention`."""
 
 
+def _declared_types() -> Dict[str, str]:
+    """Each built-in class under the first name it is registered with (later names are
+    aliases): ``"<description>. <complexity>."``."""
+    first_names: Dict[Type[nn.Module], str] = {}
+    for name, cls in BUILTIN_ATTENTION.items():
+        first_names.setdefault(cls, name)
+    return {name: f"{cls.description}. {cls.complexity}." for cls, name in first_names.items()}
+
+
+ATTENTION_TYPES: Dict[str, str] = _declared_types()
+"""Every built-in type (aliases left out) and what it computes, with its complexity."""
+
+SHARED_ARGUMENTS = ("d_model", "n_heads", "dropout")
+"""The constructor arguments of every type, set for all types at once by the caller."""
+
+
+def type_options(cls: Type[nn.Module]) -> Dict[str, Any]:
+    """The keyword options ``cls`` takes besides :data:`SHARED_ARGUMENTS`, in signature
+    order, each with its default (``inspect.Parameter.empty`` where there is none)."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if name not in SHARED_ARGUMENTS and parameter.kind in keyword
+    }
+
+
+def format_options(options: Mapping[str, Any]) -> str:
+    """``{"order": 2, "max_len": 4096}`` as ``"order=2, max_len=4096"`` (a required
+    option without a default as its bare name)."""
+    return ", ".join(name if value is inspect.Parameter.empty else f"{name}={value!r}" for name, value in options.items())
+
+
+def check_options(owner: str, fn_name: str, options: Mapping[str, Any]) -> None:
+    """Raise TypeError for an entry of ``options`` that the type registered as ``fn_name``
+    does not take (a name outside its signature, or one of :data:`SHARED_ARGUMENTS`),
+    listing the options it takes. A class with ``**kwargs`` takes any other name."""
+    cls = ATTENTION_REGISTRY[fn_name]
+    known = type_options(cls)
+    any_name = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    wrong = [name for name in options if name in SHARED_ARGUMENTS or not (name in known or any_name)]
+    if wrong:
+        raise TypeError(
+            f"{owner}: {fn_name!r} ({cls.__name__}) takes no option {', '.join(map(repr, wrong))}; "
+            f"its options: {format_options(known) or 'none'} (d_model, n_heads and dropout are set for "
+            f"every type at once)"
+        )
+
+
 def unknown_attention_message(name: object) -> str:
     """The error text for a name that is not registered, listing the known names."""
     return f"unknown attention type {name!r}; registered types: {sorted(ATTENTION_REGISTRY)}"
@@ -69,12 +121,14 @@ def create_attention(fn_name: str, d_model: int, n_heads: int = 4, dropout: floa
     Raises:
         ValueError: for an unknown name (listing the known ones), a dropout outside
             ``[0, 1]`` or a bad option value.
-        TypeError: when ``fn_name`` is not a string, or for an option the type does not take.
+        TypeError: when ``fn_name`` is not a string, or for an option the type does not take
+            (the message lists the ones it takes).
     """
     if not isinstance(fn_name, str):
         raise TypeError(f"create_attention: fn_name must be a string, got {type(fn_name).__name__} {fn_name!r}")
     if fn_name not in ATTENTION_REGISTRY:
         raise ValueError(unknown_attention_message(fn_name))
+    check_options("create_attention", fn_name, kwargs)
     return ATTENTION_REGISTRY[fn_name](d_model, n_heads, check_dropout(fn_name, dropout), **kwargs)
 
 
@@ -83,8 +137,9 @@ def register_attention(name: str, cls: Type[nn.Module], *, replace: bool = False
 
     Args:
         name: a non-empty string without ``.``.
-        cls: an ``nn.Module`` subclass built as ``cls(d_model, n_heads, dropout)`` with
-            ``forward(queries, keys, values)``.
+        cls: an ``nn.Module`` subclass built as ``cls(d_model, n_heads, dropout, **options)``
+            with ``forward(queries, keys, values)``; its class attribute ``complexity``,
+            where it has one, is what ``AttentionDispatcher.explain()`` shows.
         replace: allow replacing a name that is already registered with another class
             (built-in names included). Registering the same class again is a no-op.
 
@@ -113,6 +168,7 @@ def register_attention(name: str, cls: Type[nn.Module], *, replace: bool = False
 
 __all__ = [
     "ATTENTION_REGISTRY",
+    "ATTENTION_TYPES",
     "BUILTIN_ATTENTION",
     "create_attention",
     "register_attention",

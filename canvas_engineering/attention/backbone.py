@@ -10,3 +10,6 @@ class CogVideoXAttention(CrossAttention):
     cross-attention; when a CogVideoX backbone is grafted, the backbone's own 3D-RoPE
     attention supersedes it. Use it as ``default_attn`` on regions trained inside a
     CogVideoX transformer."""
+
+    complexity = "O(NM)"
+    description = "cross-attention (a CogVideoX backbone supersedes it when grafted)"

@@ -14,7 +14,7 @@ from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 class PerceiverAttention(SegmentAttention):
     """Read dst through ``n_latents`` learned latents: the latents cross-attend to dst
-    (``compress``), then the queries cross-attend to the latents (``readout``). O(N*K + M*K).
+    (``compress``), then the queries cross-attend to the latents (``readout``).
     Each key set is compressed once, whatever number of segments read it.
 
     Args:
@@ -23,6 +23,9 @@ class PerceiverAttention(SegmentAttention):
         dropout: dropout on attention weights.
         n_latents: number of latents K (>= 1).
     """
+
+    complexity = "O(NK+MK)"
+    description = "K learned latents read dst, queries read the latents"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, n_latents: int = 8):
         super().__init__()
@@ -64,12 +67,15 @@ class PerceiverAttention(SegmentAttention):
 
 
 class PoolingAttention(SegmentAttention):
-    """Mean of the values, projected, broadcast to every query. O(N + M).
+    """Mean of the values, projected, broadcast to every query.
 
     Args:
         d_model: model width. ``n_heads`` and ``dropout`` are accepted for a uniform
             constructor and not used.
     """
+
+    complexity = "O(N+M)"
+    description = "projected mean of dst, broadcast"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()
@@ -87,10 +93,13 @@ class PoolingAttention(SegmentAttention):
 
 
 class CopyAttention(SegmentAttention):
-    """The first N value rows, zero-padded when M < N. No parameters. O(N).
+    """The first N value rows, zero-padded when M < N. No parameters.
 
     ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
     """
+
+    complexity = "O(N)"
+    description = "first N dst rows, zero-padded"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()

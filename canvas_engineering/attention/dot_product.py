@@ -25,9 +25,15 @@ class SegmentAttention(nn.Module):
     ``forward_segments(query_rows (B, Rq, D), key_rows (B, Rk, D), value_rows (B, Rk, D), index)``
     returns the outputs of the index's packed query rows, ``(B, Tq, D)``; row-wise work
     (projections) is done once per input row, before the rows are packed.
+
+    A built-in type sets the class attributes ``complexity`` (in N queries and M keys,
+    e.g. ``"O(NM)"``) and ``description`` (one line on what it computes), which
+    ``ATTENTION_TYPES``, ``AttentionDispatcher.explain()`` and the README's table show.
     """
 
     d_model: int
+    complexity: str
+    description: str
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """queries ``(B, N, d_model)``, keys/values ``(B, M, d_model)`` -> ``(B, N, d_model)``."""
@@ -100,7 +106,10 @@ class ProjectedAttention(SegmentAttention):
 
 
 class CrossAttention(ProjectedAttention):
-    """Standard multi-head scaled dot-product attention with softmax. O(N*M)."""
+    """Standard multi-head scaled dot-product attention with softmax."""
+
+    complexity = "O(NM)"
+    description = "multi-head softmax attention"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         return segment_attention(q, k, v, index, self.scale, dropout_p=self.attention_dropout)
@@ -108,7 +117,7 @@ class CrossAttention(ProjectedAttention):
 
 class LinearAttention(ProjectedAttention):
     """Linear attention, ``out = phi(q) (phi(k)^T v) / (phi(q) . sum_m phi(k_m) + 1e-6)`` per
-    head, with the feature map phi = elu + 1 (default) or relu. O(N + M).
+    head, with the feature map phi = elu + 1 (default) or relu.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -117,6 +126,8 @@ class LinearAttention(ProjectedAttention):
         feature_map: ``"elu"`` or ``"relu"``.
     """
 
+    complexity = "O(N+M)"
+    description = "φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + 1e-6), φ = elu+1 or relu"
     eps = 1e-6
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, feature_map: str = "elu"):
@@ -135,7 +146,10 @@ class LinearAttention(ProjectedAttention):
 
 class CosineAttention(ProjectedAttention):
     """Softmax over cosine similarities of queries and keys, times a learned temperature
-    (initialised to 10). O(N*M)."""
+    (initialised to 10)."""
+
+    complexity = "O(NM)"
+    description = "softmax of cosine similarities × learned temperature (init 10)"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__(d_model, n_heads, dropout)
@@ -147,7 +161,10 @@ class CosineAttention(ProjectedAttention):
 
 
 class SigmoidAttention(ProjectedAttention):
-    """Each query gates each key independently: ``sigmoid(q k^T * scale) v``. O(N*M)."""
+    """Each query gates each key independently: ``sigmoid(q k^T * scale) v``."""
+
+    complexity = "O(NM)"
+    description = "sigmoid(qkᵀ/√d) v, no normalisation"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         return segment_attention(q, k, v, index, self.scale, sigmoid=True, dropout_p=self.attention_dropout)

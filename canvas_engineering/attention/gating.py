@@ -19,6 +19,9 @@ class GatedAttention(SegmentAttention):
         dropout: dropout on attention weights.
     """
 
+    complexity = "O(NM)"
+    description = "sigmoid(gate) × cross-attention, gate initialised to 0"
+
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()
         self.cross_attn = CrossAttention(d_model, n_heads, dropout)

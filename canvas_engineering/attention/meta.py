@@ -14,10 +14,13 @@ from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
 class NoneAttention(SegmentAttention):
-    """A declared but disabled edge: returns zeros shaped like the queries. O(0).
+    """A declared but disabled edge: returns zeros shaped like the queries.
 
     ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
     """
+
+    complexity = "O(0)"
+    description = "zeros"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()
@@ -59,7 +62,7 @@ class RandomFixedAttention(ProjectedAttention):
     after a reload, and is held as an ``(N, K)`` index table, never an N x M mask. When
     no seed is given, one is drawn from torch's global generator without advancing it.
     A state_dict without ``pattern_seed`` (as canvas-engineering 0.5.0 saves) loads and
-    keeps the module's own seed. O(N*K).
+    keeps the module's own seed.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -68,6 +71,9 @@ class RandomFixedAttention(ProjectedAttention):
         n_random: keys per query K (>= 1); min(K, M) are used.
         seed: the pattern seed, or None to draw one.
     """
+
+    complexity = "O(NK)"
+    description = "softmax over K keys per query, fixed by a stored seed"
 
     def __init__(
         self,
@@ -170,6 +176,9 @@ class MixtureAttention(SegmentAttention):
         n_experts: number of experts (>= 1).
         top_k_experts: experts per query (>= 1; at most ``n_experts`` are used).
     """
+
+    complexity = "O(NM)"
+    description = "router picks top-k of n expert cross-attentions over dst slices"
 
     def __init__(
         self,

@@ -27,8 +27,8 @@ class MambaAttention(SegmentAttention):
     the input-dependent step (through the rank-``dt_rank`` ``dt_proj`` and a softplus) and
     B, C; the scan output is gated by ``silu(z)``. Each query, layer-normalised, then
     attends (single head, scale ``d_model**-0.5``) over the gated scan outputs. Each key
-    set is scanned once, whatever number of segments read it.
-    O(M * d_model * state_size) for the scan, O(N * M) for the readout.
+    set is scanned once, whatever number of segments read it (the scan costs
+    O(M * d_model * state_size)).
 
     Args:
         d_model: model width.
@@ -37,6 +37,9 @@ class MambaAttention(SegmentAttention):
         state_size: SSM state per channel (>= 1).
         dt_rank: rank of the step projection; 0 means ``max(1, d_model // 16)``.
     """
+
+    complexity = "O(M) scan + O(NM) readout"
+    description = "selective scan over dst, gated by silu(z), single-head softmax readout"
 
     def __init__(
         self, d_model: int, n_heads: int = 4, dropout: float = 0.0, state_size: int = 16, dt_rank: int = 0
@@ -81,13 +84,19 @@ class RWKVAttention(SegmentAttention):
     ``w = -exp(decay)`` and current-step bonus, gated by ``sigmoid(r)`` of the queries.
     Query i reads the recurrence at step i (the last step when i >= M). Each key set is
     scanned once, whatever number of segments read it, and only as far as anyone reads:
-    keys and values are projected for those rows only. O(N) (a scan of min(N, M) steps).
+    keys and values are projected for those rows only.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
         n_heads: number of heads.
         dropout: accepted for a uniform constructor; not used.
     """
+
+    complexity = "O(N) (a scan of min(N, M) steps)"
+    description = (
+        "WKV recurrence with per-channel decay and bonus, receptance gate; only the min(N, M) keys the queries "
+        "read are projected"
+    )
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
         super().__init__()
@@ -120,7 +129,7 @@ class RWKVAttention(SegmentAttention):
 class HyenaAttention(SegmentAttention):
     """Hyena operator: ``order`` rounds of (sigmoid gate, then a long circular convolution
     with a learned frequency-domain filter) over a value stream, all streams projected from
-    dst (average-pooled to the query length when M != N). O(N log N).
+    dst (average-pooled to the query length when M != N).
 
     The convolution uses an FFT of length ``fft_length(N)`` (a power of two); the filters
     hold ``max_len // 2 + 1`` frequencies, so ``fft_length(N) // 2 <= max_len // 2`` is required.
@@ -134,6 +143,9 @@ class HyenaAttention(SegmentAttention):
         order: number of gate-and-convolve rounds (>= 1).
         max_len: longest FFT the filters cover (>= 2).
     """
+
+    complexity = "O(N log N)"
+    description = "order rounds of sigmoid gate + FFT circular convolution"
 
     def __init__(
         self, d_model: int, n_heads: int = 4, dropout: float = 0.0, order: int = 2, max_len: int = 4096

@@ -21,6 +21,9 @@ class SparseAttention(ProjectedAttention):
         top_k: the number of logits kept per row (>= 1).
     """
 
+    complexity = "O(NM) time, O(block·M) memory"
+    description = "softmax over each row's top-k logits (ties kept)"
+
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, top_k: int = 8):
         super().__init__(d_model, n_heads, dropout)
         check_positive("SparseAttention", top_k=top_k)
@@ -34,7 +37,7 @@ class LocalAttention(ProjectedAttention):
     """Windowed attention: query i sees key m when ``|i - floor(m * N / M)| <= window_size // 2``
     (keys are spread over the query positions when M != N). A query whose window holds no
     key gets a zero attention output. Queries run in blocks that read only the keys their
-    window can reach: O(N*W) work and memory when M ~ N.
+    window can reach, so work and memory grow as N*W when M ~ N.
 
     Args:
         d_model: model width; must be divisible by ``n_heads``.
@@ -42,6 +45,9 @@ class LocalAttention(ProjectedAttention):
         dropout: dropout on attention weights.
         window_size: the window W (>= 1).
     """
+
+    complexity = "O(NW)"
+    description = "key m in query i's window when |i − ⌊mN/M⌋| ≤ W//2"
 
     def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, window_size: int = 8):
         super().__init__(d_model, n_heads, dropout)
