@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import canvas_engineering
 
 PACKAGE = Path(canvas_engineering.__file__).resolve().parent
 TESTS = Path(__file__).resolve().parent
-REGISTRATION = "BUILTIN_ATTENTION: Dict[str, Type[nn.Module]] = {"
+REGISTRATION = re.compile(r"^BUILTIN_ATTENTION\b[^\n]*= \{$", re.MULTILINE)
+"""The line that opens the built-in registry (whatever its type annotation)."""
 
 TOY_MODULE = '''"""A toy type: every query reads a scaled mean of its keys' values."""
 
@@ -90,12 +92,9 @@ def test_a_type_added_as_the_readme_says_is_known_everywhere(tmp_path):
     (copy / "attention" / "toy.py").write_text(TOY_MODULE, encoding="utf-8")
     registration = copy / "attention" / "__init__.py"
     source = registration.read_text(encoding="utf-8")
-    assert source.count(REGISTRATION) == 1
+    (opening,) = REGISTRATION.findall(source)
     registration.write_text(
-        source.replace(
-            REGISTRATION,
-            f'from canvas_engineering.attention.toy import ToyMeanAttention\n\n{REGISTRATION}\n    "toy_mean": ToyMeanAttention,',
-        ),
+        source.replace(opening, f'from canvas_engineering.attention.toy import ToyMeanAttention\n\n{opening}\n    "toy_mean": ToyMeanAttention,'),
         encoding="utf-8",
     )
     assert changed_files(PACKAGE, copy) == {"attention/toy.py", "attention/__init__.py"}
