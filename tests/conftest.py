@@ -20,6 +20,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test workers share the cores: one intra-op thread each, so that no worker's OpenMP
+    # threads spin on a core another worker needs (small ops then take 100 times longer).
+    torch.set_num_threads(1)
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")  # the same examples on every CI run; elsewhere each run draws anew

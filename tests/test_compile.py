@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -25,6 +26,17 @@ attention), and the FFT convolution."""
 
 LAYER_OPTIONS = {"local_attention": {"window_size": 4}, "sparse_attention": {"top_k": 4}, "hyena": {"max_len": 32}}
 """The layers' ``fn_kwargs``: the model compiles modules built with options, not only defaults."""
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Compiled and run with two intra-op threads, where inductor's CPU code runs in
+    parallel (the configuration of pytorch/pytorch#191837, which the ops avoid), also when
+    a test worker runs with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_first_forward_compiles_with_every_other_type():
