@@ -36,17 +36,17 @@ def test_demo_model_is_grafted_and_masked():
     assert trainable == {f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")}
 
 
-def test_readme_cogvideox_example_runs():
-    """The README's CogVideoX block, executed as written: only the loop parameters get
+def test_docs_cogvideox_example_runs():
+    """The CogVideoX block of docs/backbones.md, executed as written: only the loop parameters get
     gradients, and the topology really masks attention."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## A CogVideoX backbone", 1)[1]
+    backbones = (Path(__file__).resolve().parent.parent / "docs" / "backbones.md").read_text()
+    section = backbones.split("## A CogVideoX backbone", 1)[1]
     (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/backbones.md", "exec"), namespace)
     assert namespace["noise_pred"].shape == (2, 3, 4, 8, 8)
     with_grad = {name for name, p in namespace["transformer"].named_parameters() if p.grad is not None}
     assert with_grad == {f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")}

@@ -226,6 +226,7 @@ class HyenaAttention(SegmentAttention):
         n_frequencies = fft_length(longest) // 2 + 1
         for i, frequencies in enumerate(self.filter_params):
             complex_parts = frequencies.to(torch.promote_types(frequencies.dtype, torch.float32))
+            # Sliced after view_as_complex: the other order meets a CPU inductor bug (docs/notes.md).
             response = torch.view_as_complex(complex_parts.contiguous())[:, :n_frequencies].transpose(0, 1)
             mixed = segment_gated_fft_conv(mixed, self.gates[i](streams[i + 1]), response, index)
         return self.out_proj(mixed)

@@ -132,11 +132,8 @@ def segment_linear_attention(
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
 
     The eager version appends a column of ones to the values, so that one product gives each
-    key set's state and normaliser, and one product per query gives numerator and denominator.
-    (A separate denominator product has a single column; CPU inductor computes such a product
-    as a reduction and fuses its backward into the scatter of the gathered normalisers, the
-    transposed accumulating ``index_put`` that torch 2.13 miscompiles with more than one
-    thread, pytorch/pytorch#191837.)
+    key set's state and normaliser, and one product per query gives numerator and denominator
+    (a separate one-column denominator product meets a CPU inductor bug; docs/notes.md).
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
         tables = prepare_linear_attention(index)

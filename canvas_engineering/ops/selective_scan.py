@@ -98,12 +98,11 @@ def selective_scan(
     Every exponent is ``dt * A <= 0`` or a sum of such, so nothing overflows at any length;
     exponents are floored at half the log of the smallest normal number (-43.7 in float32:
     a decay below 1e-19 is taken as 1e-19), so that no decay factor is a subnormal number,
-    which x86 CPUs compute up to 200 times slower (at L = 4096 the scan took twice as long).
+    which x86 CPUs compute far slower (measurements: docs/notes.md).
     The sums of dt accumulate in the loop over positions, not through ``torch.cumsum``,
     which ``torch.use_deterministic_algorithms(True)`` refuses on CUDA tensors. The backward
     is written out (the adjoint recurrence in the same two levels) and keeps only the state
-    after each step: at L = 4096, 256 channels and 16 states, 263 MiB for forward+backward
-    where autograd's would keep 543 MiB.
+    after each step, about half of what autograd's would keep (docs/notes.md).
     Half-precision inputs are scanned in float32, outside any autocast region (whose
     half-precision products would round the state at every step), and the result is
     returned in x's dtype.
