@@ -205,16 +205,19 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
 
 
 def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> List[dict]:
-    """The RWKV WKV scan over one sequence of ``length`` steps."""
+    """The RWKV WKV scan over one sequence of ``length`` steps. The backward recomputes each
+    step's sums from its part's: the steps it re-reads for that (on average ``(TILE - 1) / 2 +
+    steps / (2 TILE)`` per step, from the part's few kilobytes of k and v) are counted as FLOPs,
+    not as global-memory bytes."""
     from canvas_engineering.kernels import wkv
 
     k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(2))
     w = torch.empty(heads, head_dim, device=META)
     cu = offsets([length])
 
-    statistic = torch.empty(batch, length, heads, head_dim, device=META)
+    part_state = torch.empty(wkv.part_state_shape(k, cu), device=META)
     run = lambda: wkv.wkv_fwd(k, v, w, w, cu)  # noqa: E731
-    backward = lambda: wkv.wkv_bwd(k, k, v, w, v, statistic, statistic, cu)  # noqa: E731
+    backward = lambda: wkv.wkv_bwd(k, k, v, w, w, part_state, cu)  # noqa: E731
 
     elements = batch * length * heads * head_dim
     size = BYTES[dtype]
@@ -222,11 +225,12 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
     steps = math.ceil(length / n_parts)
     part_bytes = n_parts * batch * heads * head_dim * 4
     carried = part_bytes * (n_parts - 1) / 2
+    recomputed_steps = (wkv.TILE - 1) / 2 + steps / (2 * wkv.TILE)
     costs = {
         "wkv_fwd_state_kernel": Cost(2 * elements * size + 3 * part_bytes, 6 * elements, steps),
-        "wkv_fwd_kernel": Cost(elements * (3 * size + 8) + 3 * carried, 20 * elements, steps),
-        "wkv_bwd_state_kernel": Cost(elements * (2 * size + 4) + 4 * part_bytes, 8 * elements, steps),
-        "wkv_bwd_kernel": Cost(elements * (6 * size + 8) + 2 * part_bytes + 4 * carried, 30 * elements, steps),
+        "wkv_fwd_kernel": Cost(3 * elements * size + 3 * carried, 16 * elements, steps),
+        "wkv_bwd_state_kernel": Cost(3 * elements * size + 3 * carried + 4 * part_bytes, 26 * elements, steps),
+        "wkv_bwd_kernel": Cost(5 * elements * size + 2 * part_bytes + 7 * carried, (30 + 8 * recomputed_steps) * elements, steps),
     }
     return rows_for("wkv", f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
 

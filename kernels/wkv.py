@@ -13,12 +13,16 @@ shorter, trailing ones possibly empty); a program owns one part, one (batch, hea
 zero state (``wkv_fwd_state_kernel``), then each part takes the sums carried into it (the
 earlier parts' sums, decayed to its first step, in one vectorised reduction) and walks its
 steps (``wkv_fwd_kernel``). (a, b) are kept scaled by ``exp(-p)``, p a running maximum
-exponent (the RWKV-4 kernel's trick), so no exponential overflows at any length. The forward
-saves, per step, ``1 / (b_t + exp(u) e_t + eps)`` and ``exp(u) e_t / (...)``. The backward
-pass scans in reverse with four running adjoints, split the same way: each part's adjoints
-from zero (``wkv_bwd_state_kernel``), then each part takes the later parts' adjoints and
-walks its steps (``wkv_bwd_kernel``), writing dk, dv and its share of dw and du (summed by
-the launcher). Scratch: O(parts * B * H * D).
+exponent (the RWKV-4 kernel's trick), so no exponential overflows at any length.
+
+The forward saves only the parts' own sums, ``(3, S * parts, B * H, D)`` float32; the backward
+recomputes from them what it needs at each step. It scans in reverse with four running
+adjoints, split the same way: each part's adjoints (``wkv_bwd_state_kernel``, walking its
+steps forward from the sums carried in), then each part takes the later parts' adjoints and
+walks its steps in reverse (``wkv_bwd_kernel``), in tiles of ``TILE`` steps: the sums at a
+tile's first step and at each of its steps are the carried-in sums advanced over the steps
+before, in vectorised reductions under the running maximum. It writes dk, dv and its share of
+dw and du (summed by the launcher). Scratch and saved state: O(parts * B * H * D).
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ MAX_PARTS = 64
 MIN_STEPS = 16
 """Parts shorter than this (for sequences of the mean length) are not worth a program."""
 CARRY_BLOCK = 16
-"""Parts the carry reduction reads at a time."""
+"""Parts, or steps, the carry reductions read at a time."""
+TILE = 16
+"""Steps per tile of the backward's reverse walk: a step's sums are recomputed from its tile's
+first step (at most TILE - 1 steps), a tile's from its part's first step."""
 
 
 @triton.jit
@@ -61,8 +68,8 @@ def _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _clamped_key(K, offset, c_mask, CLAMP: tl.constexpr):
-    raw = tl.load(K + offset, mask=c_mask, other=0.0).to(tl.float32)
+def _clamped_key(K, offset, mask, CLAMP: tl.constexpr):
+    raw = tl.load(K + offset, mask=mask, other=0.0).to(tl.float32)
     return raw, tl.minimum(tl.maximum(raw, -CLAMP), CLAMP)
 
 
@@ -78,9 +85,72 @@ def _advance(numerator, denominator, exponent, k, v, w):
 
 
 @triton.jit
+def _absorb(numerator, denominator, exponent, scaled, numerators, denominators):
+    """The scaled sums plus rows ``(ROWS, BLOCK_D)`` of sums ``(numerators, denominators) *
+    exp(scaled)`` (masked rows at -inf), under one running maximum exponent."""
+    top = tl.maximum(exponent, tl.max(scaled, axis=0))
+    shift = tl.where(top > float("-inf"), top, 0.0)
+    kept = tl.exp(exponent - shift)
+    weight = tl.exp(scaled - shift[None, :])
+    return kept * numerator + tl.sum(weight * numerators, axis=0), kept * denominator + tl.sum(weight * denominators, axis=0), top
+
+
+@triton.jit
+def _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask,
+                HEAD_DIM: tl.constexpr, CARRY: tl.constexpr):
+    """The scaled sums carried into a part: each earlier part j's own sums (``PART_STATE``:
+    numerators, denominators and exponents, ``part_stride`` apart), decayed over the
+    ``(part - 1 - j) * steps`` steps between its end and this part's start."""
+    numerator = tl.zeros(w.shape, dtype=tl.float32)
+    denominator = tl.zeros(w.shape, dtype=tl.float32)
+    exponent = tl.full(w.shape, float("-inf"), dtype=tl.float32)
+    for first in range(0, part, CARRY):
+        earlier = first + tl.arange(0, CARRY)
+        at = first_slot + (earlier * tl.num_programs(1) * HEAD_DIM)[:, None] + channels[None, :]
+        mask = (earlier < part)[:, None] & c_mask[None, :]
+        gap = ((part - 1 - earlier) * steps).to(tl.float32)
+        scaled = tl.load(PART_STATE + 2 * part_stride + at, mask=mask, other=float("-inf")) + gap[:, None] * w[None, :]
+        numerator, denominator, exponent = _absorb(
+            numerator, denominator, exponent, scaled,
+            tl.load(PART_STATE + at, mask=mask, other=0.0), tl.load(PART_STATE + part_stride + at, mask=mask, other=0.0),
+        )
+    return numerator, denominator, exponent
+
+
+@triton.jit
+def _skip(K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr):
+    """The scaled sums at a step (its channels' offset ``offset``) advanced over that step and
+    the ``n - 1`` after it: decayed over n steps, plus each step r's ``e^k (v, 1)`` decayed over
+    the ``n - 1 - r`` steps after it, read ``ROWS`` steps at a time."""
+    exponent = exponent + n * w
+    for first in range(0, n, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        mask = (rows < n)[:, None] & c_mask[None, :]
+        at = offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
+        _, k = _clamped_key(K, at, mask, CLAMP)
+        scaled = tl.where(mask, ((n - 1 - rows).to(tl.float32))[:, None] * w[None, :] + k, float("-inf"))
+        numerator, denominator, exponent = _absorb(
+            numerator, denominator, exponent, scaled, tl.load(V + at, mask=mask, other=0.0).to(tl.float32), tl.where(mask, 1.0, 0.0),
+        )
+    return numerator, denominator, exponent
+
+
+@triton.jit
+def _output(numerator, denominator, exponent, k, v, u, eps):
+    """Step t's output y_t, ``1 / den_t`` and bonus share ``exp(u) e_t / den_t`` from the scaled
+    sums before it."""
+    bonus = u + k
+    top = tl.maximum(exponent, bonus)
+    kept = tl.exp(exponent - top)
+    fresh = tl.exp(bonus - top)
+    scaled_den = kept * denominator + fresh + eps * tl.exp(-top)
+    return (kept * numerator + fresh * v) / scaled_den, tl.exp(-top) / scaled_den, fresh / scaled_den
+
+
+@triton.jit
 def wkv_fwd_state_kernel(
-    K, V, W, PART_NUMERATOR, PART_DENOMINATOR, PART_EXPONENT, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts,
+    K, V, W, PART_STATE, cu_seqlens,
+    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr,
 ):
     """A part's own scaled sums over its steps, from zero, at its end."""
@@ -96,63 +166,30 @@ def wkv_fwd_state_kernel(
         numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
         offset += stride_t
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
-    tl.store(PART_NUMERATOR + slot, numerator, mask=c_mask)
-    tl.store(PART_DENOMINATOR + slot, denominator, mask=c_mask)
-    tl.store(PART_EXPONENT + slot, exponent, mask=c_mask)
+    tl.store(PART_STATE + slot, numerator, mask=c_mask)
+    tl.store(PART_STATE + part_stride + slot, denominator, mask=c_mask)
+    tl.store(PART_STATE + 2 * part_stride + slot, exponent, mask=c_mask)
 
 
 @triton.jit
 def wkv_fwd_kernel(
-    K, V, W, U, Y, INV_DEN, BONUS_SHARE, PART_NUMERATOR, PART_DENOMINATOR, PART_EXPONENT, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts, eps,
+    K, V, W, U, Y, PART_STATE, cu_seqlens,
+    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr,
 ):
-    """A part's outputs: the sums carried in (each earlier part j's, decayed over the
-    ``(part - 1 - j) * steps`` steps between its end and this part's start, combined under
-    one running maximum exponent), then the walk over its steps."""
+    """A part's outputs: the sums carried in, then the walk over its steps."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
-    numerator = tl.zeros([BLOCK_D], dtype=tl.float32)
-    denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
-    exponent = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-    for first in range(0, part, CARRY):
-        earlier = first + tl.arange(0, CARRY)
-        e_mask = earlier < part
-        at = first_slot + (earlier * tl.num_programs(1) * HEAD_DIM)[:, None] + channels[None, :]
-        mask = e_mask[:, None] & c_mask[None, :]
-        gap = ((part - 1 - earlier) * steps).to(tl.float32)
-        scaled = tl.load(PART_EXPONENT + at, mask=mask, other=float("-inf")) + gap[:, None] * w[None, :]
-        top = tl.maximum(exponent, tl.max(scaled, axis=0))
-        shift = tl.where(top > float("-inf"), top, 0.0)
-        kept = tl.exp(exponent - shift)
-        weight = tl.exp(scaled - shift[None, :])
-        numerator = kept * numerator + tl.sum(weight * tl.load(PART_NUMERATOR + at, mask=mask, other=0.0), axis=0)
-        denominator = kept * denominator + tl.sum(weight * tl.load(PART_DENOMINATOR + at, mask=mask, other=0.0), axis=0)
-        exponent = top
+    numerator, denominator, exponent = _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY)
     offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     for _ in range(start, end):
         _, k = _clamped_key(K, offset, c_mask, CLAMP)
         v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
-        bonus = u + k
-        top = tl.maximum(exponent, bonus)
-        kept = tl.exp(exponent - top)
-        fresh = tl.exp(bonus - top)
-        scaled_den = kept * denominator + fresh + eps * tl.exp(-top)
-        tl.store(Y + offset, ((kept * numerator + fresh * v) / scaled_den).to(Y.dtype.element_ty), mask=c_mask)
-        tl.store(INV_DEN + offset, tl.exp(-top) / scaled_den, mask=c_mask)
-        tl.store(BONUS_SHARE + offset, fresh / scaled_den, mask=c_mask)
+        y, _, _ = _output(numerator, denominator, exponent, k, v, u, eps)
+        tl.store(Y + offset, y.to(Y.dtype.element_ty), mask=c_mask)
         numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
         offset += stride_t
-
-
-@triton.jit
-def _adjoints(DY, Y, INV_DEN, offset, c_mask):
-    """(dy, y, alpha = dy / den, beta = -dy y / den) at ``offset``: the adjoints of a_t and b_t."""
-    y = tl.load(Y + offset, mask=c_mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offset, mask=c_mask, other=0.0).to(tl.float32)
-    inv_den = tl.load(INV_DEN + offset, mask=c_mask, other=0.0)
-    return dy, y, dy * inv_den, -dy * y * inv_den
 
 
 @triton.jit
@@ -166,28 +203,42 @@ def _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, 
 
 @triton.jit
 def wkv_bwd_state_kernel(
-    Y, INV_DEN, DY, W, PART_ALPHA, PART_BETA, PART_LAGGED_ALPHA, PART_LAGGED_BETA, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    K, V, W, U, DY, PART_STATE, PART_ADJOINT, cu_seqlens,
+    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr,
 ):
-    """A part's own running adjoints at its first step, from zero at its end: with
-    r = s - start, ``sum_s exp(r w) alpha_s`` and ``sum_s r exp(r w) alpha_s`` (and beta's)."""
+    """A part's own running adjoints at its first step: with r = s - start, alpha_s =
+    dy_s / den_s and beta_s = -dy_s y_s / den_s (the adjoints of a_s and b_s, recomputed by
+    walking the part's steps forward from the sums carried in), ``sum_s exp(r w) alpha_s``,
+    ``sum_s r exp(r w) alpha_s`` and beta's (``PART_ADJOINT``, ``part_stride`` apart)."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
-    decay = tl.exp(tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32))
+    w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
+    u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
+    numerator, denominator, exponent = _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY)
     sum_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
-    offset = b * stride_b + h * stride_h + channels + (begin + end - 1) * stride_t
+    lag = 0.0
+    offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     for _ in range(start, end):
-        _, _, alpha, beta = _adjoints(DY, Y, INV_DEN, offset, c_mask)
-        sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, decay)
-        offset -= stride_t
+        _, k = _clamped_key(K, offset, c_mask, CLAMP)
+        v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offset, mask=c_mask, other=0.0).to(tl.float32)
+        y, inv_den, _ = _output(numerator, denominator, exponent, k, v, u, eps)
+        weight = tl.exp(lag * w)
+        sum_alpha += weight * dy * inv_den
+        sum_beta -= weight * dy * y * inv_den
+        lagged_alpha += lag * weight * dy * inv_den
+        lagged_beta -= lag * weight * dy * y * inv_den
+        numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
+        lag += 1.0
+        offset += stride_t
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
-    tl.store(PART_ALPHA + slot, sum_alpha, mask=c_mask)
-    tl.store(PART_BETA + slot, sum_beta, mask=c_mask)
-    tl.store(PART_LAGGED_ALPHA + slot, lagged_alpha, mask=c_mask)
-    tl.store(PART_LAGGED_BETA + slot, lagged_beta, mask=c_mask)
+    tl.store(PART_ADJOINT + slot, sum_alpha, mask=c_mask)
+    tl.store(PART_ADJOINT + part_stride + slot, sum_beta, mask=c_mask)
+    tl.store(PART_ADJOINT + 2 * part_stride + slot, lagged_alpha, mask=c_mask)
+    tl.store(PART_ADJOINT + 3 * part_stride + slot, lagged_beta, mask=c_mask)
 
 
 @triton.jit
@@ -202,18 +253,19 @@ def _carried_adjoints(SUM, LAGGED, at, mask, gap, w):
 
 @triton.jit
 def wkv_bwd_kernel(
-    K, V, W, Y, INV_DEN, BONUS_SHARE, DY, DK, DV, DW_PARTIAL, DU_PARTIAL,
-    PART_ALPHA, PART_BETA, PART_LAGGED_ALPHA, PART_LAGGED_BETA, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr,
+    K, V, W, U, DY, DK, DV, DW_PARTIAL, DU_PARTIAL, PART_STATE, PART_ADJOINT, cu_seqlens,
+    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr, TILE: tl.constexpr,
 ):
-    """A part's gradients. With alpha_t = dy_t / den_t and beta_t = -dy_t y_t / den_t (the
-    adjoints of a_t and b_t), the running sums A_s = sum_{t>s} alpha_t exp((t-1-s) w), B_s
-    (the same for beta) and their lag-weighted versions C_s, E_s give dv_s, dk_s and dw; they
-    start from the later parts' adjoints (part j's decayed over the
-    ``(j - part - 1) * steps`` steps between this part's end and its start)."""
+    """A part's gradients. The running sums A_s = sum_{t>s} alpha_t exp((t-1-s) w), B_s (the
+    same for beta) and their lag-weighted versions C_s, E_s give dv_s, dk_s and dw; they start
+    from the later parts' adjoints (part j's decayed over the ``(j - part - 1) * steps`` steps
+    between this part's end and its start). The walk goes back tile by tile: a tile's sums at
+    its first step are the carried-in sums advanced over the part's steps before it, a step's
+    the tile's advanced over the tile's steps before it."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
+    u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     decay = tl.exp(w)
     sum_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -224,31 +276,48 @@ def wkv_bwd_kernel(
         mask = (later < n_parts)[:, None] & c_mask[None, :]
         at = first_slot + (later * tl.num_programs(1) * HEAD_DIM)[:, None] + channels[None, :]
         gap = ((later - part - 1) * steps).to(tl.float32)
-        carried, carried_lagged = _carried_adjoints(PART_ALPHA, PART_LAGGED_ALPHA, at, mask, gap, w)
+        carried, carried_lagged = _carried_adjoints(PART_ADJOINT, PART_ADJOINT + 2 * part_stride, at, mask, gap, w)
         sum_alpha += carried
         lagged_alpha += carried_lagged
-        carried, carried_lagged = _carried_adjoints(PART_BETA, PART_LAGGED_BETA, at, mask, gap, w)
+        carried, carried_lagged = _carried_adjoints(PART_ADJOINT + part_stride, PART_ADJOINT + 3 * part_stride, at, mask, gap, w)
         sum_beta += carried
         lagged_beta += carried_lagged
+    carried_numerator, carried_denominator, carried_exponent = _carried_in(
+        PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY,
+    )
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
-    offset = b * stride_b + h * stride_h + channels + (begin + end - 1) * stride_t
-    for _ in range(start, end):
-        raw_k, k = _clamped_key(K, offset, c_mask, CLAMP)
-        v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
-        dy, y, alpha, beta = _adjoints(DY, Y, INV_DEN, offset, c_mask)
-        share = tl.load(BONUS_SHARE + offset, mask=c_mask, other=0.0)
-        key_weight = tl.exp(k)
-        direct = dy * share
-        dv = direct + key_weight * sum_alpha
-        dk = direct * (v - y) + key_weight * (v * sum_alpha + sum_beta)
-        dk = tl.where((raw_k >= -CLAMP) & (raw_k <= CLAMP), dk, 0.0)
-        tl.store(DV + offset, dv.to(DV.dtype.element_ty), mask=c_mask)
-        tl.store(DK + offset, dk.to(DK.dtype.element_ty), mask=c_mask)
-        du += direct * (v - y)
-        dw += key_weight * (v * lagged_alpha + lagged_beta)
-        sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, decay)
-        offset -= stride_t
+    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
+    n_tiles = tl.cdiv(tl.maximum(end - start, 0), TILE)
+    for tile in range(0, n_tiles):
+        tile_start = (n_tiles - 1 - tile) * TILE
+        tile_offset = part_offset + tl.cast(tile_start, tl.int64) * stride_t
+        tile_numerator, tile_denominator, tile_exponent = _skip(
+            K, V, part_offset, tile_start, carried_numerator, carried_denominator, carried_exponent, w, c_mask, stride_t, CLAMP, CARRY,
+        )
+        tile_steps = tl.minimum(end - start - tile_start, TILE)
+        for back in range(0, tile_steps):
+            step = tile_steps - 1 - back
+            numerator, denominator, exponent = _skip(
+                K, V, tile_offset, step, tile_numerator, tile_denominator, tile_exponent, w, c_mask, stride_t, CLAMP, TILE,
+            )
+            offset = tile_offset + tl.cast(step, tl.int64) * stride_t
+            raw_k, k = _clamped_key(K, offset, c_mask, CLAMP)
+            v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offset, mask=c_mask, other=0.0).to(tl.float32)
+            y, inv_den, share = _output(numerator, denominator, exponent, k, v, u, eps)
+            key_weight = tl.exp(k)
+            direct = dy * share
+            dv = direct + key_weight * sum_alpha
+            dk = direct * (v - y) + key_weight * (v * sum_alpha + sum_beta)
+            dk = tl.where((raw_k >= -CLAMP) & (raw_k <= CLAMP), dk, 0.0)
+            tl.store(DV + offset, dv.to(DV.dtype.element_ty), mask=c_mask)
+            tl.store(DK + offset, dk.to(DK.dtype.element_ty), mask=c_mask)
+            du += direct * (v - y)
+            dw += key_weight * (v * lagged_alpha + lagged_beta)
+            sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(
+                sum_alpha, sum_beta, lagged_alpha, lagged_beta, dy * inv_den, -dy * y * inv_den, decay,
+            )
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(DW_PARTIAL + slot, dw, mask=c_mask)
     tl.store(DU_PARTIAL + slot, du, mask=c_mask)
@@ -267,7 +336,7 @@ def _parts(sequences: int, total: int, batch_heads: int, channel_blocks: int) ->
 
 
 def _layout(k: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
-    """(grid, parts per sequence, channel block, scratch shape ``(S * parts, B * H, D)``) of a launch over k."""
+    """(grid, parts per sequence, channel block, part-sum shape ``(S * parts, B * H, D)``) of a launch over k."""
     batch, total, heads, head_dim = k.shape
     block = _channel_block(head_dim)
     sequences = cu_seqlens.shape[0] - 1
@@ -276,9 +345,19 @@ def _layout(k: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
     return grid, n_parts, block, (sequences * n_parts, batch * heads, head_dim)
 
 
+def part_state_shape(k: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
+    """The shape ``(3, S * parts, B * H, D)`` of the part sums :func:`wkv_fwd` returns for k."""
+    return (3, *_layout(k, cu_seqlens)[3])
+
+
+def _launch_arguments(k: torch.Tensor, n_parts: int, part_shape: tuple) -> tuple:
+    """The strides, heads, parts per sequence and the stride between part-sum tensors."""
+    return (k.stride(0), k.stride(1), k.stride(2), k.shape[2], n_parts, part_shape[0] * part_shape[1] * part_shape[2])
+
+
 def wkv_fwd(
     k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens: torch.Tensor, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV at every step of every packed sequence.
 
     Args:
@@ -287,49 +366,45 @@ def wkv_fwd(
         cu_seqlens: ``(S + 1,)`` int32 sequence offsets.
 
     Returns:
-        y ``(B, T, H, D)`` in v's dtype; and, float32, the inverse denominators and the bonus
-        shares ``exp(u) e_t / den_t`` that :func:`wkv_bwd` needs.
+        y ``(B, T, H, D)`` in v's dtype; and each part's own scaled sums (numerators,
+        denominators, exponents) ``(3, S * parts, B * H, D)`` float32, which :func:`wkv_bwd` needs.
     """
     if k.shape != v.shape or not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError(f"wkv: k and v must be contiguous (B, T, H, D) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     y = new_output(v, v.shape, v.dtype)
-    inv_den = new_output(v, v.shape, torch.float32)
-    share = new_output(v, v.shape, torch.float32)
-    grid, n_parts, block, scratch = _layout(k, cu_seqlens)
-    parts = [torch.empty(scratch, dtype=torch.float32, device=k.device) for _ in range(3)]
+    grid, n_parts, block, part_shape = _layout(k, cu_seqlens)
+    part_state = new_output(k, (3, *part_shape), torch.float32)
     if grid[0] and y.numel():
         w, common = w.float().contiguous(), dict(HEAD_DIM=k.shape[3], BLOCK_D=block, num_warps=1)
-        strides = (k.stride(0), k.stride(1), k.stride(2), k.shape[2], n_parts)
-        wkv_fwd_state_kernel[grid](k, v, w, *parts, cu_seqlens, *strides, CLAMP=KEY_CLAMP, **common)
-        wkv_fwd_kernel[grid](
-            k, v, w, u.float().contiguous(), y, inv_den, share, *parts, cu_seqlens, *strides, eps,
-            CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, **common,
-        )
-    return y, inv_den, share
+        arguments = _launch_arguments(k, n_parts, part_shape)
+        wkv_fwd_state_kernel[grid](k, v, w, part_state, cu_seqlens, *arguments, CLAMP=KEY_CLAMP, **common)
+        wkv_fwd_kernel[grid](k, v, w, u.float().contiguous(), y, part_state, cu_seqlens, *arguments, eps, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, **common)
+    return y, part_state
 
 
 def wkv_bwd(
-    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-    inv_den: torch.Tensor, share: torch.Tensor, cu_seqlens: torch.Tensor,
+    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    part_state: torch.Tensor, cu_seqlens: torch.Tensor, eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dk, dv, dw, du) of :func:`wkv_fwd`; dw and du are ``(H, D)`` float32."""
+    """Gradients (dk, dv, dw, du) of :func:`wkv_fwd` from its inputs and part sums; dw and du
+    are ``(H, D)`` float32."""
     batch, _, heads, head_dim = k.shape
     grad_y = grad_y.contiguous()
-    if not (k.is_contiguous() and v.is_contiguous() and y.is_contiguous()):
-        raise ValueError("wkv_bwd: k, v and y must be contiguous")
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("wkv_bwd: k and v must be contiguous")
     dk = new_output(k, k.shape, k.dtype)
     dv = new_output(v, v.shape, v.dtype)
-    grid, n_parts, block, scratch = _layout(k, cu_seqlens)
-    parts = [torch.empty(scratch, dtype=torch.float32, device=k.device) for _ in range(4)]
-    dw_partial = torch.zeros(scratch, dtype=torch.float32, device=k.device)
+    grid, n_parts, block, part_shape = _layout(k, cu_seqlens)
+    part_adjoint = torch.empty((4, *part_shape), dtype=torch.float32, device=k.device)
+    dw_partial = torch.zeros(part_shape, dtype=torch.float32, device=k.device)
     du_partial = torch.zeros_like(dw_partial)
     if grid[0] and k.numel():
-        w, common = w.float().contiguous(), dict(HEAD_DIM=head_dim, BLOCK_D=block, num_warps=1)
-        strides = (k.stride(0), k.stride(1), k.stride(2), heads, n_parts)
-        wkv_bwd_state_kernel[grid](y, inv_den, grad_y, w, *parts, cu_seqlens, *strides, **common)
+        w, u = w.float().contiguous(), u.float().contiguous()
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=block, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, num_warps=1)
+        arguments = (*_launch_arguments(k, n_parts, part_shape), eps)
+        wkv_bwd_state_kernel[grid](k, v, w, u, grad_y, part_state, part_adjoint, cu_seqlens, *arguments, **common)
         wkv_bwd_kernel[grid](
-            k, v, w, y, inv_den, share, grad_y, dk, dv, dw_partial, du_partial, *parts, cu_seqlens, *strides,
-            CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, **common,
+            k, v, w, u, grad_y, dk, dv, dw_partial, du_partial, part_state, part_adjoint, cu_seqlens, *arguments, TILE=TILE, **common,
         )
     fold = lambda partial: partial.view(-1, batch, heads, head_dim).sum(dim=(0, 1))  # noqa: E731
     return dk, dv, fold(dw_partial), fold(du_partial)

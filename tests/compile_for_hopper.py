@@ -161,8 +161,9 @@ def attention_configs():
 
 
 def wkv_configs():
-    kernels = {wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP}, wkv.wkv_fwd_kernel: {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK},
-               wkv.wkv_bwd_state_kernel: {}, wkv.wkv_bwd_kernel: {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}}
+    carry = {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}
+    kernels = {wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP}, wkv.wkv_fwd_kernel: carry,
+               wkv.wkv_bwd_state_kernel: carry, wkv.wkv_bwd_kernel: {**carry, "TILE": wkv.TILE}}
     for kernel, flags in kernels.items():
         for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
             yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": wkv._channel_block(head_dim), **flags}, 1

@@ -20,8 +20,8 @@ from canvas_engineering.ops.segments import PerIndexCache, RowSelection, Segment
 @torch.library.custom_op("canvas_engineering::wkv", mutates_args=())
 def _wkv_op(
     k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, inverse denominators, bonus shares) of the Triton WKV forward."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, the parts' own sums) of the Triton WKV forward."""
     from canvas_engineering.kernels.wkv import wkv_fwd
 
     return wkv_fwd(k, v, w, u, cu_seqlens)
@@ -29,35 +29,36 @@ def _wkv_op(
 
 @_wkv_op.register_fake
 def _(k, v, w, u, cu_seqlens):
-    return torch.empty_like(v), torch.empty_like(v, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+    from canvas_engineering.kernels.wkv import part_state_shape
+
+    return torch.empty_like(v), k.new_empty(part_state_shape(k, cu_seqlens), dtype=torch.float32)
 
 
 @torch.library.custom_op("canvas_engineering::wkv_backward", mutates_args=())
 def _wkv_backward_op(
-    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-    inv_den: torch.Tensor, share: torch.Tensor, cu_seqlens: torch.Tensor,
+    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    part_state: torch.Tensor, cu_seqlens: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dk, dv, dw, du) of the Triton WKV backward."""
     from canvas_engineering.kernels.wkv import wkv_bwd
 
-    return wkv_bwd(grad_y, k, v, w, y, inv_den, share, cu_seqlens)
+    return wkv_bwd(grad_y, k, v, w, u, part_state, cu_seqlens)
 
 
 @_wkv_backward_op.register_fake
-def _(grad_y, k, v, w, y, inv_den, share, cu_seqlens):
+def _(grad_y, k, v, w, u, part_state, cu_seqlens):
     return torch.empty_like(k), torch.empty_like(v), torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32)
 
 
 def _wkv_setup_context(ctx, inputs, output) -> None:
     k, v, w, u, cu_seqlens = inputs
-    y, inv_den, share = output
-    ctx.save_for_backward(k, v, w, y, inv_den, share, cu_seqlens)
+    ctx.save_for_backward(k, v, w, u, output[1], cu_seqlens)
     ctx.dtypes = (w.dtype, u.dtype)
 
 
-def _wkv_backward(ctx, grad_y, grad_inv_den, grad_share):
-    k, v, w, y, inv_den, share, cu_seqlens = ctx.saved_tensors
-    dk, dv, dw, du = _wkv_backward_op(grad_y.contiguous(), k, v, w, y, inv_den, share, cu_seqlens)
+def _wkv_backward(ctx, grad_y, grad_part_state):
+    k, v, w, u, part_state, cu_seqlens = ctx.saved_tensors
+    dk, dv, dw, du = _wkv_backward_op(grad_y.contiguous(), k, v, w, u, part_state, cu_seqlens)
     return dk, dv, dw.to(ctx.dtypes[0]), du.to(ctx.dtypes[1]), None
 
 
@@ -218,7 +219,7 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     if scan.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
     if use_triton(k):
-        scanned, _, _ = _wkv_op(scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan))
+        scanned, _ = _wkv_op(scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan))
     else:
         scanned = scan.assemble_keys(
             [
