@@ -258,16 +258,17 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     group = selective_scan.GROUP
     carried = chunk_bytes * ((min(group, n_chunks) - 1) / 2 + (math.ceil(n_chunks / group) - 1) / 2)
     channel_blocks = math.ceil(channels / 32)
-    items = n_chunks * batch * channel_blocks
-    rounds = math.ceil(items / min(selective_scan.WORKERS, items))
+    groups = selective_scan.block_groups(n_chunks, batch, channel_blocks)
+    items = n_chunks * batch * groups
+    walks = math.ceil(items / min(selective_scan.WORKERS, items)) * math.ceil(channel_blocks / groups)
     chunk = selective_scan.CHUNK
     costs = {
         "selective_scan_fwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
         "selective_scan_group_kernel": Cost(chunk_bytes * (1 + 1 / group), 4 * batch * n_chunks * channels * state),
         "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk),
         "selective_scan_bwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
-        "selective_scan_bwd_kernel": Cost(rows * (7 * channels + 3 * state) * size + 2 * channel_blocks * rows * state * 4
-                                          + carried + 3 * chunk_bytes + 2 * states * 4, 14 * states, 2 * chunk * rounds),
+        "selective_scan_bwd_kernel": Cost(rows * (7 * channels + 3 * state) * size + 2 * groups * rows * state * 4
+                                          + carried + 3 * chunk_bytes + 2 * states * 4, 14 * states, 2 * chunk * walks),
     }
     return rows_for("selective-scan", f"M{length}-B{batch}-D{channels}-N{state}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
 

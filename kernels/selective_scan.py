@@ -17,10 +17,12 @@ mirrors it: each chunk's adjoint of its entering state from zero (``dh_{t-1} = e
 (dh_t + g_t C_t)``, ``selective_scan_bwd_state_kernel``); then each chunk takes the later
 chunks' adjoints, recomputes its states from its checkpoint into a worker's scratch and
 walks its steps in reverse (``selective_scan_bwd_kernel``, a fixed number of worker
-programs taking chunks in turn). Gradients that sum over channels (of Bm and C) are written
-per channel block, those that sum over time (A, Dskip) per chunk, and summed by the
-launcher. Scratch: O(chunks * B * D * N) floats and the workers' ``WORKERS * CHUNK *
-BLOCK_D * N``.
+programs taking items in turn; an item is a chunk, a batch row and a group of channel
+blocks, which it walks one block after the other). Gradients that sum over channels (of Bm
+and C) are accumulated per group of channel blocks (``n_groups = WORKERS // (chunks * B)``
+groups, at least 1 and at most the blocks: ``n_groups * B * T * N`` floats, which does not
+grow with D), those that sum over time (A, Dskip) per chunk, and summed by the launcher.
+Scratch: O(chunks * B * D * N) floats and the workers' ``WORKERS * CHUNK * BLOCK_D * N``.
 """
 
 from __future__ import annotations
@@ -246,68 +248,83 @@ def selective_scan_bwd_state_kernel(
 def selective_scan_bwd_kernel(
     X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, SCRATCH, cu_seqlens, checkpoint_offsets,
     DX, DDT, DA_PARTIAL, DBM_PARTIAL, DC_PARTIAL, DDSKIP_PARTIAL,
-    n_sequences, n_checkpoints, n_batch, n_blocks, n_channels, n_state,
+    n_sequences, n_checkpoints, n_batch, n_blocks, n_groups, n_channels, n_state,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """Workers take (chunk, batch row, channel block) items in turn. For one: the adjoint
-    carried in from the later chunks of its sequence; the chunk's states recomputed from its
-    checkpoint into the worker's scratch; the reverse walk giving dx, ddt and the chunk's
-    shares of dA, dDskip, and of dB and dC for its channel block."""
+    """Workers take (chunk, batch row, group of channel blocks) items in turn; group g holds
+    the blocks g, g + n_groups, ... For each block of an item: the adjoint carried in from the
+    later chunks of its sequence; the chunk's states recomputed from its checkpoint into the
+    worker's scratch; the reverse walk giving dx, ddt and the chunk's shares of dA, dDskip,
+    and its block's shares of dB and dC, added to the group's (zeros before its first block)."""
     scratch = SCRATCH + tl.program_id(0).to(tl.int64) * CHUNK * BLOCK_D * BLOCK_N + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    for item in range(tl.program_id(0), n_checkpoints * n_batch * n_blocks, tl.num_programs(0)):
-        chunk = item // (n_batch * n_blocks)
-        b = ((item // n_blocks) % n_batch).to(tl.int64)
-        block = item % n_blocks
-        channels, states, c_mask, n_mask, tile_mask = _tiles(block, n_channels, n_state, BLOCK_D, BLOCK_N)
+    per_group = tl.cdiv(n_blocks, n_groups)
+    mine = tl.cdiv(n_checkpoints * n_batch * n_groups - tl.program_id(0), tl.num_programs(0)) * per_group
+    for work in range(0, mine):
+        item = tl.program_id(0) + (work // per_group) * tl.num_programs(0)
+        chunk = item // (n_batch * n_groups)
+        b = ((item // n_groups) % n_batch).to(tl.int64)
+        group_of_blocks = item % n_groups
+        block = group_of_blocks + (work % per_group) * n_groups
         begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
-        a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
-        slot = _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state)
-        dh = _carry_in(CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels,
-                       states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, False)
-        entering = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
-        h = entering
-        for i in range(0, CHUNK):
-            t = first_step + i
-            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
-            h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
-            tl.store(scratch + i * BLOCK_D * BLOCK_N, h)
-        tl.debug_barrier()
-        da = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for reverse_i in range(0, CHUNK):
-            i = CHUNK - 1 - reverse_i
-            t = first_step + i
-            row = b * total + begin + t
-            valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
-            c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
-            g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-            h = tl.load(scratch + i * BLOCK_D * BLOCK_N)
-            not_first = (states * 0 + i) > 0
-            previous = tl.load(scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0)
-            previous = tl.where(not_first[None, :], previous, entering)
-            dh = tl.where(valid[:, None], dh + g[:, None] * c[None, :], dh)
-            decay = tl.exp(dt[:, None] * a)
-            through_decay = dh * previous * decay
-            ddt = tl.sum(through_decay * a, axis=1) + tl.sum(dh * bm[None, :], axis=1) * x
-            dx = tl.sum(dh * bm[None, :], axis=1) * dt + g * skip
-            da += through_decay * dt[:, None]
-            dskip += g * x
-            tl.store(DX + row * n_channels + channels, dx.to(DX.dtype.element_ty), mask=c_mask & valid)
-            tl.store(DDT + row * n_channels + channels, ddt.to(DDT.dtype.element_ty), mask=c_mask & valid)
-            partial_row = (block * n_batch * total + row) * n_state + states
-            tl.store(DBM_PARTIAL + partial_row, tl.sum(dh * (dt * x)[:, None], axis=0), mask=n_mask & state_valid)
-            tl.store(DC_PARTIAL + partial_row, tl.sum(g[:, None] * h, axis=0), mask=n_mask & state_valid)
-            dh = tl.where(valid[:, None], dh * decay, dh)
-        tl.debug_barrier()
-        tl.store(DA_PARTIAL + slot, da, mask=tile_mask)
-        tl.store(DDSKIP_PARTIAL + (b * n_checkpoints + chunk) * n_channels + channels, dskip, mask=c_mask)
+        if block < n_blocks:
+            channels, states, c_mask, n_mask, tile_mask = _tiles(block, n_channels, n_state, BLOCK_D, BLOCK_N)
+            a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
+            slot = _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state)
+            dh = _carry_in(CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels,
+                           states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, False)
+            entering = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
+            h = entering
+            for i in range(0, CHUNK):
+                t = first_step + i
+                valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+                h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
+                tl.store(scratch + i * BLOCK_D * BLOCK_N, h)
+            tl.debug_barrier()
+            da = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+            dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for reverse_i in range(0, CHUNK):
+                i = CHUNK - 1 - reverse_i
+                t = first_step + i
+                row = b * total + begin + t
+                valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+                c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
+                g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
+                h = tl.load(scratch + i * BLOCK_D * BLOCK_N)
+                not_first = (states * 0 + i) > 0
+                previous = tl.load(scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0)
+                previous = tl.where(not_first[None, :], previous, entering)
+                dh = tl.where(valid[:, None], dh + g[:, None] * c[None, :], dh)
+                decay = tl.exp(dt[:, None] * a)
+                through_decay = dh * previous * decay
+                ddt = tl.sum(through_decay * a, axis=1) + tl.sum(dh * bm[None, :], axis=1) * x
+                dx = tl.sum(dh * bm[None, :], axis=1) * dt + g * skip
+                da += through_decay * dt[:, None]
+                dskip += g * x
+                tl.store(DX + row * n_channels + channels, dx.to(DX.dtype.element_ty), mask=c_mask & valid)
+                tl.store(DDT + row * n_channels + channels, ddt.to(DDT.dtype.element_ty), mask=c_mask & valid)
+                partial_row = (group_of_blocks * n_batch * total + row) * n_state + states
+                row_mask = n_mask & state_valid
+                db = tl.sum(dh * (dt * x)[:, None], axis=0) + tl.load(DBM_PARTIAL + partial_row, mask=row_mask, other=0.0)
+                dc = tl.sum(g[:, None] * h, axis=0) + tl.load(DC_PARTIAL + partial_row, mask=row_mask, other=0.0)
+                tl.store(DBM_PARTIAL + partial_row, db, mask=row_mask)
+                tl.store(DC_PARTIAL + partial_row, dc, mask=row_mask)
+                dh = tl.where(valid[:, None], dh * decay, dh)
+            tl.debug_barrier()
+            tl.store(DA_PARTIAL + slot, da, mask=tile_mask)
+            tl.store(DDSKIP_PARTIAL + (b * n_checkpoints + chunk) * n_channels + channels, dskip, mask=c_mask)
 
 
 def _blocks(n_channels: int, n_state: int) -> tuple[int, int]:
     block_n = max(2, triton.next_power_of_2(n_state))
     return min(32, triton.next_power_of_2(n_channels)), block_n
+
+
+def block_groups(n_checkpoints: int, batch: int, n_blocks: int) -> int:
+    """Groups of channel blocks of the backward's items: enough for every worker to take one
+    (chunk, batch row, group) item, at most one per block."""
+    return max(1, min(n_blocks, WORKERS // max(1, n_checkpoints * batch)))
 
 
 def checkpoint_offsets(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -367,9 +384,10 @@ def selective_scan_bwd(
     chunk_dt = torch.empty(batch, n_checkpoints, n_channels, dtype=torch.float32, device=x.device)
     da_partial = torch.zeros_like(checkpoints)
     dskip_partial = torch.zeros_like(chunk_dt)
-    db_partial = torch.zeros(n_blocks, batch, total, n_state, dtype=torch.float32, device=x.device)
+    n_groups = block_groups(n_checkpoints, batch, n_blocks)
+    db_partial = torch.zeros(n_groups, batch, total, n_state, dtype=torch.float32, device=x.device)
     dc_partial = torch.zeros_like(db_partial)
-    workers = min(WORKERS, n_checkpoints * batch * n_blocks)
+    workers = min(WORKERS, n_checkpoints * batch * n_groups)
     scratch = torch.empty(workers * chunk * block_d * block_n, dtype=torch.float32, device=x.device)
     if n_checkpoints and x.numel():
         A = A.float().contiguous()
@@ -386,7 +404,7 @@ def selective_scan_bwd(
         selective_scan_bwd_kernel[(workers,)](
             x, dt, A, Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, chunk_adjoint, chunk_dt, group_adjoint, group_dt, scratch,
             cu_seqlens, offsets, dx, ddt, da_partial, db_partial, dc_partial, dskip_partial,
-            sequences, n_checkpoints, batch, n_blocks, n_channels, n_state, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
+            sequences, n_checkpoints, batch, n_blocks, n_groups, n_channels, n_state, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
         )
     return (
         dx, ddt, da_partial.sum(dim=(0, 1)), db_partial.sum(0).to(Bm.dtype), dc_partial.sum(0).to(C.dtype),

@@ -53,9 +53,9 @@ def run(lengths, channels, state, dtype, chunk, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matches_the_oracle(dtype, chunk, monkeypatch):
     """Chunks of 4: groups of 2 chunks (the 19-step sequence's 5 chunks in groups of 2, 2
-    and 1), the carries read 2 chunks at a time, the sequence search 2 sequences at a time.
-    Chunks of 8: three backward workers take the 24 (chunk, batch row, channel block)
-    items in turn."""
+    and 1), the carries read 2 chunks at a time, the sequence search 2 sequences at a time,
+    each channel block its own group. Chunks of 8: three backward workers take the 12
+    (chunk, batch row, group) items in turn, the one group walking both channel blocks."""
     from canvas_engineering.kernels import selective_scan
 
     if chunk == 4:
