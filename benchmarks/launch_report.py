@@ -30,17 +30,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
-from unittest import mock
+from typing import Dict, List, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
-from compile_for_hopper import compile_sm90, launch_signature, resources  # noqa: E402
+from compile_for_hopper import Launch, attention_runs, compile_sm90, launch_signature, record, resources  # noqa: E402
 
 SMS = 132
 BANDWIDTH = 3.0e12
@@ -53,35 +51,12 @@ SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass
-class Launch:
-    kernel: JITFunction
-    grid: tuple
-    values: dict
-    num_warps: int
-
-
-@dataclass
 class Cost:
     """What one launch must do, counted from the algorithm."""
 
     hbm_bytes: float
     flops: float
     serial_steps: int = 0
-
-
-def record(run: Callable[[], object]) -> List[Launch]:
-    """The launches ``run`` makes, recorded instead of executed (its tensors on ``meta``)."""
-    launches: List[Launch] = []
-
-    def capture(self, *args, grid, warmup, **kwargs):
-        num_warps = kwargs.pop("num_warps", 4)
-        values = dict(zip([p.name for p in self.params], args))
-        values.update(kwargs)
-        launches.append(Launch(self, tuple(grid) + (1,) * (3 - len(grid)), values, num_warps))
-
-    with mock.patch.object(JITFunction, "run", capture):
-        run()
-    return launches
 
 
 def resident_per_sm(registers: int, num_warps: int, smem: int) -> int:
@@ -163,31 +138,12 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
     from canvas_engineering.kernels import segment_attention as kernels
 
     block = kernels.block_rows(head_dim, "cuda")
-    q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(3))
-    cu = offsets([length])
-    keyset = torch.empty(1, dtype=torch.int32, device=META)
-    keysets = (keyset, keyset, offsets([1]))
-    blocks = block_table(length, block)
     window_arg = window if variant == "local" else 0
     pairs = batch * heads * length * (min(length, window + 1) if variant == "local" else length)
     tensor = batch * length * heads * head_dim * BYTES[dtype]
     statistics = batch * heads * length * 4
-
-    lse = torch.empty(batch, heads, length, device=META)
     top = kernels.top_slots(top_k)
-    selection = torch.empty(batch, heads, length, top + 2, dtype=torch.int32, device=META)
-
-    def forward():
-        if variant == "top-k":
-            kernels.segment_topk_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, top_k)
-        else:
-            kernels.segment_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, window_arg)
-
-    def backward():
-        if variant == "top-k":
-            kernels.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *keysets, *blocks, *blocks, 0.125, block)
-        else:
-            kernels.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *keysets, *blocks, *blocks, 0.125, block, window_arg)
+    forward, backward = attention_runs(dtype, length, head_dim, batch, heads, window=window_arg, top_k=top_k if variant == "top-k" else 0)
 
     kept = batch * heads * length * top
     gathered = kept * head_dim * BYTES[dtype]

@@ -23,7 +23,10 @@ Masks, per segment of N queries and M keys:
   row's k largest logits in registers; the forward reads the kept values only, and the
   backward works from the saved selection, reading O(N * k * D) values for dQ, dK and dV.
   Rows whose k-th largest logit ties exactly with keys beyond their list take a threshold
-  pass over the keys instead (forward and backward).
+  pass over the keys instead (forward and backward), on the logits of the forward's pass:
+  the same products (:func:`_logits`) of the same tiles (the query block by each key tile,
+  :func:`topk_launch_arguments`), so the backward keeps exactly the keys the forward kept
+  (the tied rows' dK/dV in their own kernel, :func:`segment_topk_bwd_tied_kernel`).
 A query with no visible key gets zeros and ``lse = -inf``.
 
 Matrix products take their operands in ``DOT`` (:mod:`.operands`, bounded operands): the
@@ -54,6 +57,10 @@ warps) on a GPU, with Triton's default 3 pipeline stages: the tiles a program wa
 tiles for the forward and dQ, query tiles for dK/dV), chosen per head dim from sm_90
 compiles with the launches' divisibility hints (``benchmarks/launch_report.py``) as the
 largest tiles whose registers do not spill for bf16/fp16 inputs."""
+TOPK_KEYS = 32
+"""Key tile rows of the top-k kernels (:func:`topk_launch_arguments`): the forward's
+logits and the backward's threshold passes over them, whose dK/dV programs hold float32
+accumulators for this many keys (at head dim 128, 64 spill)."""
 FLOAT32_CONFIGS = {"fwd": {128: (32, 8)}, "bwd_dq": {64: (32, 8)}}
 """Where float32 inputs (float32 operands, TF32 products) take smaller tiles than
 GPU_CONFIGS: the forward at head dim 128, dQ at 64 (dK/dV and top-k's dQ at head dim 128
@@ -95,15 +102,18 @@ def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segme
 
 
 @triton.jit
-def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads):
-    """(batch, head, first row of the key block within its key set, the key set's first key
-    row and key count, and the range ``[first, last)`` of ``keyset_segments`` that lists the
-    segments reading it) of this program."""
+def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(batch, head, first row of this program's keys within their key set, the key set's
+    first key row and key count, and the range ``[first, last)`` of ``keyset_segments`` that
+    lists the segments reading it) of this program: part ``program_id(0) % SPLIT`` (BLOCK_N
+    keys) of key block ``program_id(0) // SPLIT``."""
     batch_head = tl.program_id(1)
-    keyset = tl.load(block_keyset + tl.program_id(0))
+    index = tl.program_id(0) // SPLIT
+    keyset = tl.load(block_keyset + index)
     k_begin = tl.load(cu_seqlens_k + keyset)
     return (
-        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), tl.load(block_start + tl.program_id(0)),
+        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64),
+        tl.load(block_start + index) + (tl.program_id(0) % SPLIT) * BLOCK_N,
         k_begin, tl.load(cu_seqlens_k + keyset + 1) - k_begin,
         tl.load(cu_keyset_segments + keyset), tl.load(cu_keyset_segments + keyset + 1),
     )
@@ -290,19 +300,20 @@ def _logit_gradient(p, dp, delta, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _dkdv_over_queries(
-    dk, dv, k, v, Q, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
-    stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+    dk, dv, k, v, Q, K, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, k_begin, offs_n, n_k, low, high, offs_d, d_mask,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
     """``dk`` (dK / scale) and ``dv`` ``(N, D)`` of the key block ``k, v`` (in DOT) plus
     those of one segment's query tiles that meet queries ``[low, high)``, on transposed
-    tiles (keys by queries), so that every product reads its operands as loaded."""
+    tiles (keys by queries), so that every product reads its operands as loaded. With a
+    threshold, the logits are the forward's own (:func:`_logits` on query tiles of
+    BLOCK_M rows by the key block), so that the threshold selects what the forward did."""
     for start in range((low // BLOCK_M) * BLOCK_M, high, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_q
         q_rows = (q_begin + offs_m).to(tl.int64)
-        qt = _load_columns(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
         do = _load_rows(DO, b, h, q_rows, offs_d, stride_dob, stride_dot, stride_doh, m_mask, d_mask).to(DOT)
         stat_rows = (b * n_heads + h) * total_q + q_rows
         lse = tl.load(LSE + stat_rows, mask=m_mask, other=0.0)
@@ -310,13 +321,18 @@ def _dkdv_over_queries(
         threshold = tl.zeros([BLOCK_M], dtype=tl.float32)
         if USE_THRESHOLD:
             threshold = tl.load(THRESHOLD + stat_rows, mask=m_mask, other=0.0)
-        st = tl.dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale
+            q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
+            st = tl.trans(_logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT))
+        else:
+            qt = _load_columns(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
+            st = tl.dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale
+            q = tl.trans(qt)
         valid = _visible(offs_m[None, :], offs_n[:, None], n_q, n_k, st, threshold[None, :], WINDOW, USE_THRESHOLD)
         pt = _probabilities(st, valid, lse[None, :], SIGMOID)
         dv = tl.dot(pt.to(DOT), do, dv)
         dpt = tl.dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
         dst = _logit_gradient(pt, dpt, delta[None, :], SIGMOID)
-        dk = tl.dot(dst.to(DOT), tl.trans(qt), dk)
+        dk = tl.dot(dst.to(DOT), q, dk)
     return dk, dv
 
 
@@ -328,7 +344,8 @@ def _dq_over_keys(
     WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
 ):
     """dQ / scale ``(M, D)`` of the query block ``q, do`` (in DOT) over the key tiles that
-    meet keys ``[low, high)``."""
+    meet keys ``[low, high)``. With a threshold, the logits are the forward's own
+    (:func:`_logits`), so that the threshold selects what the forward did."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -336,13 +353,47 @@ def _dq_over_keys(
         k_rows = (k_begin + offs_n).to(tl.int64)
         k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
         vt = _load_columns(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
-        s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
+        if USE_THRESHOLD:
+            s = _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
+        else:
+            s = tl.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
         valid = _visible(offs_m[:, None], offs_n[None, :], n_q, n_k, s, threshold[:, None], WINDOW, USE_THRESHOLD)
         p = _probabilities(s, valid, lse[:, None], SIGMOID)
         dp = tl.dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         ds = _logit_gradient(p, dp, delta[:, None], SIGMOID)
         dq = tl.dot(ds.to(DOT), k, dq)
     return dq
+
+
+@triton.jit
+def _dkdv_over_segments(
+    Q, K, V, DO, LSE, DELTA, THRESHOLD, tied_prefix, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
+    offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+):
+    """``dk`` (dK / scale) and ``dv`` ``(N, D)`` of the keys ``k_rows`` (positions ``offs_n``
+    of their key set) over the segments ``keyset_segments[first:last]`` that read the key
+    set: the query tiles each segment's window reaches, or with a threshold, every query
+    tile of the segments that have rows with ties beyond their list (``tied_prefix``)."""
+    k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
+    v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(first, last):
+        segment = tl.load(keyset_segments + i)
+        q_begin = tl.load(cu_seqlens_q + segment)
+        n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
+        low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
+        if USE_THRESHOLD:
+            high = tl.where(_tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, i, i + 1, b * n_heads + h, total_q) > 0, high, low)
+        dk, dv = _dkdv_over_queries(
+            dk, dv, k, v, Q, K, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, k_begin, offs_n, n_k, low, high, offs_d, d_mask,
+            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, USE_THRESHOLD, SIGMOID, DOT,
+        )
+    return dk, dv
 
 
 @triton.jit
@@ -361,23 +412,15 @@ def segment_attention_bwd_dkdv_kernel(
     """One key block of BLOCK_N rows of a key set against the query tiles of every segment
     that reads the key set (``keyset_segments``), on transposed tiles (keys by queries),
     so that every product reads its operands as loaded."""
-    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N)
 
     offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
-    k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
-    v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for i in range(first, last):
-        segment = tl.load(keyset_segments + i)
-        q_begin = tl.load(cu_seqlens_q + segment)
-        n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-        low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
-        dk, dv = _dkdv_over_queries(
-            dk, dv, k, v, Q, DO, LSE, DELTA, LSE, b, h, q_begin, n_q, offs_n, n_k, low, high, offs_d, d_mask,
-            stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
-        )
+    dk, dv = _dkdv_over_segments(
+        Q, K, V, DO, LSE, DELTA, LSE, cu_seqlens_q, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
+        offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+    )
     _store_rows(DK, dk * scale, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
     _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
 
@@ -467,7 +510,8 @@ def segment_topk_fwd_kernel(
 
     Rows whose k-th largest logit ties with keys beyond the list (exact ties, as integer
     inputs give) take a second pass over the keys with the threshold, as the same
-    :func:`_logits` computes them."""
+    :func:`_logits` computes them, in key tiles of BLOCK_N rows, those of the backward's
+    threshold passes (:func:`topk_launch_arguments`)."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -529,7 +573,8 @@ def segment_topk_bwd_dq_kernel(
     """dQ of one query block from its saved selection: per kept key, the weight and dS of
     each row from the gathered key and value rows (O(k * D) per row); the weights and dS
     are saved for the dK/dV kernel. Rows with ties beyond the list (``TIED_THRESHOLD``
-    finite) take the threshold pass over the keys instead."""
+    finite) take the threshold pass over the keys instead, over the forward's key tiles
+    (BLOCK_N rows)."""
     b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -561,8 +606,53 @@ def segment_topk_bwd_dq_kernel(
 
 
 @triton.jit
+def _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, first, last, batch_head, total_q):
+    """The query rows with ties beyond their list (``tied_prefix``: their running count per
+    (batch, head)) in the segments ``keyset_segments[first:last]``."""
+    prefix = tied_prefix + batch_head * (total_q + 1)
+    count = first * 0
+    for i in range(first, last):
+        segment = tl.load(keyset_segments + i)
+        count += tl.load(prefix + tl.load(cu_seqlens_q + segment + 1)) - tl.load(prefix + tl.load(cu_seqlens_q + segment))
+    return count
+
+
+@triton.jit
+def segment_topk_bwd_tied_kernel(
+    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DK_TIED, DV_TIED, tied_prefix,
+    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    n_heads, total_q, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+):
+    """dK / scale and dV (float32, laid out as K and V) of BLOCK_N keys (one of the
+    BLOCK_M // BLOCK_N parts of a key block of BLOCK_M rows) from the query rows with ties
+    beyond their list (``tied_prefix``, ``TIED_THRESHOLD`` finite): the threshold pass over
+    these keys for each segment that reads their key set and has such rows, in query tiles
+    of BLOCK_M rows (the forward's query blocks by its key tiles). Written only where there
+    are such rows; the programs of other blocks end after reading ``tied_prefix``."""
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(
+        block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, BLOCK_M // BLOCK_N, BLOCK_N)
+
+    if _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, first, last, b * n_heads + h, total_q) > 0:
+        offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
+        dk, dv = _dkdv_over_segments(
+            Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, tied_prefix, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
+            offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+        )
+        _store_rows(DK_TIED, dk, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+        _store_rows(DV_TIED, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
+
+
+@triton.jit
 def segment_topk_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DK, DV, SELECTED_P, SELECTED_DS,
+    Q, DO, DK, DV, DK_TIED, DV_TIED, SELECTED_P, SELECTED_DS,
     selection, entry_order, entry_start, tied_prefix,
     cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
     stride_qb, stride_qt, stride_qh,
@@ -577,10 +667,11 @@ def segment_topk_bwd_dkdv_kernel(
     (``entry_order``: each (batch, head)'s entries ``row * TOP + slot`` sorted by key row;
     ``entry_start``: where each key row's entries begin): BLOCK_M entries at a time, their
     weights and dS spread over the block's keys by a one-hot product with the gathered
-    dO and Q rows (the entries of every segment that reads the key set). Queries with ties
-    beyond their list (``tied_prefix``: the running count of such rows) add their
-    threshold pass over the block's keys, segment by segment (``keyset_segments``)."""
-    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads)
+    dO and Q rows (the entries of every segment that reads the key set). Where a segment
+    reading the key set has query rows with ties beyond their list (``tied_prefix``), the
+    block adds those rows' sums from :func:`segment_topk_bwd_tied_kernel` (``DK_TIED``,
+    ``DV_TIED``)."""
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N)
 
     offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
     batch_head = b * n_heads + h
@@ -603,19 +694,9 @@ def segment_topk_bwd_dkdv_kernel(
         q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, e_mask, d_mask).to(DOT)
         dv = tl.dot(tl.where(hit, p[None, :], 0.0).to(DOT), do, dv)
         dk = tl.dot(tl.where(hit, ds[None, :], 0.0).to(DOT), q, dk)
-    for i in range(first, last):
-        segment = tl.load(keyset_segments + i)
-        q_begin = tl.load(cu_seqlens_q + segment)
-        n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
-        prefix = tied_prefix + batch_head * (total_q + 1) + q_begin
-        if tl.load(prefix + n_q) > tl.load(prefix):
-            k = _load_rows(K, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask).to(DOT)
-            v = _load_rows(V, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
-            dk, dv = _dkdv_over_queries(
-                dk, dv, k, v, Q, DO, LSE, DELTA, TIED_THRESHOLD, b, h, q_begin, n_q, offs_n, n_k, 0, n_q, offs_d, d_mask,
-                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
-            )
+    if _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, first, last, batch_head, total_q) > 0:
+        dk += _load_rows(DK_TIED, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
+        dv += _load_rows(DV_TIED, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
     _store_rows(DK, dk * scale, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
     _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
 
@@ -642,6 +723,20 @@ def launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -
     inner = config.pop("INNER")
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
     return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype, bounded=True), **sides, **config}
+
+
+def topk_launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
+    """:func:`launch_arguments` for the top-k kernels ('fwd', 'bwd_dq', 'bwd_dkdv', and 'tied'
+    for :func:`segment_topk_bwd_tied_kernel`): the forward, dQ and the tied rows' dK/dV
+    take key tiles of TOPK_KEYS rows (at most the block) and query tiles of ``block`` rows
+    (the query blocks), so that the forward's logits and the backward's
+    threshold passes over them are the same products (:func:`_logits`) of the same tiles."""
+    arguments = launch_arguments("bwd_dkdv" if kind == "tied" else kind, head_dim, block, dtype)
+    if kind != "bwd_dkdv":
+        arguments["BLOCK_N"] = min(TOPK_KEYS, block)
+    if kind == "tied":
+        arguments["BLOCK_M"] = block
+    return arguments
 
 
 def _backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
@@ -768,7 +863,7 @@ def segment_topk_attention_fwd(
             q, k, v, out, lse, selection,
             cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
             *(s for t in (q, k, v, out) for s in t.stride()[:3]),
-            heads, total_q, scale, top_k, TOP=top, **launch_arguments("fwd", head_dim, block, q.dtype),
+            heads, total_q, scale, top_k, TOP=top, **topk_launch_arguments("fwd", head_dim, block, q.dtype),
         )
     return out, lse, selection
 
@@ -784,9 +879,11 @@ def segment_topk_attention_bwd(
     """Backward of :func:`segment_topk_attention_fwd` from its saved selection: (dq, dk, dv);
     the tables as for :func:`segment_attention_bwd`.
 
-    dQ per query block over its kept keys; then each (batch, head)'s selection entries
-    sorted by key row (a stable sort of ``Tq * TOP`` entries, so the work and memory grow
-    with k, not with the number of keys), from which each key block sums its dK and dV.
+    dQ per query block over its kept keys; the tied rows' dK and dV (float32 scratch laid
+    out as k and v, written only for key blocks that such rows read); then each (batch,
+    head)'s selection entries sorted by key row (a stable sort of ``Tq * TOP`` entries, so
+    the work and memory grow with k, not with the number of keys), from which each key
+    block sums its dK and dV.
     """
     _check(q, k, v)
     batch, total_q, heads, head_dim = q.shape
@@ -804,18 +901,26 @@ def segment_topk_attention_bwd(
         segment_topk_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
             q, k, v, grad_out, lse, delta, tied_threshold, dq, selected_p, selected_ds, selection,
             cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, TOP=top, **launch_arguments("bwd_dq", head_dim, block, q.dtype),
+            *strides, heads, total_q, scale, TOP=top, **topk_launch_arguments("bwd_dq", head_dim, block, q.dtype),
+        )
+    dk_tied, dv_tied = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+    tied_prefix = torch.nn.functional.pad(tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
+    tied_arguments = topk_launch_arguments("tied", head_dim, block, q.dtype)
+    if k_block_keyset.shape[0]:
+        segment_topk_bwd_tied_kernel[(k_block_keyset.shape[0] * (block // tied_arguments["BLOCK_N"]), batch * heads)](
+            q, k, v, grad_out, lse, delta, tied_threshold, dk_tied, dv_tied, tied_prefix,
+            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
+            *strides, heads, total_q, scale, **tied_arguments,
         )
     keys = selection[..., :top].reshape(batch * heads, total_q * top)
     sorted_keys, entry_order = torch.sort(torch.where(keys < 0, total_k, keys), dim=1, stable=True)
     rows = torch.arange(total_k + 1, dtype=sorted_keys.dtype, device=q.device).expand(batch * heads, -1).contiguous()
     entry_start = torch.searchsorted(sorted_keys, rows).to(torch.int32)
-    tied_prefix = torch.nn.functional.pad(tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
     if k_block_keyset.shape[0]:
         segment_topk_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, tied_threshold, dk, dv, selected_p, selected_ds,
+            q, grad_out, dk, dv, dk_tied, dv_tied, selected_p, selected_ds,
             selection, entry_order.to(torch.int32), entry_start, tied_prefix,
             cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, total_k, scale, TOP=top, **launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
+            *strides, heads, total_q, total_k, scale, TOP=top, **topk_launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
         )
     return dq, dk, dv

@@ -1,7 +1,9 @@
 """Compiles every Triton kernel, in its main configurations, to sm_90 machine code on this
 machine (Triton's bundled ptxas; no GPU needed), with the divisibility hints a launch gives
-aligned pointers. Run without TRITON_INTERPRET. ``benchmarks/launch_report.py`` uses the same
-helpers on the launchers' own arguments.
+aligned pointers; the segment attention configurations are the launchers' own launches,
+recorded on ``meta`` tensors (:func:`record`), compiled with every hint the JIT derives from
+their arguments (strides too, :func:`launch_signature`). Run without TRITON_INTERPRET.
+``benchmarks/launch_report.py`` uses the same helpers on the launchers' own arguments.
 
 Usage: ``python compile_for_hopper.py`` prints one line per configuration, then how many
 compiled with which Triton, and exits non-zero if any fails to compile.
@@ -9,18 +11,23 @@ compiled with which Triton, and exits non-zero if any fails to compile.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import traceback
+from dataclasses import dataclass
+from typing import Callable, List
+from unittest import mock
 
 import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from canvas_engineering.kernels import segment_attention as attention
 from canvas_engineering.kernels import fftconv, linear_attention, selective_scan, wkv
@@ -137,27 +144,73 @@ def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int
     return constexprs, constexprs.pop("num_warps")
 
 
-def attention_configs():
-    """The dense kernels with a window (bf16, d 64), plain (bf16 and fp32, d 128) and with
-    sigmoid weights (fp16, d 16); the top-k kernels (8 slots) at bf16 d 64 and 128, fp32 d 128."""
+@dataclass
+class Launch:
+    kernel: JITFunction
+    grid: tuple
+    values: dict
+    num_warps: int
+
+
+def record(run: Callable[[], object]) -> List[Launch]:
+    """The launches ``run`` makes, recorded instead of executed (its tensors on ``meta``)."""
+    launches: List[Launch] = []
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        num_warps = kwargs.pop("num_warps", 4)
+        values = dict(zip([p.name for p in self.params], args))
+        values.update(kwargs)
+        launches.append(Launch(self, tuple(grid) + (1,) * (3 - len(grid)), values, num_warps))
+
+    with mock.patch.object(JITFunction, "run", capture):
+        run()
+    return launches
+
+
+def attention_runs(dtype: torch.dtype, length: int, head_dim: int, batch: int = 2, heads: int = 8, window: int = 0,
+                   sigmoid: bool = False, top_k: int = 0) -> tuple:
+    """(forward, backward): the segment attention launchers on one segment of ``length``
+    queries reading one key set of ``length`` keys, ``(batch, length, heads, head_dim)``
+    tensors of ``dtype`` on ``meta`` (to run under :func:`record`); top-k when ``top_k``."""
+    meta = torch.device("meta")
+    block = attention.block_rows(head_dim, "cuda")
+    q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=meta) for _ in range(3))
+    cu = torch.empty(2, dtype=torch.int32, device=meta)
+    keyset = torch.empty(1, dtype=torch.int32, device=meta)
+    keysets = (keyset, keyset, cu)
+    blocks = tuple(torch.empty(math.ceil(length / block), dtype=torch.int32, device=meta) for _ in range(2))
+    lse = torch.empty(batch, heads, length, device=meta)
+    selection = torch.empty(batch, heads, length, attention.top_slots(top_k) + 2, dtype=torch.int32, device=meta)
+
+    def forward():
+        if top_k:
+            attention.segment_topk_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, top_k)
+        else:
+            attention.segment_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 0.125, block, window, sigmoid)
+
+    def backward():
+        if top_k:
+            attention.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *keysets, *blocks, *blocks, 0.125, block)
+        else:
+            attention.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *keysets, *blocks, *blocks, 0.125, block, window, sigmoid)
+
+    return forward, backward
+
+
+def attention_configs() -> List[Launch]:
+    """The launches (forward and backward, N = M = 4096, B 2, H 8) of the dense kernels with a
+    window (bf16, d 64), plain (bf16 and fp32, d 128) and with sigmoid weights (fp16, d 16);
+    of the top-k kernels (k 8) at bf16 d 64 and 128, fp32 d 128."""
     variants = [
-        ("bf16", 64, {"WINDOW": 8, "SIGMOID": False}),
-        ("bf16", 128, {"WINDOW": 0, "SIGMOID": False}),
-        ("fp32", 128, {"WINDOW": 0, "SIGMOID": False}),
-        ("fp16", 16, {"WINDOW": 0, "SIGMOID": True}),
+        (torch.bfloat16, 64, {"window": 8}),
+        (torch.bfloat16, 128, {}),
+        (torch.float32, 128, {}),
+        (torch.float16, 16, {"sigmoid": True}),
+        (torch.bfloat16, 64, {"top_k": 8}),
+        (torch.bfloat16, 128, {"top_k": 8}),
+        (torch.float32, 128, {"top_k": 8}),
     ]
-    kinds = {"fwd": attention.segment_attention_fwd_kernel, "bwd_dkdv": attention.segment_attention_bwd_dkdv_kernel,
-             "bwd_dq": attention.segment_attention_bwd_dq_kernel}
-    for kind, kernel in kinds.items():
-        for data_type, head_dim, flags in variants:
-            constexprs, warps = attention_tiles(kind, head_dim, data_type)
-            yield kernel, data_type, {**constexprs, **flags}, warps
-    kinds = {"fwd": attention.segment_topk_fwd_kernel, "bwd_dq": attention.segment_topk_bwd_dq_kernel,
-             "bwd_dkdv": attention.segment_topk_bwd_dkdv_kernel}
-    for kind, kernel in kinds.items():
-        for data_type, head_dim in (("bf16", 64), ("bf16", 128), ("fp32", 128)):
-            constexprs, warps = attention_tiles(kind, head_dim, data_type)
-            yield kernel, data_type, {**constexprs, "TOP": 8}, warps
+    return [launch for dtype, head_dim, flags in variants for run in attention_runs(dtype, 4096, head_dim, **flags) for launch in record(run)]
 
 
 def wkv_configs():
@@ -219,12 +272,19 @@ def all_configs() -> list:
 def main() -> int:
     failures = 0
     configs = all_configs()
-    for kernel, data_type, constexprs, *warps in configs:
+    for config in configs:
+        if isinstance(config, Launch):
+            kernel, warps = config.kernel, [config.num_warps]
+            types, constexprs, hints = launch_signature(kernel, config.values)
+            data_type = types[kernel.params[0].name][1:]
+        else:
+            kernel, data_type, constexprs, *warps = config
+            types = signature(kernel, data_type)
+            hints = pointer_hints(kernel, types)
         options = {"num_warps": warps[0]} if warps else {}
         label = f"{kernel.fn.__name__} {data_type} {constexprs}" + (f" num_warps={warps[0]}" if warps else "")
         try:
-            types = signature(kernel, data_type)
-            compiled = compile_sm90(kernel, types, constexprs, pointer_hints(kernel, types), **options)
+            compiled = compile_sm90(kernel, types, constexprs, hints, **options)
             used = resources(compiled)
             print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {used['registers']} registers, "
                   f"{used['spill_bytes']} bytes stack, {used['smem_bytes']} bytes shared, {used['mma']}")

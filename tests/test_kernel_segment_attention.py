@@ -176,3 +176,44 @@ def test_threshold_is_the_kth_largest_logit():
         logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5
         expected = logits.topk(4, dim=-1).values[:, -1]
         assert torch.allclose(threshold[0, 0, start_q : start_q + query_lengths[s]].double().cpu(), expected.cpu(), rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_topk_backward_keeps_the_forward_selection():
+    """Keys repeated at several positions (in different key tiles and columns) tie in exact
+    arithmetic: float32 dots may round them apart or not, depending on the machine and the
+    tile, so the forward keeps k of them or more. The values are one-hot (key m of a key
+    set holds e_m), so the forward's output shows the weights of the keys it kept; the
+    backward must give the float64 gradients of exactly that selection (with one larger
+    key kept as well, so that dQ is not zero)."""
+    query_lengths, key_lengths, heads, head_dim, top_k, scale = [21, 30], [40, 35], 2, 64, 3, 0.125
+    generator = torch.Generator().manual_seed(5)
+    q = torch.rand(2, sum(query_lengths), heads, head_dim, generator=generator) + 0.5
+    k = torch.randn(2, sum(key_lengths), heads, head_dim, generator=generator) * 0.3
+    repeated = [1, 17, 18, 34, 40 + 3, 40 + 16, 40 + 31]
+    k[:, repeated] = torch.rand(heads, head_dim, generator=generator) * 0.2 + 0.3
+    largest = [5, 40 + 20]
+    k[:, largest] = torch.rand(2, heads, head_dim, generator=generator) * 0.2 + 0.4
+    v = torch.zeros_like(k)
+    for start, length in ((0, 40), (40, 35)):
+        v[:, start : start + length, :, :length] = torch.eye(length)[:, None, :]
+    grad_out = torch.randn(2, sum(query_lengths), heads, head_dim, generator=generator)
+    keysets = (torch.arange(2, dtype=torch.int32, device=DEVICE),) * 2 + (offsets([1, 1]),)
+    inputs = [t.to(DEVICE) for t in (q, k, v, grad_out)]
+    cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
+    out, lse, selection = segment_topk_attention_fwd(*inputs[:3], cu_q, cu_k, keysets[0], *blocks(query_lengths, BLOCK), scale, BLOCK, top_k)
+    grads = segment_topk_attention_bwd(inputs[3], *inputs[:3], out, lse, selection, cu_q, cu_k, *keysets,
+                                       *blocks(query_lengths, BLOCK), *blocks(key_lengths, BLOCK), scale, BLOCK)
+
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    expected = []
+    for (q0, q1), (k0, k1) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), cu_k.tolist()[1:])):
+        kept = out.cpu()[:, q0:q1, :, : k1 - k0].transpose(1, 2) > 0
+        assert (kept.sum(-1) >= top_k).all() and not kept[..., [m for m in range(k1 - k0) if m + k0 not in repeated + largest]].any()
+        logits = torch.einsum("bnhd,bmhd->bhnm", exact[0][:, q0:q1], exact[1][:, k0:k1]) * scale
+        weights = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1)
+        expected.append(torch.einsum("bhnm,bmhd->bnhd", weights, exact[2][:, k0:k1]))
+    expected = torch.cat(expected, dim=1)
+    expected.backward(grad_out.double())
+    errors = [relative_error(a.cpu(), b) for a, b in zip((out, *grads), (expected, *(t.grad for t in exact)))]
+    assert max(errors) < TOLERANCE[torch.float32], errors
