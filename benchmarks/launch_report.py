@@ -137,7 +137,7 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
     window of ``window``) or top-k."""
     from canvas_engineering.kernels import segment_attention as kernels
 
-    block = kernels.block_rows(head_dim, "cuda")
+    block = kernels.block_rows(head_dim, "cuda", dtype)
     window_arg = window if variant == "local" else 0
     pairs = batch * heads * length * (min(length, window + 1) if variant == "local" else length)
     tensor = batch * length * heads * head_dim * BYTES[dtype]
@@ -154,6 +154,7 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
         "segment_attention_bwd_dq_kernel": Cost(5 * tensor + 3 * statistics, 6 * pairs * head_dim),
         "segment_topk_fwd_kernel": Cost(3 * tensor + gathered + 2 * statistics + entry_bytes, 2 * pairs * head_dim + 2 * kept * head_dim),
         "segment_topk_bwd_dq_kernel": Cost(3 * tensor + 2 * gathered + 4 * statistics + 3 * entry_bytes, 6 * kept * head_dim),
+        "segment_topk_bwd_tied_kernel": Cost(2 * statistics, 0),
         "segment_topk_bwd_dkdv_kernel": Cost(2 * tensor + 2 * gathered + 4 * entry_bytes + 2 * statistics, 4 * kept * head_dim * block),
     }
     name = f"attention-{variant}" + (f"-w{window}" if variant == "local" else f"-k{top_k}" if variant == "top-k" else "")
@@ -317,6 +318,9 @@ def workloads() -> List[tuple]:
             shape = f"N{length}-d{head_dim}"
             for variant in ("dense", "local", "top-k"):
                 jobs.append((f"attention-{variant} {shape}", lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d)))
+                if length == 4096:
+                    jobs.append((f"attention-{variant} {shape}-fp32",
+                                 lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d, dtype=torch.float32)))
             jobs.append((f"linear-attention {shape}", lambda n=length, d=head_dim: linear_rows(n, d)))
     jobs.append(("wkv M4096-H4", lambda: wkv_rows(4096, 2, 4, 64)))
     jobs.append(("wkv M16384-H8", lambda: wkv_rows(16384, 2, 8, 64)))

@@ -47,6 +47,9 @@ from .operands import INTERPRETING, dot_dtype
 
 GPU_BLOCK = 64
 """Rows per block of the block tables on a GPU (query blocks and key blocks)."""
+FLOAT32_BLOCK = 32
+"""Rows per block on a GPU for float32 inputs at head dims above 64, whose float32
+operands and accumulators do not fit the registers of 64-row blocks."""
 GPU_CONFIGS = {
     "fwd": {64: (64, 4), 128: (64, 8)},
     "bwd_dq": {64: (64, 4), 128: (16, 8)},
@@ -61,16 +64,18 @@ TOPK_KEYS = 32
 """Key tile rows of the top-k kernels (:func:`topk_launch_arguments`): the forward's
 logits and the backward's threshold passes over them, whose dK/dV programs hold float32
 accumulators for this many keys (at head dim 128, 64 spill)."""
-FLOAT32_CONFIGS = {"fwd": {128: (32, 8)}, "bwd_dq": {64: (32, 8)}}
+FLOAT32_CONFIGS = {"bwd_dq": {64: (32, 8)}}
 """Where float32 inputs (float32 operands, TF32 products) take smaller tiles than
-GPU_CONFIGS: the forward at head dim 128, dQ at 64 (dK/dV and top-k's dQ at head dim 128
-still spill up to a few hundred bytes with float32 inputs)."""
+GPU_CONFIGS: dQ at head dim 64 (above 64 their blocks are FLOAT32_BLOCK rows)."""
 
 
-def block_rows(head_dim: int, device: torch.device) -> int:
-    """Rows per query block and per key block: 16 under the interpreter (small tests cover
-    several blocks), GPU_BLOCK on a GPU."""
-    return 16 if torch.device(device).type != "cuda" else GPU_BLOCK
+def block_rows(head_dim: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per query block and per key block for inputs of ``dtype``: 16 under the
+    interpreter (small tests cover several blocks); on a GPU, FLOAT32_BLOCK for float32
+    inputs at head dims above 64, else GPU_BLOCK."""
+    if torch.device(device).type != "cuda":
+        return 16
+    return FLOAT32_BLOCK if dtype == torch.float32 and head_dim > 64 else GPU_BLOCK
 
 
 def launch_config(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:

@@ -140,7 +140,7 @@ def resources(compiled) -> dict:
 def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int]:
     """(constexprs, warps) the attention launchers give kernel ``kind`` on a GPU."""
     dtype = {name: dtype for dtype, name in TYPES.items()}[data_type]
-    constexprs = attention.launch_arguments(kind, head_dim, attention.block_rows(head_dim, "cuda"), dtype)
+    constexprs = attention.launch_arguments(kind, head_dim, attention.block_rows(head_dim, "cuda", dtype), dtype)
     return constexprs, constexprs.pop("num_warps")
 
 
@@ -173,7 +173,7 @@ def attention_runs(dtype: torch.dtype, length: int, head_dim: int, batch: int = 
     queries reading one key set of ``length`` keys, ``(batch, length, heads, head_dim)``
     tensors of ``dtype`` on ``meta`` (to run under :func:`record`); top-k when ``top_k``."""
     meta = torch.device("meta")
-    block = attention.block_rows(head_dim, "cuda")
+    block = attention.block_rows(head_dim, "cuda", dtype)
     q, k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=meta) for _ in range(3))
     cu = torch.empty(2, dtype=torch.int32, device=meta)
     keyset = torch.empty(1, dtype=torch.int32, device=meta)

@@ -21,7 +21,7 @@ from canvas_engineering.kernels.segment_attention import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BLOCK = block_rows(64, torch.device(DEVICE))
+BLOCK = block_rows(64, torch.device(DEVICE), torch.float32)
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 

@@ -206,11 +206,12 @@ def _backward(ctx, grad_out, grad_lse, grad_selection):
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_tables(index: SegmentIndex, head_dim: int) -> KernelTables:
-    """The kernels' tables for ``index`` at the block size its device uses (cached)."""
+def kernel_tables(index: SegmentIndex, head_dim: int, dtype: torch.dtype) -> KernelTables:
+    """The kernels' tables for ``index`` at the block size its device uses for inputs of
+    ``dtype`` (cached)."""
     from canvas_engineering.kernels.segment_attention import block_rows
 
-    block = block_rows(head_dim, index.query_segment.device)
+    block = block_rows(head_dim, index.query_segment.device, dtype)
     by_block = _kernel_tables.get(index, dict)
     if block not in by_block:
         by_block[block] = KernelTables.build(index, block)
@@ -218,18 +219,20 @@ def kernel_tables(index: SegmentIndex, head_dim: int) -> KernelTables:
 
 
 def prepare_segment_attention(index: SegmentIndex, head_dim: int, window: int = 0) -> None:
-    """Build ahead of a forward what :func:`segment_attention` derives from ``index``."""
+    """Build ahead of a forward what :func:`segment_attention` derives from ``index`` (the
+    kernel tables at the block sizes of half-precision and float32 inputs)."""
     if window:
         blocked_windows(index, window)
     if HAS_TRITON and head_dim <= 128:
-        kernel_tables(index, head_dim)
+        for dtype in (torch.bfloat16, torch.float32):
+            kernel_tables(index, head_dim, dtype)
 
 
 def _triton_segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex,
     scale: Union[float, torch.Tensor], window: int, top_k: int, sigmoid: bool,
 ) -> torch.Tensor:
-    tables = kernel_tables(index, q.shape[-1])
+    tables = kernel_tables(index, q.shape[-1], q.dtype)
     block = tables.block
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0
