@@ -8,7 +8,7 @@ frame, and every other region at the previous frame).
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Dict, Tuple
+from typing import Any
 
 from canvas_engineering import CanvasLayout, CanvasTopology
 from canvas_engineering.recipes import RECIPES, field_and_two_strips
@@ -16,7 +16,7 @@ from canvas_engineering.recipes import RECIPES, field_and_two_strips
 D_MODEL, N_HEADS, BATCH = 256, 4, 2
 
 
-def causal_temporal(T: int = 16, grid: int = 16, d_model: int = D_MODEL) -> Tuple[CanvasTopology, CanvasLayout]:
+def causal_temporal(T: int = 16, grid: int = 16, d_model: int = D_MODEL) -> tuple[CanvasTopology, CanvasLayout]:
     """Camera field (cross), proprioception (linear) and actions (cross), causal in time."""
     layout = field_and_two_strips(
         T, grid, d_model, ("camera", "cross_attention"), ("proprio", "linear_attention"), ("action", "cross_attention")
@@ -28,7 +28,7 @@ CANVASES = {name: (lambda builder=builder: builder(T=8, grid=16, d_model=D_MODEL
 CANVASES["causal_temporal"] = causal_temporal
 
 
-def to_spec(topology: CanvasTopology, layout: CanvasLayout) -> Dict[str, Any]:
+def to_spec(topology: CanvasTopology, layout: CanvasLayout) -> dict[str, Any]:
     """The plain description ``tests/peer_runner.build_declarations`` rebuilds with either package."""
     return {
         "T": layout.T,

@@ -29,7 +29,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -37,7 +36,7 @@ from scaling import MODES, loglog_slope  # noqa: E402
 
 BEGIN, END = "<!-- profile:begin -->", "<!-- profile:end -->"
 FLAGS = {"quick": "", "full": " --full", "smoke": " --smoke"}
-Point = Tuple[int, float, int]
+Point = tuple[int, float, int]
 
 
 def claimed(name: str) -> str:
@@ -54,9 +53,21 @@ def run(profile: str, select: str, json_path: Path) -> int:
     exit status."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", str(HERE / "test_types_scaling.py"), "-v", "--capture=tee-sys", "-p", "no:randomly",
-               "-o", "console_output_style=count", f"--benchmark-json={json_path}", "--benchmark-disable-gc",
-               "--benchmark-columns=median"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "test_types_scaling.py"),
+        "-v",
+        "--capture=tee-sys",
+        "-p",
+        "no:randomly",
+        "-o",
+        "console_output_style=count",
+        f"--benchmark-json={json_path}",
+        "--benchmark-disable-gc",
+        "--benchmark-columns=median",
+    ]
     if select:
         command += ["-k", select]
     start = time.perf_counter()
@@ -65,7 +76,7 @@ def run(profile: str, select: str, json_path: Path) -> int:
     return status
 
 
-def load(data: Dict) -> Tuple[Dict[Tuple[str, str, str], List[Point]], Dict[Tuple[str, str, str], Dict]]:
+def load(data: dict) -> tuple[dict[tuple[str, str, str], list[Point]], dict[tuple[str, str, str], dict]]:
     """(series, peers) from pytest-benchmark's JSON: ``series[(type, sweep, mode)]`` is the
     sorted list of (size, median seconds, peak bytes), where size is N for the N = M sweep
     and M otherwise; ``peers[(type, sweep, mode)]`` the peer's record (test_types_scaling)."""
@@ -73,13 +84,15 @@ def load(data: Dict) -> Tuple[Dict[Tuple[str, str, str], List[Point]], Dict[Tupl
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         key = (info["type"], info["sweep"], info["mode"])
-        series[key].append((info["n"] if info["sweep"] == "N=M" else info["m"], bench["stats"]["median"], max(info["peak_bytes"], 1)))
+        series[key].append(
+            (info["n"] if info["sweep"] == "N=M" else info["m"], bench["stats"]["median"], max(info["peak_bytes"], 1))
+        )
         if "peer" in info:
             peers[key] = info["peer"]
     return {key: sorted(points) for key, points in series.items()}, peers
 
 
-def slope(points: List[Point], column: int) -> str:
+def slope(points: list[Point], column: int) -> str:
     return f"{loglog_slope([p[0] for p in points], [p[column] for p in points]):.2f}" if len(points) > 1 else "–"
 
 
@@ -87,13 +100,13 @@ def size_label(sweep: str, n: int, m: int) -> str:
     return f"N=M={n}" if sweep == "N=M" else f"M={m}"
 
 
-def speed(points: List[Point], sweep: str, peer: Dict) -> str:
+def speed(points: list[Point], sweep: str, peer: dict) -> str:
     """The peer's median time over ours at the size the peer ran, as ``2.31x``."""
     ours = {p[0]: p[1] for p in points}.get(peer["n"] if sweep == "N=M" else peer["m"]) if "times_s" in peer else None
     return "–" if ours is None else f"{statistics.median(peer['times_s']) / ours:.2f}x"
 
 
-def compared_at(sweep: str, peer: Dict) -> str:
+def compared_at(sweep: str, peer: dict) -> str:
     """Where the peer was measured, and where one of its calls took too long."""
     too_slow = ", ".join(size_label(sweep, n, m) for n, m in peer["too_slow"])
     parts = [size_label(sweep, peer["n"], peer["m"])] if "times_s" in peer else []
@@ -104,7 +117,7 @@ def compared_at(sweep: str, peer: Dict) -> str:
     return "; ".join(parts)
 
 
-def table(data: Dict, json_shown: str) -> List[str]:
+def table(data: dict, json_shown: str) -> list[str]:
     """The markdown block between the profile markers."""
     series, peers = load(data)
     first = data["benchmarks"][0]["extra_info"]
@@ -112,7 +125,8 @@ def table(data: Dict, json_shown: str) -> List[str]:
     lines = [
         BEGIN,
         f"Measured {data['datetime'][:10]} on {machine['cpu'].get('brand_raw', machine['machine'])} "
-        f"({machine['cpu'].get('count', '?')} cores, device {first['device']}), Python {machine['python_version']}, torch {first['torch']}; "
+        f"({machine['cpu'].get('count', '?')} cores, device {first['device']}), "
+        f"Python {machine['python_version']}, torch {first['torch']}; "
         f"`python benchmarks/complexity_profile.py{FLAGS[first['profile']]}` (one run; data: `{json_shown}`).",
         "One module, d_model 256, 4 heads, batch 1; N = M growing, or M growing with N = 256. fwd: the call a",
         "training step makes, without its backward; fwd+bwd: with `output.sum().backward()`. Slopes are",
@@ -139,7 +153,7 @@ def table(data: Dict, json_shown: str) -> List[str]:
     return lines
 
 
-def write_table(lines: List[str], results_path: Path) -> None:
+def write_table(lines: list[str], results_path: Path) -> None:
     """Replaces the block between the profile markers of ``results_path`` (or appends one)."""
     text = results_path.read_text() if results_path.exists() else ""
     block = "\n".join(lines)
@@ -150,7 +164,7 @@ def write_table(lines: List[str], results_path: Path) -> None:
     results_path.write_text(text)
 
 
-def plot(series: Dict[Tuple[str, str, str], List[Point]], plots_dir: Path) -> None:
+def plot(series: dict[tuple[str, str, str], list[Point]], plots_dir: Path) -> None:
     """One figure of time and peak memory per (sweep, mode), with reference slopes 1 and 2:
     ``profile-NM.png``, ``profile-N256.png`` (forward+backward), ``...-forward.png``."""
     import matplotlib
@@ -171,7 +185,13 @@ def plot(series: Dict[Tuple[str, str, str], List[Point]], plots_dir: Path) -> No
             lo, hi = axis.get_xlim()
             ys = axis.get_ylim()
             for reference, style in ((1, ":"), (2, "--")):
-                axis.loglog([lo, hi], [ys[0], ys[0] * (hi / lo) ** reference], "k" + style, linewidth=0.8, label=f"slope {reference}")
+                axis.loglog(
+                    [lo, hi],
+                    [ys[0], ys[0] * (hi / lo) ** reference],
+                    "k" + style,
+                    linewidth=0.8,
+                    label=f"slope {reference}",
+                )
             axis.set_ylim(ys)
             axis.set_xlabel("M" if sweep == "N=256" else "N = M")
             axis.set_ylabel(unit)
@@ -195,12 +215,20 @@ def report(json_path: Path, results_path: Path, plots_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     profile = parser.add_mutually_exclusive_group()
-    profile.add_argument("--full", action="store_const", dest="profile", const="full", help="sizes 512 to 16384, three rounds")
-    profile.add_argument("--smoke", action="store_const", dest="profile", const="smoke", help="sizes 64 and 128: checks the pipeline")
+    profile.add_argument(
+        "--full", action="store_const", dest="profile", const="full", help="sizes 512 to 16384, three rounds"
+    )
+    profile.add_argument(
+        "--smoke", action="store_const", dest="profile", const="smoke", help="sizes 64 and 128: checks the pipeline"
+    )
     parser.add_argument("-k", default="", help="pytest -k expression selecting tests, e.g. 'copy or rwkv'")
     parser.add_argument("--json", type=Path, help="where the benchmark JSON goes")
-    parser.add_argument("--report-only", type=Path, metavar="JSON", help="only redo the table and the plots from this JSON")
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the markdown file that gets the table")
+    parser.add_argument(
+        "--report-only", type=Path, metavar="JSON", help="only redo the table and the plots from this JSON"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=HERE / "RESULTS.md", help="the markdown file that gets the table"
+    )
     parser.add_argument("--plots", type=Path, default=HERE / "plots", help="the folder that gets the plots")
     args = parser.parse_args()
     status = 0
@@ -211,7 +239,9 @@ def main() -> None:
 
         profile_name = args.profile or "quick"
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        json_path = (args.json or HERE / "results" / device / f"{datetime.date.today()}-profile-{profile_name}.json").resolve()
+        json_path = (
+            args.json or HERE / "results" / device / f"{datetime.date.today()}-profile-{profile_name}.json"
+        ).resolve()
         status = run(profile_name, args.k, json_path)
     if json_path.exists():
         report(json_path, args.results.resolve(), args.plots.resolve())

@@ -24,9 +24,9 @@ no CPU backward; the mask variant unfused); its timings mean nothing.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,39 +39,50 @@ HEADS, HEAD_DIM, BATCH = (8, 64, 2) if DEVICE == "cuda" else (2, 16, 1)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
-def timings(forward: Callable[[], torch.Tensor], leaves: List[torch.Tensor], backward: bool) -> Dict[str, Optional[float]]:
+def timings(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> dict[str, float | None]:
     """First-call and median milliseconds of ``forward`` (without autograd unless
     ``backward``) and, when ``backward``, of forward plus the gradients of ``leaves``."""
     if not backward:
         forward = torch.no_grad()(forward)
     grad = torch.randn_like(forward())
-    result = {"fwd_first_call_ms": first_call_ms(forward), "fwd_ms": timed(forward), "fwd_bwd_first_call_ms": None, "fwd_bwd_ms": None}
+    result = {
+        "fwd_first_call_ms": first_call_ms(forward),
+        "fwd_ms": timed(forward),
+        "fwd_bwd_first_call_ms": None,
+        "fwd_bwd_ms": None,
+    }
     if backward:
-        step = lambda: torch.autograd.grad(forward(), leaves, grad)  # noqa: E731
+        step = lambda: torch.autograd.grad(forward(), leaves, grad)
         result.update(fwd_bwd_first_call_ms=first_call_ms(step), fwd_bwd_ms=timed(step))
     return result
 
 
-def mask_case(variant: str, frames: int, grid: int) -> Dict:
+def mask_case(variant: str, frames: int, grid: int) -> dict:
     """One attention over the causal_temporal canvas at ``frames`` x ``grid`` x ``grid``:
     ``variant`` is "flex_block_mask", "sdpa_additive_mask" or "sdpa_no_mask"."""
     from torch.nn.attention.flex_attention import flex_attention
 
     topology, layout = causal_temporal(T=frames, grid=grid)
     positions = layout.num_positions
-    make = lambda: torch.randn(BATCH, HEADS, positions, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)  # noqa: E731
+    make = lambda: torch.randn(BATCH, HEADS, positions, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
     q, k, v = make(), make(), make()
-    result = {"variant": f"{variant}_P{positions}", "positions": positions, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE)}
+    result = {
+        "variant": f"{variant}_P{positions}",
+        "positions": positions,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "dtype": str(DTYPE),
+    }
     reference = None
     if variant != "sdpa_no_mask":
         allowed = topology.to_additive_mask(layout, device=DEVICE) == 0
-        reference = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # noqa: E731
+        reference = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         result["pairs_read"] = int(allowed.sum())
     if variant == "flex_block_mask":
         block_mask = topology.to_block_mask(layout, block_size=128, device=DEVICE, self_attend_unread=True)
         attend = torch.compile(flex_attention) if DEVICE == "cuda" else flex_attention
         inputs = (q, k, v) if DEVICE == "cuda" else (q.detach(), k.detach(), v.detach())
-        forward = lambda: attend(*inputs, block_mask=block_mask)  # noqa: E731
+        forward = lambda: attend(*inputs, block_mask=block_mask)
         rows = -(-positions // 128)
         result["block_density"] = block_mask.kv_num_blocks.sum().item() / rows**2 + (
             block_mask.full_kv_num_blocks.sum().item() / rows**2 if block_mask.full_kv_num_blocks is not None else 0.0
@@ -81,12 +92,12 @@ def mask_case(variant: str, frames: int, grid: int) -> Dict:
     elif variant == "sdpa_additive_mask":
         forward = reference
     else:
-        forward = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        forward = lambda: F.scaled_dot_product_attention(q, k, v)
     result.update(timings(forward, [q, k, v], backward=DEVICE == "cuda" or variant != "flex_block_mask"))
     return result
 
 
-def processor_case() -> Dict:
+def processor_case() -> dict:
     """The tiny CogVideoX with the robot_manipulation topology in its attention, on each
     CanvasAttnProcessor backend (FlexAttention forward only on a CPU)."""
     from canvas_engineering.attn_processor import CanvasAttnProcessor
@@ -96,7 +107,11 @@ def processor_case() -> Dict:
     transformer, _, _, topology, layout = build(frames, height, width, loops=2)
     transformer.to(DEVICE)
     generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, frames, TINY_COGVIDEOX["in_channels"], height, width, generator=generator).to(DEVICE).requires_grad_(True)
+    latents = (
+        torch.randn(2, frames, TINY_COGVIDEOX["in_channels"], height, width, generator=generator)
+        .to(DEVICE)
+        .requires_grad_(True)
+    )
     prompt = torch.randn(2, text, TINY_COGVIDEOX["text_embed_dim"], generator=generator).to(DEVICE)
     timestep = torch.tensor([5, 600], device=DEVICE)
     rotary = tuple(t.to(DEVICE) for t in rotary_tables(TINY_COGVIDEOX, frames, height, width))
@@ -104,7 +119,7 @@ def processor_case() -> Dict:
     outputs = {}
     for backend in ("sdpa", "flex"):
         transformer.set_attn_processor(CanvasAttnProcessor(topology, layout, backend=backend))
-        forward = lambda: transformer(latents, prompt, timestep, image_rotary_emb=rotary, return_dict=False)[0]  # noqa: E731
+        forward = lambda: transformer(latents, prompt, timestep, image_rotary_emb=rotary, return_dict=False)[0]
         with torch.no_grad():
             outputs[backend] = forward().float()
         measured = timings(forward, [latents], backward=DEVICE == "cuda" or backend == "sdpa")
@@ -113,7 +128,7 @@ def processor_case() -> Dict:
     return result
 
 
-def cases() -> List[Case]:
+def cases() -> list[Case]:
     sizes = [(16, 16), (16, 32)] if DEVICE == "cuda" else [(2, 4)]
     variants = [
         (f"{variant}_T{frames}_grid{grid}", partial(mask_case, variant, frames, grid))
@@ -123,7 +138,7 @@ def cases() -> List[Case]:
     return variants + [("cogvideox_processor", processor_case)]
 
 
-def print_table(report: Dict) -> None:
+def print_table(report: dict) -> None:
     print(f"\n{'variant':<28}{'1st fwd ms':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'density':>9}{'max diff':>10}")
     for r in report["results"]:
         if "error" in r:
@@ -131,12 +146,18 @@ def print_table(report: Dict) -> None:
         elif r["variant"] == "cogvideox_processor":
             for backend in ("sdpa", "flex"):
                 bwd = r[f"{backend}_fwd_bwd_ms"]
-                print(f"{'cogvideox_' + backend:<28}{r[f'{backend}_fwd_first_call_ms']:>11.1f}{r[f'{backend}_fwd_ms']:>10.3f}"
-                      f"{'-' if bwd is None else f'{bwd:.3f}':>12}{'':>9}{r['max_abs_diff_flex_vs_sdpa']:>10.2e}")
+                print(
+                    f"{'cogvideox_' + backend:<28}{r[f'{backend}_fwd_first_call_ms']:>11.1f}"
+                    f"{r[f'{backend}_fwd_ms']:>10.3f}"
+                    f"{'-' if bwd is None else f'{bwd:.3f}':>12}{'':>9}{r['max_abs_diff_flex_vs_sdpa']:>10.2e}"
+                )
         else:
             bwd, diff = r["fwd_bwd_ms"], r.get("max_abs_diff_vs_sdpa_mask")
-            print(f"{r['variant']:<28}{r['fwd_first_call_ms']:>11.1f}{r['fwd_ms']:>10.3f}{'-' if bwd is None else f'{bwd:.3f}':>12}"
-                  f"{r.get('block_density', float('nan')):>9.3f}{'' if diff is None else f'{diff:.2e}':>10}")
+            print(
+                f"{r['variant']:<28}{r['fwd_first_call_ms']:>11.1f}{r['fwd_ms']:>10.3f}"
+                f"{'-' if bwd is None else f'{bwd:.3f}':>12}"
+                f"{r.get('block_density', float('nan')):>9.3f}{'' if diff is None else f'{diff:.2e}':>10}"
+            )
 
 
 def main(out_dir: str) -> int:

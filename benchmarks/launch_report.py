@@ -30,14 +30,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
-
 from compile_for_hopper import Launch, attention_runs, compile_sm90, launch_signature, record, resources  # noqa: E402
 
 SMS = 132
@@ -82,7 +80,7 @@ def estimate_us(cost: Cost, programs: int, resident: int, mma: str) -> float:
     return max(floor / fill, waves * cost.serial_steps * LOAD_WAIT_US)
 
 
-_compiled: Dict[str, dict] = {}
+_compiled: dict[str, dict] = {}
 
 
 def describe(launch: Launch) -> dict:
@@ -93,14 +91,14 @@ def describe(launch: Launch) -> dict:
     return _compiled[key]
 
 
-def rows_for(family: str, workload: str, phases: List[tuple]) -> List[dict]:
+def rows_for(family: str, workload: str, phases: list[tuple]) -> list[dict]:
     """One row per launch of each phase ``(name, run, costs)``: what the compile says and
     what ``costs`` says the algorithm needs (by kernel name: a Cost, or a list of one per
     launch of that kernel in the phase). Kernels whose name does not say fwd or bwd are
     labelled with their phase."""
     rows = []
     for phase, run, costs in phases:
-        seen: Dict[str, int] = {}
+        seen: dict[str, int] = {}
         for launch in record(run):
             name = launch.kernel.fn.__name__
             cost = costs[name] if isinstance(costs[name], Cost) else costs[name][seen.get(name, 0)]
@@ -115,14 +113,22 @@ def row(label: str, workload: str, launch: Launch, cost: Cost) -> dict:
     programs = math.prod(launch.grid)
     resident = resident_per_sm(used["registers"], launch.num_warps, used["smem_bytes"])
     return {
-        "kernel": label, "workload": workload, "programs": programs,
-        "registers": used["registers"], "spill_bytes": used["spill_bytes"], "smem_bytes": used["smem_bytes"],
-        "resident_per_sm": resident, "mma": used["mma"], "hbm_bytes": int(cost.hbm_bytes), "flops": int(cost.flops),
-        "floor_us": round(floor_us(cost, used["mma"]), 2), "est_us": round(estimate_us(cost, programs, resident, used["mma"]), 2),
+        "kernel": label,
+        "workload": workload,
+        "programs": programs,
+        "registers": used["registers"],
+        "spill_bytes": used["spill_bytes"],
+        "smem_bytes": used["smem_bytes"],
+        "resident_per_sm": resident,
+        "mma": used["mma"],
+        "hbm_bytes": int(cost.hbm_bytes),
+        "flops": int(cost.flops),
+        "floor_us": round(floor_us(cost, used["mma"]), 2),
+        "est_us": round(estimate_us(cost, programs, resident, used["mma"]), 2),
     }
 
 
-def offsets(lengths: List[int]) -> torch.Tensor:
+def offsets(lengths: list[int]) -> torch.Tensor:
     return torch.empty(len(lengths) + 1, dtype=torch.int32, device=META)
 
 
@@ -131,8 +137,16 @@ def block_table(length: int, block: int) -> tuple:
     return torch.empty(n, dtype=torch.int32, device=META), torch.empty(n, dtype=torch.int32, device=META)
 
 
-def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, heads: int = 8, dtype=torch.bfloat16,
-                   window: int = 64, top_k: int = 8) -> List[dict]:
+def attention_rows(
+    variant: str,
+    length: int,
+    head_dim: int,
+    batch: int = 2,
+    heads: int = 8,
+    dtype=torch.bfloat16,
+    window: int = 64,
+    top_k: int = 8,
+) -> list[dict]:
     """Segment attention on one segment of ``length`` queries and keys: dense, local (a
     window of ``window``) or top-k."""
     from canvas_engineering.kernels import segment_attention as kernels
@@ -143,7 +157,9 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
     tensor = batch * length * heads * head_dim * BYTES[dtype]
     statistics = batch * heads * length * 4
     top = kernels.top_slots(top_k)
-    forward, backward = attention_runs(dtype, length, head_dim, batch, heads, window=window_arg, top_k=top_k if variant == "top-k" else 0)
+    forward, backward = attention_runs(
+        dtype, length, head_dim, batch, heads, window=window_arg, top_k=top_k if variant == "top-k" else 0
+    )
 
     kept = batch * heads * length * top
     gathered = kept * head_dim * BYTES[dtype]
@@ -152,16 +168,28 @@ def attention_rows(variant: str, length: int, head_dim: int, batch: int = 2, hea
         "segment_attention_fwd_kernel": Cost(4 * tensor + 2 * statistics, 4 * pairs * head_dim),
         "segment_attention_bwd_dkdv_kernel": Cost(6 * tensor + 3 * statistics, 8 * pairs * head_dim),
         "segment_attention_bwd_dq_kernel": Cost(5 * tensor + 3 * statistics, 6 * pairs * head_dim),
-        "segment_topk_fwd_kernel": Cost(3 * tensor + gathered + 2 * statistics + entry_bytes, 2 * pairs * head_dim + 2 * kept * head_dim),
-        "segment_topk_bwd_dq_kernel": Cost(3 * tensor + 2 * gathered + 4 * statistics + 3 * entry_bytes, 6 * kept * head_dim),
+        "segment_topk_fwd_kernel": Cost(
+            3 * tensor + gathered + 2 * statistics + entry_bytes, 2 * pairs * head_dim + 2 * kept * head_dim
+        ),
+        "segment_topk_bwd_dq_kernel": Cost(
+            3 * tensor + 2 * gathered + 4 * statistics + 3 * entry_bytes, 6 * kept * head_dim
+        ),
         "segment_topk_bwd_tied_kernel": Cost(2 * statistics, 0),
-        "segment_topk_bwd_dkdv_kernel": Cost(2 * tensor + 2 * gathered + 4 * entry_bytes + 2 * statistics, 4 * kept * head_dim * block),
+        "segment_topk_bwd_dkdv_kernel": Cost(
+            2 * tensor + 2 * gathered + 4 * entry_bytes + 2 * statistics, 4 * kept * head_dim * block
+        ),
     }
-    name = f"attention-{variant}" + (f"-w{window}" if variant == "local" else f"-k{top_k}" if variant == "top-k" else "")
-    return rows_for(name, f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", forward, costs), ("bwd", backward, costs)])
+    name = f"attention-{variant}" + (
+        f"-w{window}" if variant == "local" else f"-k{top_k}" if variant == "top-k" else ""
+    )
+    return rows_for(
+        name,
+        f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}",
+        [("fwd", forward, costs), ("bwd", backward, costs)],
+    )
 
 
-def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> List[dict]:
+def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> list[dict]:
     """The RWKV WKV scan over one sequence of ``length`` steps. The backward recomputes each
     step's sums from its part's: the steps it re-reads for that (on average ``(TILE - 1) / 2 +
     steps / (2 TILE)`` per step, from the part's few kilobytes of k and v) are counted as FLOPs,
@@ -173,8 +201,8 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
     cu = offsets([length])
 
     part_state = torch.empty(wkv.part_state_shape(k, cu), device=META)
-    run = lambda: wkv.wkv_fwd(k, v, w, w, cu)  # noqa: E731
-    backward = lambda: wkv.wkv_bwd(k, k, v, w, w, part_state, cu)  # noqa: E731
+    run = lambda: wkv.wkv_fwd(k, v, w, w, cu)
+    backward = lambda: wkv.wkv_bwd(k, k, v, w, w, part_state, cu)
 
     elements = batch * length * heads * head_dim
     size = BYTES[dtype]
@@ -187,12 +215,18 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
         "wkv_fwd_state_kernel": Cost(2 * elements * size + 3 * part_bytes, 6 * elements, steps),
         "wkv_fwd_kernel": Cost(3 * elements * size + 3 * carried, 16 * elements, steps),
         "wkv_bwd_state_kernel": Cost(3 * elements * size + 3 * carried + 4 * part_bytes, 26 * elements, steps),
-        "wkv_bwd_kernel": Cost(5 * elements * size + 2 * part_bytes + 7 * carried, (30 + 8 * recomputed_steps) * elements, steps),
+        "wkv_bwd_kernel": Cost(
+            5 * elements * size + 2 * part_bytes + 7 * carried, (30 + 8 * recomputed_steps) * elements, steps
+        ),
     }
-    return rows_for("wkv", f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+    return rows_for(
+        "wkv",
+        f"M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}",
+        [("fwd", run, costs), ("bwd", backward, costs)],
+    )
 
 
-def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtype=torch.bfloat16) -> List[dict]:
+def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtype=torch.bfloat16) -> list[dict]:
     """The S6 selective scan over one sequence of ``length`` steps."""
     from canvas_engineering.kernels import selective_scan
 
@@ -205,8 +239,8 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     chunk_offsets = torch.empty(2, dtype=torch.int32, device=META)
 
     checkpoints = torch.empty(batch, n_chunks, channels, state, device=META)
-    run = lambda: selective_scan.selective_scan_fwd(x, dt, a, bm, c, skip, cu, chunk_offsets, n_chunks)  # noqa: E731
-    backward = lambda: selective_scan.selective_scan_bwd(x, x, dt, a, bm, c, skip, checkpoints, cu, chunk_offsets)  # noqa: E731
+    run = lambda: selective_scan.selective_scan_fwd(x, dt, a, bm, c, skip, cu, chunk_offsets, n_chunks)
+    backward = lambda: selective_scan.selective_scan_bwd(x, x, dt, a, bm, c, skip, checkpoints, cu, chunk_offsets)
 
     size = BYTES[dtype]
     rows = batch * length
@@ -222,15 +256,28 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     costs = {
         "selective_scan_fwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
         "selective_scan_group_kernel": Cost(chunk_bytes * (1 + 1 / group), 4 * batch * n_chunks * channels * state),
-        "selective_scan_fwd_kernel": Cost(rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk),
+        "selective_scan_fwd_kernel": Cost(
+            rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk
+        ),
         "selective_scan_bwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
-        "selective_scan_bwd_kernel": Cost(rows * (7 * channels + 3 * state) * size + 2 * groups * rows * state * 4
-                                          + carried + 3 * chunk_bytes + 2 * states * 4, 14 * states, 2 * chunk * walks),
+        "selective_scan_bwd_kernel": Cost(
+            rows * (7 * channels + 3 * state) * size
+            + 2 * groups * rows * state * 4
+            + carried
+            + 3 * chunk_bytes
+            + 2 * states * 4,
+            14 * states,
+            2 * chunk * walks,
+        ),
     }
-    return rows_for("selective-scan", f"M{length}-B{batch}-D{channels}-N{state}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+    return rows_for(
+        "selective-scan",
+        f"M{length}-B{batch}-D{channels}-N{state}-{SHORT[dtype]}",
+        [("fwd", run, costs), ("bwd", backward, costs)],
+    )
 
 
-def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtype=torch.bfloat16) -> List[dict]:
+def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtype=torch.bfloat16) -> list[dict]:
     """Linear attention on one segment of ``length`` queries reading one key set of ``length``."""
     from canvas_engineering.kernels import linear_attention
 
@@ -242,8 +289,10 @@ def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtyp
     padded = max(16, head_dim)
     state = torch.empty(batch, heads, 1, padded, padded, device=META)
     normaliser = torch.empty(batch, heads, 1, padded, device=META)
-    run = lambda: linear_attention.linear_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 1e-6)  # noqa: E731
-    backward = lambda: linear_attention.linear_attention_bwd(q, q, k, v, q, state, normaliser, cu, cu, keyset, *blocks, 1e-6)  # noqa: E731
+    run = lambda: linear_attention.linear_attention_fwd(q, k, v, cu, cu, keyset, *blocks, 1e-6)
+    backward = lambda: linear_attention.linear_attention_bwd(
+        q, q, k, v, q, state, normaliser, cu, cu, keyset, *blocks, 1e-6
+    )
 
     tensor = batch * length * heads * head_dim * BYTES[dtype]
     state_bytes = batch * heads * head_dim * (head_dim + 1) * 4
@@ -255,10 +304,14 @@ def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtyp
         "linear_query_bwd_kernel": Cost(4 * tensor + state_bytes + partials, 2 * products),
         "linear_key_bwd_kernel": Cost(4 * tensor + state_bytes, 2 * products),
     }
-    return rows_for("linear-attention", f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}", [("fwd", run, costs), ("bwd", backward, costs)])
+    return rows_for(
+        "linear-attention",
+        f"N{length}-M{length}-B{batch}-H{heads}-d{head_dim}-{SHORT[dtype]}",
+        [("fwd", run, costs), ("bwd", backward, costs)],
+    )
 
 
-def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=torch.float32) -> List[dict]:
+def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=torch.float32) -> list[dict]:
     """Hyena's gated FFT convolution: ``rows // length`` segments of ``length`` rows (a power
     of two: the FFT length too), one batch row."""
     from canvas_engineering.kernels import fftconv
@@ -270,8 +323,8 @@ def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=to
     cu = offsets([length] * segments)
     classes = torch.empty(segments, dtype=torch.int32, device=META)
 
-    run = lambda: fftconv.fftconv_fwd(mixed, gate, spectrum, cu, classes, [fft], [segments])  # noqa: E731
-    backward = lambda: fftconv.fftconv_bwd(mixed, mixed, gate, spectrum, cu, classes, [fft], [segments])  # noqa: E731
+    run = lambda: fftconv.fftconv_fwd(mixed, gate, spectrum, cu, classes, [fft], [segments])
+    backward = lambda: fftconv.fftconv_bwd(mixed, mixed, gate, spectrum, cu, classes, [fft], [segments])
 
     size = BYTES[dtype]
     elements = rows * channels
@@ -305,22 +358,39 @@ def torch_fft_row(workload: str, elements: int, size: int, length: int) -> dict:
     hbm = elements * (3 * size + 32)
     flops = 2 * 2.5 * math.log2(length) * elements
     floor = max(hbm / BANDWIDTH, flops / RATES["none"]) * 1e6
-    return {"kernel": "fftconv/torch.fft[eager fwd, floor only]", "workload": workload, "programs": None, "registers": None,
-            "spill_bytes": None, "smem_bytes": None, "resident_per_sm": None, "mma": "none", "hbm_bytes": hbm, "flops": int(flops),
-            "floor_us": round(floor, 2), "est_us": round(floor, 2)}
+    return {
+        "kernel": "fftconv/torch.fft[eager fwd, floor only]",
+        "workload": workload,
+        "programs": None,
+        "registers": None,
+        "spill_bytes": None,
+        "smem_bytes": None,
+        "resident_per_sm": None,
+        "mma": "none",
+        "hbm_bytes": hbm,
+        "flops": int(flops),
+        "floor_us": round(floor, 2),
+        "est_us": round(floor, 2),
+    }
 
 
-def workloads() -> List[tuple]:
+def workloads() -> list[tuple]:
     """Every reference workload: (label, the function giving its rows)."""
     jobs = []
     for length in (4096, 16384):
         for head_dim in (64, 128):
             shape = f"N{length}-d{head_dim}"
             for variant in ("dense", "local", "top-k"):
-                jobs.append((f"attention-{variant} {shape}", lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d)))
+                jobs.append(
+                    (f"attention-{variant} {shape}", lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d))
+                )
                 if length == 4096:
-                    jobs.append((f"attention-{variant} {shape}-fp32",
-                                 lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d, dtype=torch.float32)))
+                    jobs.append(
+                        (
+                            f"attention-{variant} {shape}-fp32",
+                            lambda v=variant, n=length, d=head_dim: attention_rows(v, n, d, dtype=torch.float32),
+                        )
+                    )
             jobs.append((f"linear-attention {shape}", lambda n=length, d=head_dim: linear_rows(n, d)))
     jobs.append(("wkv M4096-H4", lambda: wkv_rows(4096, 2, 4, 64)))
     jobs.append(("wkv M16384-H8", lambda: wkv_rows(16384, 2, 8, 64)))
@@ -332,26 +402,42 @@ def workloads() -> List[tuple]:
     return jobs
 
 
-COLUMNS = ("kernel", "workload", "programs", "registers", "spill_bytes", "smem_bytes", "resident_per_sm", "mma", "hbm_bytes", "flops", "floor_us", "est_us")
+COLUMNS = (
+    "kernel",
+    "workload",
+    "programs",
+    "registers",
+    "spill_bytes",
+    "smem_bytes",
+    "resident_per_sm",
+    "mma",
+    "hbm_bytes",
+    "flops",
+    "floor_us",
+    "est_us",
+)
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: list[dict]) -> str:
     """A Markdown table of the rows (est_us: the estimate of the module docstring)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def report(only: Optional[List[str]] = None) -> List[dict]:
+def report(only: list[str] | None = None) -> list[dict]:
     """The rows of every workload whose label contains one of ``only`` (all when None)."""
     return [row for label, job in workloads() if not only or any(part in label for part in only) for row in job()]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows as a JSON list here")
-    parser.add_argument("--only", action="append", help="run only the workloads whose label (family and shape, e.g. 'wkv M4096') "
-                        "contains this (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only the workloads whose label (family and shape, e.g. 'wkv M4096') contains this (repeatable)",
+    )
     args = parser.parse_args(argv)
     rows = report(args.only)
     print("Estimates from sm_90 compiles and counted work; no GPU ran (see the module docstring).")

@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict
 
 HERE = Path(__file__).resolve().parent
 
 
-def measure(T: int, grid: int, block_size: int) -> Dict[str, float]:
+def measure(T: int, grid: int, block_size: int) -> dict[str, float]:
     """``{"positions", "block_size", "all_blocks", "computed_blocks", "peak_bytes", "seconds"}``
     of one ``to_block_mask`` call on the causal_temporal canvas (computed blocks: partial
     and full)."""
@@ -36,14 +35,25 @@ def measure(T: int, grid: int, block_size: int) -> Dict[str, float]:
     tracker.stop()
     blocks = block_mask.kv_indices.shape[-1]
     computed = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
-    return {"positions": layout.num_positions, "block_size": block_size, "all_blocks": blocks ** 2,
-            "computed_blocks": computed, "peak_bytes": peak, "seconds": seconds}
+    return {
+        "positions": layout.num_positions,
+        "block_size": block_size,
+        "all_blocks": blocks**2,
+        "computed_blocks": computed,
+        "peak_bytes": peak,
+        "seconds": seconds,
+    }
 
 
-def block_mask_peak(T: int, grid: int, block_size: int) -> Dict[str, float]:
+def block_mask_peak(T: int, grid: int, block_size: int) -> dict[str, float]:
     """:func:`measure` in a fresh Python process."""
-    completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(T), str(grid), str(block_size)],
-                               capture_output=True, text=True, check=True, cwd=HERE)
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(T), str(grid), str(block_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE,
+    )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

@@ -16,10 +16,8 @@ import os
 import sys
 import threading
 import time
-from typing import Dict
 
 import torch
-
 from scaling import build_case, timed_call
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -70,16 +68,23 @@ class CudaPeak:
         pass
 
 
-def measure(module: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> Dict[str, float]:
+def measure(module: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> dict[str, float]:
     """``{"peak_bytes", "seconds"}`` of one forward+backward of ``module(queries, keys, keys)``
     and ``{"forward_peak_bytes", "forward_seconds"}`` of its forward part (the peak when the
     forward returns), on the inputs' device."""
     tracker = CudaPeak(queries.device) if queries.device.type == "cuda" else ResidentPeak()
     forward_peak = []
-    forward_seconds, seconds = timed_call(lambda: module(queries, keys, keys), queries.device, lambda: forward_peak.append(tracker.read()))
+    forward_seconds, seconds = timed_call(
+        lambda: module(queries, keys, keys), queries.device, lambda: forward_peak.append(tracker.read())
+    )
     peak = tracker.read()
     tracker.stop()
-    return {"peak_bytes": peak, "seconds": seconds, "forward_peak_bytes": forward_peak[0], "forward_seconds": forward_seconds}
+    return {
+        "peak_bytes": peak,
+        "seconds": seconds,
+        "forward_peak_bytes": forward_peak[0],
+        "forward_seconds": forward_seconds,
+    }
 
 
 if __name__ == "__main__":

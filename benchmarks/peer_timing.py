@@ -26,13 +26,13 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
 
 
-def time_on_peer(spec: Dict[str, Any]) -> Dict[str, Any]:
+def time_on_peer(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs this script on the peer in a subprocess for ``spec``; returns its result.
 
     Raises RuntimeError with the end of the peer's error output when the run fails.
@@ -46,8 +46,12 @@ def time_on_peer(spec: Dict[str, Any]) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         spec_path, result_path = Path(work) / "spec.pt", Path(work) / "result.json"
         torch.save(spec, spec_path)
-        completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec_path), str(result_path)],
-                                   env={**os.environ, "PYTHONPATH": str(peer_dir())}, capture_output=True, text=True)
+        completed = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), str(spec_path), str(result_path)],
+            env={**os.environ, "PYTHONPATH": str(peer_dir())},
+            capture_output=True,
+            text=True,
+        )
         if completed.returncode:
             raise RuntimeError(f"the peer run failed ({completed.returncode}):\n{completed.stderr[-2000:]}")
         return json.loads(result_path.read_text())
@@ -78,15 +82,23 @@ def main(spec_path: str, result_path: str) -> None:
     spec = torch.load(spec_path, weights_only=False)
     device = torch.device(spec.get("device", "cpu"))
     if "module" in spec:
-        module, queries, keys = build_case(spec["module"], spec.get("queries", spec["length"]), spec["length"], spec.get("options", {}),
-                                           device, spec["d_model"], spec["n_heads"], spec["batch"])
-        run = lambda: module(queries, keys, keys)  # noqa: E731
+        module, queries, keys = build_case(
+            spec["module"],
+            spec.get("queries", spec["length"]),
+            spec["length"],
+            spec.get("options", {}),
+            device,
+            spec["d_model"],
+            spec["n_heads"],
+            spec["batch"],
+        )
+        run = lambda: module(queries, keys, keys)
     else:
         torch.manual_seed(0)
         topology, layout = build_declarations(package, spec["declarations"])
         dispatcher = package.AttentionDispatcher(topology, layout, spec["d_model"], spec["n_heads"]).to(device)
         x = torch.randn(spec["batch"], layout.num_positions, spec["d_model"], device=device, requires_grad=True)
-        run = lambda: dispatcher(x)  # noqa: E731
+        run = lambda: dispatcher(x)
     forward_times, times = [], []
     for round_index in range(spec["rounds"] + 1):
         timer = give_up_after(spec["limit_s"], result_path) if "limit_s" in spec else None
@@ -97,7 +109,14 @@ def main(spec_path: str, result_path: str) -> None:
             forward_times.append(forward)
             times.append(total)
     Path(result_path).write_text(
-        json.dumps({"times_s": times, "forward_times_s": forward_times, "torch": torch.__version__, "package": package.__file__})
+        json.dumps(
+            {
+                "times_s": times,
+                "forward_times_s": forward_times,
+                "torch": torch.__version__,
+                "package": package.__file__,
+            }
+        )
     )
 
 

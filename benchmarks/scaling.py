@@ -16,8 +16,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
@@ -26,8 +26,15 @@ D_MODEL, N_HEADS = 256, 4
 
 
 def build_case(
-    name: str, n: int, m: int, options: Dict, device: str = "cpu", d_model: int = D_MODEL, n_heads: int = N_HEADS, batch: int = 1
-) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    name: str,
+    n: int,
+    m: int,
+    options: dict,
+    device: str = "cpu",
+    d_model: int = D_MODEL,
+    n_heads: int = N_HEADS,
+    batch: int = 1,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """(module, queries (batch, n, d_model), keys (batch, m, d_model)) on ``device``, seeded with 0.
 
     The module comes from ``canvas_engineering.create_attention`` as found on ``sys.path``:
@@ -61,7 +68,7 @@ def call(module: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor, mod
 
 def timed_call(
     run: Callable[[], torch.Tensor], device: torch.device, on_forward: Callable[[], None] = lambda: None
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """(forward seconds, forward+backward seconds) of one call of ``run()`` and its backward.
 
     ``run`` returns the output; the forward's time is read when it returns (after a device
@@ -79,7 +86,7 @@ def timed_call(
     return forward, time.perf_counter() - start
 
 
-def peak_memory(name: str, n: int, m: int, options: Dict, device: str = "cpu") -> Dict[str, float]:
+def peak_memory(name: str, n: int, m: int, options: dict, device: str = "cpu") -> dict[str, float]:
     """Peak memory and time of one forward+backward call and of its forward part:
     ``{"peak_bytes", "seconds", "forward_peak_bytes", "forward_seconds"}``.
 
@@ -97,7 +104,10 @@ def peak_memory(name: str, n: int, m: int, options: Dict, device: str = "cpu") -
     script = Path(__file__).resolve().parent / "peak_memory.py"
     completed = subprocess.run(
         [sys.executable, str(script), name, str(n), str(m), json.dumps(options)],
-        check=True, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

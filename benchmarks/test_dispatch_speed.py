@@ -28,7 +28,9 @@ PEER_ROUNDS = int(os.environ.get("PEER_ROUNDS", "3"))
 
 def peer_times(declarations) -> list:
     """The peer's forward+backward times in seconds for these declarations."""
-    return run_peer_timing({"declarations": declarations, "d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "rounds": PEER_ROUNDS})
+    return run_peer_timing(
+        {"declarations": declarations, "d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "rounds": PEER_ROUNDS}
+    )
 
 
 def run_peer_timing(job: dict) -> list:
@@ -61,4 +63,7 @@ def test_dispatcher_forward_backward(benchmark, canvas):
             "threads": torch.get_num_threads(),
         }
     )
-    print(f"\n{canvas}: ours {ours * 1e3:.1f} ms, peer {statistics.median(peer) * 1e3:.1f} ms, {statistics.median(peer) / ours:.1f}x")
+    print(
+        f"\n{canvas}: ours {ours * 1e3:.1f} ms, peer {statistics.median(peer) * 1e3:.1f} ms, "
+        f"{statistics.median(peer) / ours:.1f}x"
+    )

@@ -39,9 +39,14 @@ def test_scaling(benchmark, name, size):
     ours = benchmark.stats.stats.median
     benchmark.extra_info.update({"n": size, "m": size, **options})
     if size == PEER_SIZE:
-        peer = run_peer_timing({"module": name, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 3, "options": options})
+        peer = run_peer_timing(
+            {"module": name, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 3, "options": options}
+        )
         benchmark.extra_info.update({"peer_times_s": peer, "speedup_vs_peer": statistics.median(peer) / ours})
-        print(f"\n{name} {size}: ours {ours * 1e3:.1f} ms, peer {statistics.median(peer) * 1e3:.1f} ms, {statistics.median(peer) / ours:.2f}x")
+        print(
+            f"\n{name} {size}: ours {ours * 1e3:.1f} ms, peer {statistics.median(peer) * 1e3:.1f} ms, "
+            f"{statistics.median(peer) / ours:.2f}x"
+        )
     runs = measured.setdefault(name, {})
     runs[size] = ours
     if len(runs) == len(sizes):

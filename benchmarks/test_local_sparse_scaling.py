@@ -40,11 +40,16 @@ def test_local_scaling(benchmark, series, size):
         sizes = sorted(runs)
         benchmark.extra_info["time_slope"] = loglog_slope(sizes, [runs[s][0] for s in sizes])
         benchmark.extra_info["memory_slope"] = loglog_slope(sizes, [runs[s][1] for s in sizes])
-        print(f"\n{series}: time slope {benchmark.extra_info['time_slope']:.2f}, memory slope {benchmark.extra_info['memory_slope']:.2f}")
+        print(
+            f"\n{series}: time slope {benchmark.extra_info['time_slope']:.2f}, "
+            f"memory slope {benchmark.extra_info['memory_slope']:.2f}"
+        )
 
 
 def test_sparse_at_16k(benchmark):
     """Top-k attention at N = M = 16384: peak memory of forward+backward, in a fresh process."""
-    memory = benchmark.pedantic(lambda: peak_memory("sparse_attention", 16384, 16384, {"top_k": 8}), rounds=1, iterations=1)
+    memory = benchmark.pedantic(
+        lambda: peak_memory("sparse_attention", 16384, 16384, {"top_k": 8}), rounds=1, iterations=1
+    )
     benchmark.extra_info.update({"n": 16384, "m": 16384, "top_k": 8, **memory})
     print(f"\nsparse_attention 16384: peak +{memory['peak_bytes'] / 2**20:.0f} MiB in {memory['seconds']:.1f} s")

@@ -60,8 +60,10 @@ def test_attention_mask(benchmark, canvas, positions):
             "threads": torch.get_num_threads(),
         }
     )
-    print(f"\n{canvas} at {positions}: ours {ours * 1e3:.2f} ms, peer {statistics.median(peer) * 1e3:.0f} ms, "
-          f"{statistics.median(peer) / ours:.0f}x")
+    print(
+        f"\n{canvas} at {positions}: ours {ours * 1e3:.2f} ms, peer {statistics.median(peer) * 1e3:.0f} ms, "
+        f"{statistics.median(peer) / ours:.0f}x"
+    )
 
 
 @pytest.mark.parametrize("T, grid", [(16, 16), (16, 32)])
@@ -70,5 +72,7 @@ def test_block_mask(benchmark, T, grid):
     benchmark.pedantic(lambda: topology.to_block_mask(layout, 128), rounds=10, warmup_rounds=1)
     fresh = block_mask_peak(T, grid, 128)
     benchmark.extra_info.update({**fresh, "torch": torch.__version__, "threads": torch.get_num_threads()})
-    print(f"\nblock mask at {layout.num_positions}: {benchmark.stats.stats.median * 1e3:.1f} ms, "
-          f"{fresh['computed_blocks']} of {fresh['all_blocks']} blocks, peak {fresh['peak_bytes'] / 2 ** 20:.1f} MiB")
+    print(
+        f"\nblock mask at {layout.num_positions}: {benchmark.stats.stats.median * 1e3:.1f} ms, "
+        f"{fresh['computed_blocks']} of {fresh['all_blocks']} blocks, peak {fresh['peak_bytes'] / 2**20:.1f} MiB"
+    )

@@ -43,7 +43,10 @@ def test_scan_scaling(benchmark, name, queries, size):
         job = {"module": name, "queries": n, "length": size, "d_model": 256, "n_heads": 4, "batch": 1, "rounds": 2}
         peer = run_peer_timing(job)
         benchmark.extra_info.update({"peer_times_s": peer, "speedup_vs_peer": statistics.median(peer) / ours})
-        print(f"\n{name} {queries} M={size}: ours {ours:.3f} s, peer {statistics.median(peer):.3f} s, {statistics.median(peer) / ours:.1f}x")
+        print(
+            f"\n{name} {queries} M={size}: ours {ours:.3f} s, peer {statistics.median(peer):.3f} s, "
+            f"{statistics.median(peer) / ours:.1f}x"
+        )
     runs = measured.setdefault((name, queries), {})
     runs[size] = ours
     if len(runs) == len(SIZES):

@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import torch
@@ -35,7 +34,12 @@ from scaling import D_MODEL, MODES, N_HEADS, build_case, call, peak_memory  # no
 PROFILES = {
     "smoke": {"sizes": [64, 128], "rounds": 1, "peer_sizes": {"N=M": 128, "N=256": 128}, "peer_rounds": 1},
     "quick": {"sizes": [256, 1024, 4096], "rounds": 1, "peer_sizes": {"N=M": 1024, "N=256": 4096}, "peer_rounds": 1},
-    "full": {"sizes": [512, 1024, 2048, 4096, 8192, 16384], "rounds": 3, "peer_sizes": {"N=M": 4096, "N=256": 16384}, "peer_rounds": 2},
+    "full": {
+        "sizes": [512, 1024, 2048, 4096, 8192, 16384],
+        "rounds": 3,
+        "peer_sizes": {"N=M": 4096, "N=256": 16384},
+        "peer_rounds": 2,
+    },
 }
 PROFILE_NAME = os.environ.get("PROFILE", "quick")
 if PROFILE_NAME not in PROFILES:
@@ -47,22 +51,32 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWEEPS = {"N=M": lambda size: (size, size), "N=256": lambda size: (256, size)}
 OPTIONS = {"hyena": {"max_len": max(max(SWEEPS[sweep](size)) for sweep in SWEEPS for size in SIZES)}}
 PEER_KEYS = {"forward": "forward_times_s", "forward+backward": "times_s"}
-peer_runs: Dict = {}
-memory_runs: Dict = {}
+peer_runs: dict = {}
+memory_runs: dict = {}
 
 
-def peer_measurement(name: str, sweep: str) -> Dict:
+def peer_measurement(name: str, sweep: str) -> dict:
     """The peer's times for ``name`` in ``sweep``, at the largest size up to the peer size
     where every call finished within PEER_LIMIT_S: {"n", "m", "times_s": {mode: [...]},
     "too_slow": [[n, m], ...], "limit_s"}; "n", "m" and "times_s" are absent if it finished
     at no size, and "failed" holds the end of its error output if it failed."""
     if (name, sweep) not in peer_runs:
-        measured: Dict = {"too_slow": [], "limit_s": PEER_LIMIT_S}
+        measured: dict = {"too_slow": [], "limit_s": PEER_LIMIT_S}
         for size in sorted((s for s in SIZES if s <= PROFILE["peer_sizes"][sweep]), reverse=True):
             n, m = SWEEPS[sweep](size)
             print(f"\n    0.5.0 {name} N={n} M={m}:", end="", flush=True)
-            spec = {"module": name, "queries": n, "length": m, "options": OPTIONS.get(name, {}), "d_model": D_MODEL,
-                    "n_heads": N_HEADS, "batch": 1, "rounds": PROFILE["peer_rounds"], "device": DEVICE, "limit_s": PEER_LIMIT_S}
+            spec = {
+                "module": name,
+                "queries": n,
+                "length": m,
+                "options": OPTIONS.get(name, {}),
+                "d_model": D_MODEL,
+                "n_heads": N_HEADS,
+                "batch": 1,
+                "rounds": PROFILE["peer_rounds"],
+                "device": DEVICE,
+                "limit_s": PEER_LIMIT_S,
+            }
             try:
                 result = time_on_peer(spec)
             except RuntimeError as error:
@@ -94,8 +108,17 @@ def test_type_scaling(benchmark, name, sweep, size, mode):
         memory_runs[(name, n, m)] = peak_memory(name, n, m, dict(options), DEVICE)
     memory = memory_runs[(name, n, m)]
     benchmark.extra_info.update(
-        {"type": name, "sweep": sweep, "n": n, "m": m, "mode": mode, "profile": PROFILE_NAME, "device": DEVICE,
-         "torch": torch.__version__, "peak_bytes": memory["forward_peak_bytes" if mode == "forward" else "peak_bytes"]}
+        {
+            "type": name,
+            "sweep": sweep,
+            "n": n,
+            "m": m,
+            "mode": mode,
+            "profile": PROFILE_NAME,
+            "device": DEVICE,
+            "torch": torch.__version__,
+            "peak_bytes": memory["forward_peak_bytes" if mode == "forward" else "peak_bytes"],
+        }
     )
     if size == PROFILE["peer_sizes"][sweep]:
         peer = peer_measurement(name, sweep)

@@ -29,6 +29,7 @@ def _link_source_kernels() -> None:
 
 _link_source_kernels()
 
+from canvas_engineering.action_heads import ActionHead
 from canvas_engineering.attention import (
     ATTENTION_REGISTRY,
     ATTENTION_TYPES,
@@ -53,7 +54,6 @@ from canvas_engineering.attention import (
     create_attention,
     register_attention,
 )
-from canvas_engineering.action_heads import ActionHead
 from canvas_engineering.attn_processor import CanvasAttnProcessor
 from canvas_engineering.canvas import CanvasLayout, RegionSpec
 from canvas_engineering.cogvideox import LoopedCogVideoXBlock, detect_inner_dim

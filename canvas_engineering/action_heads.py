@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -20,7 +18,7 @@ class ActionHead(nn.Module):
         hidden_dim: hidden width; ``None`` (or 0) gives ``max(latent_channels // 2, 8)``.
     """
 
-    def __init__(self, latent_channels: int = 16, action_dim: int = 7, hidden_dim: Optional[int] = None) -> None:
+    def __init__(self, latent_channels: int = 16, action_dim: int = 7, hidden_dim: int | None = None) -> None:
         super().__init__()
         self.latent_channels = positive_int(latent_channels, "ActionHead: latent_channels")
         action_dim = positive_int(action_dim, "ActionHead: action_dim")
@@ -43,7 +41,9 @@ class ActionHead(nn.Module):
         """
         if not isinstance(noise_pred, torch.Tensor) or noise_pred.dim() < 2:
             got = tuple(noise_pred.shape) if isinstance(noise_pred, torch.Tensor) else type(noise_pred).__name__
-            raise ValueError(f"ActionHead: expected noise_pred of shape (B, T, C, *spatial), (B, N, C) or (B, C), got {got}")
+            raise ValueError(
+                f"ActionHead: expected noise_pred of shape (B, T, C, *spatial), (B, N, C) or (B, C), got {got}"
+            )
         channel_axis = 2 if noise_pred.dim() >= 4 else noise_pred.dim() - 1
         if noise_pred.shape[channel_axis] != self.latent_channels:
             raise ValueError(

@@ -13,7 +13,6 @@ output projection) is what diffusers' ``CogVideoXAttnProcessor2_0`` computes.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from canvas_engineering.plan import resolve_connections
 BACKENDS = ("flex", "sdpa")
 
 
-def token_grid(config, num_frames: int, height: int, width: int) -> Tuple[int, int, int]:
+def token_grid(config, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The ``(frames, rows, cols)`` token grid a CogVideoX transformer makes of latents of
     ``num_frames`` x ``height`` x ``width``: the canvas grid of a layout for
     :class:`CanvasAttnProcessor` (``CanvasLayout(T=frames, H=rows, W=cols, ...)``).
@@ -51,7 +50,7 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos.to(x.device) + turned.float() * sin.to(x.device)).to(x.dtype)
 
 
-def block_table(counts: Optional[torch.Tensor], indices: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+def block_table(counts: torch.Tensor | None, indices: torch.Tensor | None, rows: int) -> torch.Tensor:
     """A BlockMask's ``(1, 1, rows)`` counts and ``(1, 1, rows, cols)`` indices as a dense
     ``(rows, cols)`` bool table of the blocks they list (all False when None)."""
     if counts is None:
@@ -85,7 +84,9 @@ class CanvasAttnProcessor:
             region the layout lacks, a bad block size or an unknown backend.
     """
 
-    def __init__(self, topology: CanvasTopology, layout: CanvasLayout, block_size: int = 128, backend: Optional[str] = None) -> None:
+    def __init__(
+        self, topology: CanvasTopology, layout: CanvasLayout, block_size: int = 128, backend: str | None = None
+    ) -> None:
         if not isinstance(topology, CanvasTopology):
             raise TypeError(f"CanvasAttnProcessor: topology must be a CanvasTopology, got {type(topology).__name__}")
         if not isinstance(layout, CanvasLayout):
@@ -102,16 +103,16 @@ class CanvasAttnProcessor:
         self.layout = layout
         self.block_size = positive_int(block_size, "CanvasAttnProcessor: block_size")
         self.backend = backend
-        self._masks: Dict[tuple, object] = {}
+        self._masks: dict[tuple, object] = {}
 
     def __call__(
         self,
         attn,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        image_rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One attention of a CogVideoX block.
 
         Args:
@@ -126,7 +127,9 @@ class CanvasAttnProcessor:
             ``(hidden_states, encoder_hidden_states)``: ``(B, P, inner_dim)`` and ``(B, L, inner_dim)``.
         """
         if attention_mask is not None:
-            raise ValueError("CanvasAttnProcessor: attention_mask is not supported (the topology is the mask); got a tensor")
+            raise ValueError(
+                "CanvasAttnProcessor: attention_mask is not supported (the topology is the mask); got a tensor"
+            )
         video = self.layout.num_positions
         if hidden_states.dim() != 3 or hidden_states.shape[1] != video:
             raise ValueError(
@@ -137,7 +140,8 @@ class CanvasAttnProcessor:
         text = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         query, key, value = (
-            projection(joint).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for projection in (attn.to_q, attn.to_k, attn.to_v)
+            projection(joint).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            for projection in (attn.to_q, attn.to_k, attn.to_v)
         )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -149,7 +153,9 @@ class CanvasAttnProcessor:
                 key = torch.cat([key[:, :, :text], rotated(key[:, :, text:], *image_rotary_emb)], dim=2)
         backend = self.backend or ("flex" if query.is_cuda else "sdpa")
         if backend == "sdpa":
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=self.joint_additive_mask(text, query))
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=self.joint_additive_mask(text, query)
+            )
         else:
             attended = self.flex(query, key, value, text)
         attended = attn.to_out[1](attn.to_out[0](attended.transpose(1, 2).flatten(2)))
@@ -180,7 +186,9 @@ class CanvasAttnProcessor:
         topology_mask = self.topology.to_block_mask(self.layout, size, device=device, self_attend_unread=True)
         video_blocks, blocks = -(-video // size), -(-total // size)
         partial = block_table(topology_mask.kv_num_blocks, topology_mask.kv_indices, video_blocks)[:, :video_blocks]
-        full = block_table(topology_mask.full_kv_num_blocks, topology_mask.full_kv_indices, video_blocks)[:, :video_blocks]
+        full = block_table(topology_mask.full_kv_num_blocks, topology_mask.full_kv_indices, video_blocks)[
+            :, :video_blocks
+        ]
         starts = torch.arange(blocks, device=device) * size
         holds_text, only_text, whole = starts + size > video, starts >= video, starts + size <= total
         touched = holds_text[:, None] | holds_text[None, :]
@@ -195,7 +203,11 @@ class CanvasAttnProcessor:
             return with_text | video_pairs(b, h, q_idx.clamp(max=video - 1), kv_idx.clamp(max=video - 1))
 
         block_mask = BlockMask.from_kv_blocks(
-            *block_rows(touched & ~complete), *block_rows(complete), BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(total, total)
+            *block_rows(touched & ~complete),
+            *block_rows(complete),
+            BLOCK_SIZE=size,
+            mask_mod=mask_mod,
+            seq_lengths=(total, total),
         )
         self._masks[cache_key] = block_mask
         return block_mask
@@ -205,7 +217,9 @@ class CanvasAttnProcessor:
         with :meth:`joint_block_mask` and returned in the order ``[text, video]``;
         ``(B, heads, L + P, head_dim)`` each."""
         block_mask = self.joint_block_mask(text, query.device)
-        attended = compiled_flex_attention()(rolled(query, text), rolled(key, text), rolled(value, text), block_mask=block_mask)
+        attended = compiled_flex_attention()(
+            rolled(query, text), rolled(key, text), rolled(value, text), block_mask=block_mask
+        )
         return rolled(attended, self.layout.num_positions)
 
 
@@ -214,7 +228,7 @@ def rolled(x: torch.Tensor, first: int) -> torch.Tensor:
     return torch.cat([x[:, :, first:], x[:, :, :first]], dim=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_flex_attention():
     """``torch.compile(flex_attention)``, compiled once per process."""
     return torch.compile(flex_attention, dynamic=False)

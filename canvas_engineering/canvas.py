@@ -11,19 +11,19 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 
-Bounds = Tuple[int, ...]
+Bounds = tuple[int, ...]
 
 
-def as_integer(value: object) -> Optional[int]:
+def as_integer(value: object) -> int | None:
     """``value`` as a Python int when it is an integer (``int``, a NumPy or 0-d torch
     integer: anything with ``__index__``) and not a bool; otherwise None."""
     if isinstance(value, bool):
@@ -34,7 +34,7 @@ def as_integer(value: object) -> Optional[int]:
         return None
 
 
-def as_real(value: object) -> Optional[float]:
+def as_real(value: object) -> float | None:
     """``value`` as a Python float when it is a real number (``int``, ``float``, a NumPy
     scalar, ...) and not a bool; otherwise None."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -54,17 +54,14 @@ def check_bounds(bounds: Sequence[int], where: str) -> Bounds:
         ValueError: naming ``where``, the bad bounds and what was expected.
     """
     if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence):
-        raise ValueError(
-            f"{where}: bounds must be a tuple (t0, t1, s0_lo, s0_hi, ...), got {bounds!r}"
-        )
+        raise ValueError(f"{where}: bounds must be a tuple (t0, t1, s0_lo, s0_hi, ...), got {bounds!r}")
     integers = tuple(as_integer(b) for b in bounds)
     if any(b is None for b in integers):
         raise ValueError(f"{where}: bounds must be integers, got {tuple(bounds)!r}")
     bounds = integers
     if len(bounds) < 4 or len(bounds) % 2:
         raise ValueError(
-            f"{where}: bounds must have 2 + 2*n_spatial_dims entries (at least 4), "
-            f"got {len(bounds)}: {tuple(bounds)!r}"
+            f"{where}: bounds must have 2 + 2*n_spatial_dims entries (at least 4), got {len(bounds)}: {tuple(bounds)!r}"
         )
     for axis in range(len(bounds) // 2):
         lo, hi = bounds[2 * axis], bounds[2 * axis + 1]
@@ -99,8 +96,8 @@ class RegionSpec:
     period: int = 1
     is_output: bool = True
     loss_weight: float = 1.0
-    semantic_type: Optional[str] = None
-    semantic_embedding: Optional[Tuple[float, ...]] = None
+    semantic_type: str | None = None
+    semantic_embedding: tuple[float, ...] | None = None
     embedding_model: str = "openai/text-embedding-3-small"
     default_attn: str = "cross_attention"
     carrier: str = "deterministic"
@@ -116,8 +113,7 @@ class RegionSpec:
             raise ValueError(f"RegionSpec: loss_weight must be a finite number >= 0, got {self.loss_weight!r}")
         if not isinstance(self.default_attn, str) or not self.default_attn:
             raise ValueError(
-                f"RegionSpec: default_attn must be a non-empty attention type name, "
-                f"got {self.default_attn!r}"
+                f"RegionSpec: default_attn must be a non-empty attention type name, got {self.default_attn!r}"
             )
 
 
@@ -143,11 +139,11 @@ class CanvasLayout:
 
     T: int
     d_model: int
-    spatial_shape: Tuple[int, ...] = ()
-    regions: Dict[str, Union[Bounds, RegionSpec]] = field(default_factory=dict)
+    spatial_shape: tuple[int, ...] = ()
+    regions: dict[str, Bounds | RegionSpec] = field(default_factory=dict)
     t_current: int = 0
-    H: Optional[int] = field(default=None, repr=False)
-    W: Optional[int] = field(default=None, repr=False)
+    H: int | None = field(default=None, repr=False)
+    W: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.H is not None or self.W is not None:
@@ -172,9 +168,14 @@ class CanvasLayout:
             ValueError: naming the bad value and what was expected.
             TypeError: when ``regions`` is not a mapping.
         """
-        if isinstance(self.spatial_shape, (str, bytes)) or not isinstance(self.spatial_shape, Sequence) or not self.spatial_shape:
+        if (
+            isinstance(self.spatial_shape, (str, bytes))
+            or not isinstance(self.spatial_shape, Sequence)
+            or not self.spatial_shape
+        ):
             raise ValueError(
-                f"CanvasLayout: spatial_shape must be a non-empty tuple of positive integers, got {self.spatial_shape!r}"
+                "CanvasLayout: spatial_shape must be a non-empty tuple of positive integers, "
+                f"got {self.spatial_shape!r}"
             )
         for label in ("T", "d_model"):
             value = as_integer(getattr(self, label))
@@ -236,7 +237,7 @@ class CanvasLayout:
         return self.T * self.spatial_volume
 
     @property
-    def _strides(self) -> Tuple[int, ...]:
+    def _strides(self) -> tuple[int, ...]:
         """Row-major strides of ``(t, s0, s1, ...)``; the last is 1."""
         strides = [1]
         for size in reversed(self.spatial_shape):
@@ -256,7 +257,7 @@ class CanvasLayout:
         region = self.regions[name]
         return region if isinstance(region, RegionSpec) else RegionSpec(bounds=tuple(region))
 
-    def region_size(self, name: str) -> Tuple[int, ...]:
+    def region_size(self, name: str) -> tuple[int, ...]:
         """Extent of the region along ``(t, s0, s1, ...)``."""
         bounds = self._raw_bounds(name)
         return tuple(bounds[i + 1] - bounds[i] for i in range(0, len(bounds), 2))
@@ -265,37 +266,37 @@ class CanvasLayout:
         """Number of positions in the region."""
         return math.prod(self.region_size(name))
 
-    def _frame_offsets(self, name: str) -> List[int]:
+    def _frame_offsets(self, name: str) -> list[int]:
         """Flat offsets of the region's positions within one frame, row-major."""
         bounds = self._raw_bounds(name)
         axes = [range(bounds[i], bounds[i + 1]) for i in range(2, len(bounds), 2)]
         strides = self._strides[1:]
         return [sum(c * s for c, s in zip(coords, strides)) for coords in product(*axes)]
 
-    def region_indices(self, name: str) -> List[int]:
+    def region_indices(self, name: str) -> list[int]:
         """Flat positions of the region, frame by frame, row-major within a frame."""
         offsets = self._frame_offsets(name)
         frame = self._strides[0]
         return [t * frame + o for t in self.region_timesteps(name) for o in offsets]
 
-    def region_indices_at_t(self, name: str, t_abs: int) -> List[int]:
+    def region_indices_at_t(self, name: str, t_abs: int) -> list[int]:
         """Flat positions of the region at absolute frame ``t_abs`` (empty if outside it)."""
         if t_abs not in self.region_timesteps(name):
             return []
         base = t_abs * self._strides[0]
         return [base + o for o in self._frame_offsets(name)]
 
-    def region_timesteps(self, name: str) -> List[int]:
+    def region_timesteps(self, name: str) -> list[int]:
         """Absolute canvas frames the region covers."""
         bounds = self._raw_bounds(name)
         return list(range(bounds[0], bounds[1]))
 
-    def output_mask(self) -> List[int]:
+    def output_mask(self) -> list[int]:
         """Flat positions of the frames at or after ``t_current``."""
         frame = self._strides[0]
         return list(range(self.t_current * frame, self.T * frame))
 
-    def loss_weight_mask(self, device: Union[str, "torch.device"] = "cpu") -> "torch.Tensor":
+    def loss_weight_mask(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """Per-position loss weights, shape ``(num_positions,)``.
 
         Output regions add their ``loss_weight`` to their positions (overlaps add up);
@@ -315,7 +316,7 @@ class CanvasLayout:
         """Real-world frame of the region's canvas frame ``canvas_t``: ``canvas_t * period``."""
         return canvas_t * self.region_spec(name).period
 
-    def canvas_frame(self, name: str, real_t: int) -> Optional[int]:
+    def canvas_frame(self, name: str, real_t: int) -> int | None:
         """The region's canvas frame (relative to its start) at real frame ``real_t``, or None
         when ``real_t`` is not on the region's period grid or outside its extent."""
         frame, remainder = divmod(real_t, self.region_spec(name).period)

@@ -11,7 +11,7 @@ stream its own loop embeddings and blends both with the same gate (see
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -68,10 +68,10 @@ class LoopedCogVideoXBlock(LoopedBlock):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
-        image_rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        attention_kwargs: Optional[dict] = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_kwargs: dict | None = None,
         **kwargs: Any,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Looped block call.
 
         Args:
@@ -91,14 +91,17 @@ class LoopedCogVideoXBlock(LoopedBlock):
         if attention_kwargs is not None:
             kwargs["attention_kwargs"] = attention_kwargs
 
-        def block(h: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        def block(h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             output = self.original(h, e, temb, image_rotary_emb=image_rotary_emb, **kwargs)
             output = tuple(output) if isinstance(output, (tuple, list)) else (output,)
             self.check_returned(output, (h, e), "(hidden_states, encoder_hidden_states)")
             return output
 
         return self.run_loops(
-            (hidden_states, encoder_hidden_states), (self.loop_emb, self.loop_emb_enc), block, self.use_gradient_checkpointing
+            (hidden_states, encoder_hidden_states),
+            (self.loop_emb, self.loop_emb_enc),
+            block,
+            self.use_gradient_checkpointing,
         )
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, Tuple
 
 import torch
 
-TINY_COGVIDEOX: Dict[str, object] = dict(
+TINY_COGVIDEOX: dict[str, object] = dict(
     num_attention_heads=2,
     attention_head_dim=16,
     in_channels=4,
@@ -34,7 +33,7 @@ TINY_COGVIDEOX: Dict[str, object] = dict(
 ``(B, 3, 4, 8, 8)`` give a token grid of 3 frames x 4 x 4 patches (48 video tokens)."""
 
 
-def rotary_tables(config: Dict[str, object], frames: int, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(config: dict[str, object], frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(cos, sin)`` tables, each ``(frames * rows * cols, head_dim)``, that diffusers'
     CogVideoX pipeline passes as ``image_rotary_emb`` for latents of ``frames`` x ``height``
     x ``width`` (token rows and columns are ``height / patch_size`` and ``width / patch_size``)."""
@@ -98,12 +97,16 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     frames, height, width, text = 3, 8, 8, 6
     transformer, looped_blocks, action_head, topology, layout = build(frames, height, width, args.loops)
-    print(f"tiny CogVideoX: {sum(p.numel() for p in transformer.parameters())} parameters, "
-          f"{len(looped_blocks)} looped blocks x {args.loops} loops, "
-          f"{sum(p.numel() for p in transformer.parameters() if p.requires_grad)} trainable + "
-          f"{sum(p.numel() for p in action_head.parameters())} in the action head")
-    print(f"canvas: {layout.T} x {layout.spatial_shape[0]} x {layout.spatial_shape[1]} video tokens, "
-          f"regions {list(layout.regions)}")
+    print(
+        f"tiny CogVideoX: {sum(p.numel() for p in transformer.parameters())} parameters, "
+        f"{len(looped_blocks)} looped blocks x {args.loops} loops, "
+        f"{sum(p.numel() for p in transformer.parameters() if p.requires_grad)} trainable + "
+        f"{sum(p.numel() for p in action_head.parameters())} in the action head"
+    )
+    print(
+        f"canvas: {layout.T} x {layout.spatial_shape[0]} x {layout.spatial_shape[1]} video tokens, "
+        f"regions {list(layout.regions)}"
+    )
     print(topology.summary())
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(args.batch, frames, TINY_COGVIDEOX["in_channels"], height, width, generator=generator)
@@ -115,22 +118,33 @@ def main(argv=None) -> list:
     trainable = [p for p in transformer.parameters() if p.requires_grad] + list(action_head.parameters())
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     losses, times = [], []
-    print(f"before training: peak RSS {peak_rss_mib():.0f} MiB (the process so far: Python, torch, diffusers, the model)")
+    print(
+        f"before training: peak RSS {peak_rss_mib():.0f} MiB (the process so far: Python, torch, diffusers, the model)"
+    )
     for step in range(args.steps):
         before, start = peak_rss_mib(), time.perf_counter()
-        (prediction,) = transformer(0.7 * latents + 0.7 * noise, prompt, timestep, image_rotary_emb=rotary, return_dict=False)
-        loss = torch.nn.functional.mse_loss(prediction, noise) + torch.nn.functional.mse_loss(action_head(prediction), actions)
+        (prediction,) = transformer(
+            0.7 * latents + 0.7 * noise, prompt, timestep, image_rotary_emb=rotary, return_dict=False
+        )
+        loss = torch.nn.functional.mse_loss(prediction, noise) + torch.nn.functional.mse_loss(
+            action_head(prediction), actions
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         elapsed = time.perf_counter() - start
         losses.append(loss.item())
         times.append(elapsed)
-        print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f}  ({elapsed * 1e3:.1f} ms forward+backward+step, "
-              f"peak RSS {peak_rss_mib():.0f} MiB, +{peak_rss_mib() - before:.1f} MiB)")
+        print(
+            f"step {step + 1}/{args.steps}: loss {loss.item():.4f}  ({elapsed * 1e3:.1f} ms forward+backward+step, "
+            f"peak RSS {peak_rss_mib():.0f} MiB, +{peak_rss_mib() - before:.1f} MiB)"
+        )
     if args.steps > 1:
         later = sorted(times[1:])
-        print(f"steps 2-{args.steps}: median {later[len(later) // 2] * 1e3:.1f} ms, fastest {later[0] * 1e3:.1f} ms per step")
+        print(
+            f"steps 2-{args.steps}: median {later[len(later) // 2] * 1e3:.1f} ms, "
+            f"fastest {later[0] * 1e3:.1f} ms per step"
+        )
     return losses
 
 

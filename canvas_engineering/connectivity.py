@@ -14,9 +14,10 @@ compared in real time (canvas frame times the region's ``period``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING
 
 from canvas_engineering.canvas import CanvasLayout, as_integer, as_real
 
@@ -58,7 +59,7 @@ class MaskSpec:
     kind: str = "full"
     tile_h: int = 1
     tile_w: int = 1
-    tile_shape: Optional[Tuple[int, ...]] = None
+    tile_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,14 @@ class Connection:
     src: str
     dst: str
     weight: float = 1.0
-    t_src: Optional[int] = None
-    t_dst: Optional[int] = None
-    fn: Optional[str] = None
+    t_src: int | None = None
+    t_dst: int | None = None
+    fn: str | None = None
     operator: str = "attend"
     write_mode: str = "add"
     temporal_fill: TemporalFill = TemporalFill.HOLD
     interpolation_order: int = 1
-    mask: Optional[MaskSpec] = None
+    mask: MaskSpec | None = None
 
     def __post_init__(self) -> None:
         for label in ("src", "dst"):
@@ -111,8 +112,7 @@ class Connection:
         weight = as_real(self.weight)
         if weight is None or not math.isfinite(weight) or weight < 0:
             raise ValueError(
-                f"Connection {self.src!r} -> {self.dst!r}: weight must be a finite number >= 0, "
-                f"got {self.weight!r}"
+                f"Connection {self.src!r} -> {self.dst!r}: weight must be a finite number >= 0, got {self.weight!r}"
             )
         object.__setattr__(self, "weight", weight)
         for label in ("t_src", "t_dst"):
@@ -166,7 +166,7 @@ def fill_anchors(
     dst_real_frames: Sequence[int],
     target_real: int,
     real_horizon: int,
-) -> List[Tuple[int, float]]:
+) -> list[tuple[int, float]]:
     """The dst frames a temporal connection reads at one reference frame, with their weights.
 
     Args:
@@ -217,20 +217,20 @@ class CanvasTopology:
     Self-connections (``src == dst``) are self-attention within a region.
     """
 
-    connections: List[Connection] = field(default_factory=list)
+    connections: list[Connection] = field(default_factory=list)
 
     @staticmethod
-    def dense(regions: List[str]) -> "CanvasTopology":
+    def dense(regions: list[str]) -> CanvasTopology:
         """Every region reads every region (itself included)."""
         return CanvasTopology([Connection(src=s, dst=d) for s in regions for d in regions])
 
     @staticmethod
-    def isolated(regions: List[str]) -> "CanvasTopology":
+    def isolated(regions: list[str]) -> CanvasTopology:
         """Each region reads only itself."""
         return CanvasTopology([Connection(src=r, dst=r) for r in regions])
 
     @staticmethod
-    def hub_spoke(hub: str, spokes: List[str], bidirectional: bool = True) -> "CanvasTopology":
+    def hub_spoke(hub: str, spokes: list[str], bidirectional: bool = True) -> CanvasTopology:
         """Self-loops everywhere; the hub reads each spoke, and each spoke the hub if bidirectional."""
         connections = [Connection(src=r, dst=r) for r in [hub] + list(spokes)]
         for spoke in spokes:
@@ -240,7 +240,7 @@ class CanvasTopology:
         return CanvasTopology(connections)
 
     @staticmethod
-    def causal_chain(regions: List[str]) -> "CanvasTopology":
+    def causal_chain(regions: list[str]) -> CanvasTopology:
         """Self-loops, and each region reads the one before it."""
         connections = [Connection(src=r, dst=r) for r in regions]
         connections += [Connection(src=b, dst=a) for a, b in zip(regions, regions[1:])]
@@ -248,10 +248,10 @@ class CanvasTopology:
 
     @staticmethod
     def causal_temporal(
-        regions: List[str],
-        layout: Optional[CanvasLayout] = None,
+        regions: list[str],
+        layout: CanvasLayout | None = None,
         temporal_fill: TemporalFill = TemporalFill.HOLD,
-    ) -> "CanvasTopology":
+    ) -> CanvasTopology:
         """Each region reads itself at the same frame and at the previous frame, and every
         other region at the previous frame; all temporal edges use ``temporal_fill``.
         ``layout`` is accepted for compatibility and not used."""
@@ -266,7 +266,7 @@ class CanvasTopology:
         return CanvasTopology(connections)
 
     @property
-    def regions(self) -> Set[str]:
+    def regions(self) -> set[str]:
         """Every region named by a connection."""
         return {c.src for c in self.connections} | {c.dst for c in self.connections}
 
@@ -275,7 +275,7 @@ class CanvasTopology:
         """Whether any connection has a frame offset."""
         return any(c.is_temporal for c in self.connections)
 
-    def resolve_fn(self, connection: Connection, layout: Optional[CanvasLayout] = None) -> str:
+    def resolve_fn(self, connection: Connection, layout: CanvasLayout | None = None) -> str:
         """The attention type of a connection: ``connection.fn``, else the src region's
         ``default_attn`` (when the layout has the region), else ``"cross_attention"``."""
         if connection.fn is not None:
@@ -284,21 +284,21 @@ class CanvasTopology:
             return layout.region_spec(connection.src).default_attn
         return "cross_attention"
 
-    def attention_ops(self, layout: Optional[CanvasLayout] = None) -> List[Tuple[str, str, float, str]]:
+    def attention_ops(self, layout: CanvasLayout | None = None) -> list[tuple[str, str, float, str]]:
         """``(src, dst, weight, fn)`` of every connection, in declaration order."""
         return [(c.src, c.dst, c.weight, self.resolve_fn(c, layout)) for c in self.connections]
 
-    def neighbors_of(self, region: str) -> List[str]:
+    def neighbors_of(self, region: str) -> list[str]:
         """The regions that ``region`` reads."""
         return [c.dst for c in self.connections if c.src == region]
 
-    def attended_by(self, region: str) -> List[str]:
+    def attended_by(self, region: str) -> list[str]:
         """The regions that read ``region``."""
         return [c.src for c in self.connections if c.dst == region]
 
-    def to_block_adjacency(self) -> Dict[Tuple[str, str], float]:
+    def to_block_adjacency(self) -> dict[tuple[str, str], float]:
         """Region-level adjacency: ``(src, dst)`` to the largest weight between them."""
-        adjacency: Dict[Tuple[str, str], float] = {}
+        adjacency: dict[tuple[str, str], float] = {}
         for c in self.connections:
             adjacency[(c.src, c.dst)] = max(adjacency.get((c.src, c.dst), 0.0), c.weight)
         return adjacency
@@ -317,12 +317,12 @@ class CanvasTopology:
                 lines.append(f"  {src} {arrow} {dst}  (w={weight:.2f})")
         temporal = [c for c in self.connections if c.is_temporal]
         if temporal:
-            fills: Dict[str, int] = {}
+            fills: dict[str, int] = {}
             for c in temporal:
                 fills[c.temporal_fill.value] = fills.get(c.temporal_fill.value, 0) + 1
             fill_text = ", ".join(f"{mode}={n}" for mode, n in sorted(fills.items()))
             lines.append(f"  [{len(temporal)} temporal constraints: {fill_text}]")
-        operators: Dict[str, int] = {}
+        operators: dict[str, int] = {}
         for c in self.connections:
             if c.operator != "attend":
                 operators[c.operator] = operators.get(c.operator, 0) + 1
@@ -333,7 +333,9 @@ class CanvasTopology:
     def __repr__(self) -> str:
         return f"CanvasTopology(connections={len(self.connections)}, regions={sorted(self.regions)})"
 
-    def to_attention_mask(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> "torch.Tensor":
+    def to_attention_mask(
+        self, layout: CanvasLayout, device: str | torch.device = "cpu", strict: bool = True
+    ) -> torch.Tensor:
         """The topology as one ``(P, P)`` weight mask over the canvas (``P = layout.num_positions``).
 
         ``mask[i, j]`` is the largest weight with which position i (a query) reads position
@@ -350,7 +352,9 @@ class CanvasTopology:
 
         return MaskTables.build(self, layout, strict).to(device).weight_mask()
 
-    def to_additive_mask(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> "torch.Tensor":
+    def to_additive_mask(
+        self, layout: CanvasLayout, device: str | torch.device = "cpu", strict: bool = True
+    ) -> torch.Tensor:
         """The ``(P, P)`` additive mask for one attention over the canvas (``nn.Transformer``,
         ``scaled_dot_product_attention``): 0.0 where :meth:`to_attention_mask` is positive,
         ``-inf`` elsewhere, except that a position reading nothing attends to itself (no
@@ -368,10 +372,10 @@ class CanvasTopology:
         self,
         layout: CanvasLayout,
         block_size: int = 128,
-        device: Union[str, "torch.device"] = "cpu",
+        device: str | torch.device = "cpu",
         self_attend_unread: bool = False,
         strict: bool = True,
-    ) -> "BlockMask":
+    ) -> BlockMask:
         """The topology as a FlexAttention ``BlockMask`` over ``(P, P)``, never built dense.
 
         Its pattern is exactly ``to_attention_mask(layout) > 0``; with
@@ -391,7 +395,7 @@ class CanvasTopology:
 
         return MaskTables.build(self, layout, strict).to(device).block_mask(block_size, self_attend_unread)
 
-    def to_score_mod(self, layout: CanvasLayout, device: Union[str, "torch.device"] = "cpu", strict: bool = True) -> Callable:
+    def to_score_mod(self, layout: CanvasLayout, device: str | torch.device = "cpu", strict: bool = True) -> Callable:
         """A FlexAttention ``score_mod`` adding ``log(to_attention_mask(layout)[q, k])`` to each
         read pair's score (0 where the mask is 0, which :meth:`to_block_mask` masks out),
         so that softmax weighs each key by its connection weight.

@@ -53,8 +53,10 @@ def main() -> None:
         run_recipe(name, args.T, args.grid, args.d_model, args.steps)
     print("\nAll four recipes ran forward and backward.")
     if importlib.util.find_spec("diffusers") is None:
-        print("The fifth demo, a tiny CogVideoX with looped blocks and a topology in its attention, needs the "
-              "cogvideox extra: pip install -e '.[cogvideox]'")
+        print(
+            "The fifth demo, a tiny CogVideoX with looped blocks and a topology in its attention, needs the "
+            "cogvideox extra: pip install -e '.[cogvideox]'"
+        )
         return
     print("\n== cogvideox: a tiny CogVideoX grafted with looped blocks, robot_manipulation's topology in its attention")
     cogvideox_demo.main(["--steps", str(args.steps)])

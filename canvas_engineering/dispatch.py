@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,8 @@ from canvas_engineering.connectivity import CanvasTopology
 from canvas_engineering.ops.segments import SegmentIndex
 from canvas_engineering.plan import ExecutionPlan, Segment, compile_segments, resolve_connections
 
+CPU = torch.device("cpu")
+
 
 def run_segment_by_segment(
     module: nn.Module, query_rows: torch.Tensor, key_rows: torch.Tensor, index: SegmentIndex
@@ -41,7 +43,7 @@ def run_segment_by_segment(
     return torch.cat(outputs, dim=1) if outputs else query_rows[:, :0]
 
 
-def check_fn_kwargs(fn_kwargs: Optional[Mapping], used: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+def check_fn_kwargs(fn_kwargs: Mapping | None, used: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``fn_kwargs`` (attention type name -> constructor options) as a copy of plain dicts,
     checked against the registry and against ``used``, the types the connections run.
 
@@ -58,7 +60,7 @@ def check_fn_kwargs(fn_kwargs: Optional[Mapping], used: Sequence[str]) -> Dict[s
             f"AttentionDispatcher: fn_kwargs must be a dict of attention type name -> dict of options, "
             f"got {type(fn_kwargs).__name__}"
         )
-    checked: Dict[str, Dict[str, Any]] = {}
+    checked: dict[str, dict[str, Any]] = {}
     for fn, options in fn_kwargs.items():
         if not isinstance(fn, str):
             raise TypeError(f"AttentionDispatcher: fn_kwargs keys must be attention type names (strings), got {fn!r}")
@@ -71,7 +73,8 @@ def check_fn_kwargs(fn_kwargs: Optional[Mapping], used: Sequence[str]) -> Dict[s
             )
         if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
             raise TypeError(
-                f"AttentionDispatcher: fn_kwargs[{fn!r}] must be a dict of option name (string) -> value, got {options!r}"
+                f"AttentionDispatcher: fn_kwargs[{fn!r}] must be a dict of option name (string) -> value, "
+                f"got {options!r}"
             )
         check_options("AttentionDispatcher: fn_kwargs", fn, options)
         checked[fn] = dict(options)
@@ -131,7 +134,7 @@ class AttentionDispatcher(nn.Module):
         skip_temporal: bool = False,
         *,
         strict: bool = True,
-        fn_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        fn_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
         check_heads("AttentionDispatcher", d_model, n_heads)
@@ -149,17 +152,17 @@ class AttentionDispatcher(nn.Module):
         self.skip_temporal = skip_temporal
         connections, skipped = resolve_connections(topology, layout, strict)
         segments, idle = compile_segments(connections, layout, skip_temporal)
-        self.segments: List[Segment] = segments
-        self.idle_connections: List[Tuple[int, str]] = sorted(skipped + idle)
+        self.segments: list[Segment] = segments
+        self.idle_connections: list[tuple[int, str]] = sorted(skipped + idle)
         used = list(dict.fromkeys(fn for _, _, fn in connections))
         self.fn_kwargs = check_fn_kwargs(fn_kwargs, used)
         self.fn_modules = nn.ModuleDict(
             {fn: create_attention(fn, d_model, n_heads, dropout, **self.fn_kwargs.get(fn, {})) for fn in used}
         )
-        self._plans: Dict[Tuple[Optional[FrozenSet[str]], torch.device], ExecutionPlan] = {}
+        self._plans: dict[tuple[frozenset[str] | None, torch.device], ExecutionPlan] = {}
         self.plan()
 
-    def plan(self, active_regions: Optional[FrozenSet[str]] = None, device: torch.device = torch.device("cpu")) -> ExecutionPlan:
+    def plan(self, active_regions: frozenset[str] | None = None, device: torch.device = CPU) -> ExecutionPlan:
         """The execution plan for an active-region set on a device (compiled once, cached).
 
         A new plan is prepared at once: each module builds what it derives from its group's
@@ -169,7 +172,9 @@ class AttentionDispatcher(nn.Module):
         if key not in self._plans:
             cpu_key = (active_regions, torch.device("cpu"))
             if cpu_key not in self._plans:
-                self._plans[cpu_key] = self._prepared(ExecutionPlan.build(self.segments, self.layout.num_positions, active_regions))
+                self._plans[cpu_key] = self._prepared(
+                    ExecutionPlan.build(self.segments, self.layout.num_positions, active_regions)
+                )
             if key != cpu_key:
                 self._plans[key] = self._prepared(self._plans[cpu_key].to(device))
         return self._plans[key]
@@ -190,7 +195,7 @@ class AttentionDispatcher(nn.Module):
             self.plan(None, parameter.device)
         return result
 
-    def explain(self, active_regions: Optional[Iterable[str]] = None) -> str:
+    def explain(self, active_regions: Iterable[str] | None = None) -> str:
         """A readable table of what a forward runs: per attention type its segments, key
         sets, packed rows, padded batches, query-key pairs, complexity (the class's
         ``complexity``) and options (defaults included); then every declared connection
@@ -203,16 +208,19 @@ class AttentionDispatcher(nn.Module):
                     idle.setdefault(segment.connection_index, f"src {segment.src!r} is not in active_regions")
         connections = self.topology.connections
         lines = [
-            f"connection {i} ({connections[i].src!r} -> {connections[i].dst!r}): {reason}" for i, reason in sorted(idle.items())
+            f"connection {i} ({connections[i].src!r} -> {connections[i].dst!r}): {reason}"
+            for i, reason in sorted(idle.items())
         ]
         complexity, options = {}, {}
         for fn, module in self.fn_modules.items():
             declared = getattr(type(module), "complexity", "not declared")
-            complexity[fn] = declared if isinstance(module, SegmentAttention) else f"{declared} (runs segment by segment)"
+            complexity[fn] = (
+                declared if isinstance(module, SegmentAttention) else f"{declared} (runs segment by segment)"
+            )
             options[fn] = format_options({**type_options(type(module)), **self.fn_kwargs.get(fn, {})}) or "-"
         return self.plan(None if active is None else frozenset(active)).explain(complexity, options, lines)
 
-    def check_active_regions(self, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
+    def check_active_regions(self, active_regions: Iterable[str] | None) -> set[str] | None:
         """``active_regions`` as a set of layout region names (None stays None).
 
         Raises:
@@ -238,7 +246,7 @@ class AttentionDispatcher(nn.Module):
             )
         return set(active)
 
-    def check_input(self, x: torch.Tensor, active_regions: Optional[Iterable[str]]) -> Optional[Set[str]]:
+    def check_input(self, x: torch.Tensor, active_regions: Iterable[str] | None) -> set[str] | None:
         """Validate a forward's arguments; returns ``active_regions`` as a set.
 
         Raises:
@@ -272,7 +280,7 @@ class AttentionDispatcher(nn.Module):
             )
         return self.check_active_regions(active_regions)
 
-    def forward(self, x: torch.Tensor, active_regions: Optional[Iterable[str]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, active_regions: Iterable[str] | None = None) -> torch.Tensor:
         """Run every active connection and combine.
 
         Args:
@@ -308,7 +316,7 @@ class AttentionDispatcher(nn.Module):
         return output if plan.all_written else torch.where(plan.written.view(1, -1, 1), output, x)
 
     def extra_repr(self) -> str:
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for segment in self.segments:
             counts[segment.fn] = counts.get(segment.fn, 0) + 1
         summary = ", ".join(f"{fn}={n}" for fn, n in sorted(counts.items()))

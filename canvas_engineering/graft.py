@@ -10,7 +10,7 @@ freezes part of the model and creates an :class:`~canvas_engineering.action_head
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Tuple, Type
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -35,12 +35,12 @@ def graft_looped_blocks(
     transformer: nn.Module,
     max_loops: int = 3,
     block_attr: str = "transformer_blocks",
-    wrapper_class: Optional[Type[nn.Module]] = None,
-    inner_dim: Optional[int] = None,
+    wrapper_class: type[nn.Module] | None = None,
+    inner_dim: int | None = None,
     action_dim: int = 7,
     latent_channels: int = 16,
     freeze: str = "full",
-) -> Tuple[List[nn.Module], ActionHead]:
+) -> tuple[list[nn.Module], ActionHead]:
     """Wrap each block of ``transformer.<block_attr>`` for looped execution, in place.
 
     Args:
@@ -75,11 +75,15 @@ def graft_looped_blocks(
         raise ValueError(f"graft_looped_blocks: freeze must be one of {list(FREEZE_MODES)}, got {freeze!r}")
     blocks = getattr(transformer, block_attr, None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        lists = [name for name, child in transformer.named_children() if isinstance(child, nn.ModuleList) and len(child)]
+        lists = [
+            name for name, child in transformer.named_children() if isinstance(child, nn.ModuleList) and len(child)
+        ]
         if not hasattr(transformer, block_attr):
             found = "no such attribute"
         else:
-            found = f"{'an empty ' if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else 'a '}{type(blocks).__name__}"
+            found = (
+                f"{'an empty ' if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else 'a '}{type(blocks).__name__}"
+            )
         raise ValueError(
             f"graft_looped_blocks: expected a non-empty nn.ModuleList of blocks at "
             f"{type(transformer).__name__}.{block_attr}, found {found}; non-empty ModuleLists of this model: {lists}"
@@ -89,14 +93,20 @@ def graft_looped_blocks(
         wrapper_class = LoopedCogVideoXBlock if is_cogvideox else LoopedBlockWrapper
     if inner_dim is None:
         inner_dim = block_width(blocks[0]) if is_cogvideox else _first_weight_rows(blocks[0])
-    width_keyword = "embed_dim" if isinstance(wrapper_class, type) and issubclass(wrapper_class, LoopedBlockWrapper) else "inner_dim"
+    width_keyword = (
+        "embed_dim"
+        if isinstance(wrapper_class, type) and issubclass(wrapper_class, LoopedBlockWrapper)
+        else "inner_dim"
+    )
 
     looped_blocks = []
     for index in range(len(blocks)):
         looped = wrapper_class(blocks[index], block_idx=index, max_loops=max_loops, **{width_keyword: inner_dim})
         blocks[index] = looped
         looped_blocks.append(looped)
-    logger.info("grafted %d blocks with %s (width %d, max_loops %d)", len(blocks), wrapper_class.__name__, inner_dim, max_loops)
+    logger.info(
+        "grafted %d blocks with %s (width %d, max_loops %d)", len(blocks), wrapper_class.__name__, inner_dim, max_loops
+    )
 
     if freeze == "full":
         freeze_full(transformer)

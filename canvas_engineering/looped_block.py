@@ -13,7 +13,7 @@ computes ``g * block(h) + (1 - g) * h`` (``g = 0.5`` for a gate logit of 0).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,12 +38,14 @@ class LoopedBlock(nn.Module):
     ``loop_gate`` (``(max_loops, 1)``) and name them in :attr:`loop_parameter_names`.
     """
 
-    loop_parameter_names: Tuple[str, ...] = ()
+    loop_parameter_names: tuple[str, ...] = ()
 
     def __init__(self, original: nn.Module, block_idx: int, max_loops: int) -> None:
         super().__init__()
         if not isinstance(original, nn.Module):
-            raise TypeError(f"{type(self).__name__}: the wrapped block must be an nn.Module, got {type(original).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: the wrapped block must be an nn.Module, got {type(original).__name__}"
+            )
         self.original = original
         self.block_idx = block_idx
         self.max_loops = positive_int(max_loops, f"{type(self).__name__}: max_loops")
@@ -74,9 +76,9 @@ class LoopedBlock(nn.Module):
         self,
         streams: Sequence[torch.Tensor],
         tables: Sequence[torch.Tensor],
-        block: Callable[..., Tuple[torch.Tensor, ...]],
+        block: Callable[..., tuple[torch.Tensor, ...]],
         use_checkpoint: bool,
-    ) -> Tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, ...]:
         """Iterate ``block`` over ``streams`` for ``current_loops`` steps.
 
         Args:
@@ -151,7 +153,7 @@ class LoopedBlockWrapper(LoopedBlock):
         arguments reach the wrapped block unchanged. Returns the looped state, same shape."""
         self.check_width(hidden_states, self.loop_emb, "hidden_states")
 
-        def block(h: torch.Tensor) -> Tuple[torch.Tensor]:
+        def block(h: torch.Tensor) -> tuple[torch.Tensor]:
             output = self.original(h, *args, **kwargs)
             first = output[0] if isinstance(output, tuple) and output else output
             self.check_returned((first,), (h,), "a tensor (or a tuple starting with one)")
@@ -165,4 +167,3 @@ class LoopedBlockWrapper(LoopedBlock):
             f"block_idx={self.block_idx}, max_loops={self.max_loops}, current_loops={self.current_loops}, "
             f"embed_dim={self.embed_dim}, trainable_params={self.trainable_params()}"
         )
-

@@ -19,8 +19,8 @@ axes), and likewise for keys.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -39,7 +39,7 @@ PRODUCT_CHUNK = 1 << 22
 """Largest number of elements one broadcast product of :func:`max_product` holds."""
 
 
-def position_classes(sets: Sequence[Tuple[int, ...]], num_positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def position_classes(sets: Sequence[tuple[int, ...]], num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group the positions ``0 .. P-1`` by the sets that hold them.
 
     Args:
@@ -65,7 +65,9 @@ def position_classes(sets: Sequence[Tuple[int, ...]], num_positions: int) -> Tup
         values, inverse = torch.unique(word, return_inverse=True)
         _, classes = torch.unique(classes * len(values) + inverse, return_inverse=True)
     # The first position of each class stands for it.
-    first = torch.full((int(classes.max()) + 1,), num_positions).scatter_reduce(0, classes, torch.arange(num_positions), "amin")
+    first = torch.full((int(classes.max()) + 1,), num_positions).scatter_reduce(
+        0, classes, torch.arange(num_positions), "amin"
+    )
     bits = (packed[:, first].T.unsqueeze(-1) >> torch.arange(BITS)) & 1
     return classes, bits.reshape(len(first), words * BITS)[:, : len(sets)].bool()
 
@@ -77,10 +79,12 @@ def max_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if inner == 0:
         return left.new_zeros(rows, columns)
     step = max(1, PRODUCT_CHUNK // max(1, inner * columns))
-    return torch.cat([(left[i : i + step, :, None] * right).amax(1) for i in range(0, rows, step)] or [left.new_zeros(0, columns)])
+    return torch.cat(
+        [(left[i : i + step, :, None] * right).amax(1) for i in range(0, rows, step)] or [left.new_zeros(0, columns)]
+    )
 
 
-def block_rows(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def block_rows(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``(n, n)`` bool block table as BlockMask rows: ``(1, 1, n)`` int32 counts per row,
     and ``(1, 1, n, n)`` int32 column indices, each row's chosen columns first, ascending."""
     counts = blocks.sum(1, dtype=torch.int32)
@@ -112,7 +116,7 @@ class MaskTables:
     weight: torch.Tensor
 
     @staticmethod
-    def build(topology: CanvasTopology, layout: CanvasLayout, strict: bool = True) -> "MaskTables":
+    def build(topology: CanvasTopology, layout: CanvasLayout, strict: bool = True) -> MaskTables:
         """The tables of ``topology`` on ``layout``, from its compiled segments (every
         connection with its own frame offsets and fill; the attention types are not read).
 
@@ -122,23 +126,30 @@ class MaskTables:
         """
         connections, _ = resolve_connections(topology, layout, strict, check_types=False)
         segments, _ = compile_segments(connections, layout)
-        query_sets: Dict[Tuple[int, ...], int] = {}
-        key_sets: Dict[Tuple[int, ...], int] = {}
+        query_sets: dict[tuple[int, ...], int] = {}
+        key_sets: dict[tuple[int, ...], int] = {}
         pairs = torch.tensor(
-            [(query_sets.setdefault(s.query_positions, len(query_sets)), key_sets.setdefault(s.key_positions, len(key_sets)))
-             for s in segments],
+            [
+                (
+                    query_sets.setdefault(s.query_positions, len(query_sets)),
+                    key_sets.setdefault(s.key_positions, len(key_sets)),
+                )
+                for s in segments
+            ],
             dtype=torch.long,
         ).reshape(-1, 2)
         weights = torch.tensor([s.weight for s in segments], dtype=torch.float64)
         query_class, query_members = position_classes(list(query_sets), layout.num_positions)
         key_class, key_members = position_classes(list(key_sets), layout.num_positions)
-        pair_weight = torch.zeros(len(query_sets) * len(key_sets), dtype=torch.float64).scatter_reduce(
-            0, pairs[:, 0] * len(key_sets) + pairs[:, 1], weights, "amax"
-        ).view(len(query_sets), len(key_sets))
+        pair_weight = (
+            torch.zeros(len(query_sets) * len(key_sets), dtype=torch.float64)
+            .scatter_reduce(0, pairs[:, 0] * len(key_sets) + pairs[:, 1], weights, "amax")
+            .view(len(query_sets), len(key_sets))
+        )
         weight = max_product(query_members.double(), max_product(pair_weight, key_members.double().T))
         return MaskTables(query_class, key_class, weight)
 
-    def to(self, device: Union[str, torch.device]) -> "MaskTables":
+    def to(self, device: str | torch.device) -> MaskTables:
         """A copy with every tensor on ``device``."""
         return moved_to(self, torch.device(device))
 
@@ -201,7 +212,10 @@ class MaskTables:
             return read[query_class[q_idx], key_class[kv_idx]] | (unread[q_idx] & (q_idx == kv_idx))
 
         return BlockMask.from_kv_blocks(
-            *block_rows(touched & ~full), *block_rows(full), BLOCK_SIZE=size, mask_mod=mask_mod,
+            *block_rows(touched & ~full),
+            *block_rows(full),
+            BLOCK_SIZE=size,
+            mask_mod=mask_mod,
             seq_lengths=(num_positions, num_positions),
         )
 
@@ -212,7 +226,9 @@ class MaskTables:
         log_weight = torch.where(values > 0, values.log(), 0.0)
         query_class, key_class = self.query_class, self.key_class
 
-        def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        def score_mod(
+            score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
             return score + log_weight[query_class[q_idx], key_class[kv_idx]]
 
         return score_mod
@@ -227,11 +243,13 @@ class MaskTables:
         pairs = int(query_counts @ read @ key_counts)
         blocks = block_mask.kv_indices.shape[-1]
         partial, full = int(block_mask.kv_num_blocks.sum()), int(block_mask.full_kv_num_blocks.sum())
-        return "\n".join([
-            f"topology mask: {num_positions} positions, {read.shape[0]} query classes, {read.shape[1]} key classes",
-            f"  read pairs: {pairs} of {num_positions ** 2} ({100 * pairs / num_positions ** 2:.2f}%); "
-            f"{int(self.unread().sum())} positions read nothing",
-            f"  block mask (block_size {checked_block_size(block_size)}): {blocks} x {blocks} blocks, "
-            f"{partial} partial + {full} full = {partial + full} computed, "
-            f"block density {(partial + full) / blocks ** 2:.4f}",
-        ])
+        return "\n".join(
+            [
+                f"topology mask: {num_positions} positions, {read.shape[0]} query classes, {read.shape[1]} key classes",
+                f"  read pairs: {pairs} of {num_positions**2} ({100 * pairs / num_positions**2:.2f}%); "
+                f"{int(self.unread().sum())} positions read nothing",
+                f"  block mask (block_size {checked_block_size(block_size)}): {blocks} x {blocks} blocks, "
+                f"{partial} partial + {full} full = {partial + full} computed, "
+                f"block density {(partial + full) / blocks**2:.4f}",
+            ]
+        )

@@ -10,14 +10,15 @@ The plan groups the segments by attention type. Per group it holds the canvas po
 whose rows the type projects (each once), a :class:`SegmentIndex` over packed rows
 (segments reading the same dst rows share one key set), and the share of every packed
 query row in its position's result (its weight over the position's weight sum, so the
-weighted outputs add up to the normalised result). Everything is decided at construction; a forward only runs the groups.
+weighted outputs add up to the normalised result). Everything is decided at construction; a
+forward only runs the groups.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,14 +44,14 @@ class Segment:
     src: str
     dst: str
     fn: str
-    query_positions: Tuple[int, ...]
-    key_positions: Tuple[int, ...]
+    query_positions: tuple[int, ...]
+    key_positions: tuple[int, ...]
     weight: float
 
 
 def resolve_connections(
     topology: CanvasTopology, layout: CanvasLayout, strict: bool = True, check_types: bool = True
-) -> Tuple[List[Tuple[int, Connection, str]], List[Tuple[int, str]]]:
+) -> tuple[list[tuple[int, Connection, str]], list[tuple[int, str]]]:
     """The connections that run, with their index and resolved attention type.
 
     Args:
@@ -91,14 +92,16 @@ def resolve_connections(
             continue
         fn = topology.resolve_fn(connection, layout)
         if check_types and fn not in ATTENTION_REGISTRY:
-            raise ValueError(f"connection {index} ({connection.src!r} -> {connection.dst!r}): {unknown_attention_message(fn)}")
+            raise ValueError(
+                f"connection {index} ({connection.src!r} -> {connection.dst!r}): {unknown_attention_message(fn)}"
+            )
         resolved.append((index, connection, fn))
     return resolved, skipped
 
 
 def compile_segments(
-    connections: List[Tuple[int, Connection, str]], layout: CanvasLayout, skip_temporal: bool = False
-) -> Tuple[List[Segment], List[Tuple[int, str]]]:
+    connections: list[tuple[int, Connection, str]], layout: CanvasLayout, skip_temporal: bool = False
+) -> tuple[list[Segment], list[tuple[int, str]]]:
     """Expand resolved connections (from :func:`resolve_connections`) into their segments,
     in declaration order.
 
@@ -114,21 +117,24 @@ def compile_segments(
         ``(segments, idle)``: the segments, and ``(index, reason)`` for every connection
         that yields none (every reference frame misses src, or its fill reads nothing).
     """
-    frame_positions = {name: {t: tuple(layout.region_indices_at_t(name, t)) for t in layout.region_timesteps(name)} for name in layout.regions}
+    frame_positions = {
+        name: {t: tuple(layout.region_indices_at_t(name, t)) for t in layout.region_timesteps(name)}
+        for name in layout.regions
+    }
     all_positions = {name: tuple(layout.region_indices(name)) for name in layout.regions}
-    real_positions: Dict[str, Dict[int, Tuple[int, ...]]] = {
+    real_positions: dict[str, dict[int, tuple[int, ...]]] = {
         name: {t * layout.region_spec(name).period: positions for t, positions in frames.items()}
         for name, frames in frame_positions.items()
     }
     real_horizon = max([layout.T] + [max(frames) + 1 for frames in real_positions.values()])
 
-    segments: List[Segment] = []
-    idle: List[Tuple[int, str]] = []
+    segments: list[Segment] = []
+    idle: list[tuple[int, str]] = []
     for index, connection, fn in connections:
         src, dst = connection.src, connection.dst
 
-        def add(queries: Tuple[int, ...], keys: Tuple[int, ...], weight: float) -> None:
-            segments.append(Segment(index, src, dst, fn, queries, keys, weight))
+        def add(queries: tuple[int, ...], keys: tuple[int, ...], weight: float) -> None:
+            segments.append(Segment(index, src, dst, fn, queries, keys, weight))  # noqa: B023 (called in this iteration)
 
         if not connection.is_temporal or skip_temporal:
             add(all_positions[src], all_positions[dst], float(connection.weight))
@@ -154,7 +160,7 @@ def compile_segments(
     return segments, idle
 
 
-def idle_reason(connection: Connection, layout: CanvasLayout, query_frames: int, dst_real_frames: List[int]) -> str:
+def idle_reason(connection: Connection, layout: CanvasLayout, query_frames: int, dst_real_frames: list[int]) -> str:
     """Why a temporal connection yields no segment, for :meth:`ExecutionPlan.explain`."""
     if query_frames == 0:
         frames = layout.region_timesteps(connection.src)
@@ -187,7 +193,7 @@ class GroupPlan:
     """
 
     fn: str
-    segments: List[Segment]
+    segments: list[Segment]
     query_positions: RowSelection
     key_positions: RowSelection
     index: SegmentIndex
@@ -196,14 +202,14 @@ class GroupPlan:
     covers_canvas: bool
 
     @staticmethod
-    def build(fn: str, segments: List[Segment], weight_max: torch.Tensor, scaled_weight_sum: torch.Tensor) -> "GroupPlan":
+    def build(fn: str, segments: list[Segment], weight_max: torch.Tensor, scaled_weight_sum: torch.Tensor) -> GroupPlan:
         """The group of ``segments``; ``weight_max`` and ``scaled_weight_sum`` are ``(P,)``
         per canvas position (see :meth:`ExecutionPlan.build`)."""
         query_positions = sorted({p for s in segments for p in s.query_positions})
         key_positions = sorted({p for s in segments for p in s.key_positions})
         query_row = {p: i for i, p in enumerate(query_positions)}
         key_row = {p: i for i, p in enumerate(key_positions)}
-        keysets: Dict[Tuple[int, ...], int] = {}
+        keysets: dict[tuple[int, ...], int] = {}
         for segment in segments:
             keysets.setdefault(segment.key_positions, len(keysets))
         index = SegmentIndex.build(
@@ -230,7 +236,7 @@ class GroupPlan:
             covers_canvas=rows == list(range(weight_max.shape[0])),
         )
 
-    def to(self, device: torch.device) -> "GroupPlan":
+    def to(self, device: torch.device) -> GroupPlan:
         """A copy with every tensor on ``device``."""
         return moved_to(self, torch.device(device))
 
@@ -246,12 +252,12 @@ class ExecutionPlan:
         all_written: whether every position is written.
     """
 
-    groups: List[GroupPlan]
+    groups: list[GroupPlan]
     written: torch.Tensor
     all_written: bool
 
     @staticmethod
-    def build(segments: List[Segment], num_positions: int, active: Optional[FrozenSet[str]] = None) -> "ExecutionPlan":
+    def build(segments: list[Segment], num_positions: int, active: frozenset[str] | None = None) -> ExecutionPlan:
         """The plan of the segments whose src is in ``active`` (all when None).
 
         A row's share is its weight over the sum of the weights written to its position,
@@ -259,7 +265,7 @@ class ExecutionPlan:
         (1e300, 1e-310) neither overflow nor vanish.
         """
         running = [s for s in segments if active is None or s.src in active]
-        by_fn: Dict[str, List[Segment]] = {}
+        by_fn: dict[str, list[Segment]] = {}
         for segment in running:
             by_fn.setdefault(segment.fn, []).append(segment)
         positions = torch.tensor([p for s in running for p in s.query_positions], dtype=torch.long)
@@ -271,7 +277,7 @@ class ExecutionPlan:
         groups = [GroupPlan.build(fn, group, weight_max, scaled_weight_sum) for fn, group in by_fn.items()]
         return ExecutionPlan(groups, written, bool(written.all()))
 
-    def to(self, device: torch.device) -> "ExecutionPlan":
+    def to(self, device: torch.device) -> ExecutionPlan:
         """A copy with every tensor on ``device``."""
         return moved_to(self, torch.device(device))
 
@@ -280,16 +286,41 @@ class ExecutionPlan:
         number of (query, key) pairs each reads, with each type's ``complexity`` and
         ``options`` (keyed by type name); then the ``idle`` lines (the declared connections
         that run nothing, and why)."""
-        header = ["fn", "segments", "key sets", "query rows", "key rows", "batches", "query-key pairs", "complexity", "options"]
+        header = [
+            "fn",
+            "segments",
+            "key sets",
+            "query rows",
+            "key rows",
+            "batches",
+            "query-key pairs",
+            "complexity",
+            "options",
+        ]
         rows = []
         for group in self.groups:
             index = group.index
             pairs = sum(n * m for n, m in index.shapes)
-            rows.append([group.fn, len(group.segments), len(index.keyset_sizes), index.n_queries, index.n_keys,
-                         len(index.segment_buckets), pairs, complexity[group.fn], options[group.fn]])
+            rows.append(
+                [
+                    group.fn,
+                    len(group.segments),
+                    len(index.keyset_sizes),
+                    index.n_queries,
+                    index.n_keys,
+                    len(index.segment_buckets),
+                    pairs,
+                    complexity[group.fn],
+                    options[group.fn],
+                ]
+            )
         widths = [max(len(str(v)) for v in column) for column in zip(header, *rows)]
-        line = lambda values: "  ".join(str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
+        line = lambda values: "  ".join(
+            str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w) for v, w in zip(values, widths)
+        )
         written = int(self.written.sum())
-        footer = f"{len(self.groups)} groups; {written} of {self.written.numel()} positions written, the rest pass through"
+        footer = (
+            f"{len(self.groups)} groups; {written} of {self.written.numel()} positions written, the rest pass through"
+        )
         idle_lines = [f"{len(idle)} connection(s) run nothing:", *(f"  {reason}" for reason in idle)] if idle else []
         return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *idle_lines, footer])

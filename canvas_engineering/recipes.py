@@ -8,12 +8,12 @@ temporal variants add previous-frame edges.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 from canvas_engineering.canvas import CanvasLayout, RegionSpec
 from canvas_engineering.connectivity import CanvasTopology, Connection
 
-Recipe = Tuple[CanvasTopology, CanvasLayout]
+Recipe = tuple[CanvasTopology, CanvasLayout]
 
 
 def _check_grid(grid: int) -> None:
@@ -21,7 +21,9 @@ def _check_grid(grid: int) -> None:
         raise ValueError(f"recipes need an even grid of at least 4, got {grid}")
 
 
-def field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str], left: Tuple[str, str], right: Tuple[str, str]) -> CanvasLayout:
+def field_and_two_strips(
+    T: int, grid: int, d_model: int, field: tuple[str, str], left: tuple[str, str], right: tuple[str, str]
+) -> CanvasLayout:
     """A layout with a large field (all rows but the last two) and the last two rows split
     into a left and a right strip; each region is given as ``(name, default_attn)``."""
     _check_grid(grid)
@@ -31,7 +33,9 @@ def field_and_two_strips(T: int, grid: int, d_model: int, field: Tuple[str, str]
         T=T,
         spatial_shape=(grid, grid),
         d_model=d_model,
-        regions={name: RegionSpec((0, T) + box, default_attn=fn) for (name, fn), box in zip((field, left, right), boxes)},
+        regions={
+            name: RegionSpec((0, T) + box, default_attn=fn) for (name, fn), box in zip((field, left, right), boxes)
+        },
     )
 
 
@@ -126,7 +130,7 @@ def vision(T: int = 8, grid: int = 16, d_model: int = 256) -> Recipe:
     return topology, layout
 
 
-RECIPES: Dict[str, Callable[..., Recipe]] = {
+RECIPES: dict[str, Callable[..., Recipe]] = {
     "robot_manipulation": robot_manipulation,
     "embodied_agent": embodied_agent,
     "multi_agent": multi_agent,

@@ -13,7 +13,6 @@ period embedding.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,7 @@ class SinusoidalPositionalEncodingND(nn.Module):
     coordinate ``p``, with ``w_i = 10000 ** (-2i / d)``.
     """
 
-    def __init__(self, d_model: int, max_T: int = 32, max_spatial: Tuple[int, ...] = (64, 64)) -> None:
+    def __init__(self, d_model: int, max_T: int = 32, max_spatial: tuple[int, ...] = (64, 64)) -> None:
         super().__init__()
         sizes = (max_T,) + tuple(max_spatial)
         share = d_model // len(sizes)
@@ -53,12 +52,13 @@ class SinusoidalPositionalEncodingND(nn.Module):
         encoding[:, 1::2] = torch.cos(angles[:, : width // 2])
         return encoding
 
-    def forward(self, T: int, spatial_shape: Tuple[int, ...]) -> torch.Tensor:
+    def forward(self, T: int, spatial_shape: tuple[int, ...]) -> torch.Tensor:
         """The encoding of the first ``T`` frames and ``spatial_shape`` positions:
         ``(T, *spatial_shape, d_model)``."""
         if len(spatial_shape) != self.pe.dim() - 2:
             raise ValueError(
-                f"SinusoidalPositionalEncodingND: expected {self.pe.dim() - 2} spatial sizes, got {tuple(spatial_shape)}"
+                f"SinusoidalPositionalEncodingND: expected {self.pe.dim() - 2} spatial sizes, "
+                f"got {tuple(spatial_shape)}"
             )
         limits = tuple(self.pe.shape[:-1])
         if any(size > limit for size, limit in zip((T,) + tuple(spatial_shape), limits)):
@@ -140,15 +140,15 @@ class SpatiotemporalCanvas(nn.Module):
             start += len(indices)
             positions.extend(indices)
             buckets.extend([self.period_embedding.bucket(layout.region_spec(name).period)] * len(indices))
-        self._spans: Dict[str, Tuple[int, int]] = spans
+        self._spans: dict[str, tuple[int, int]] = spans
         self.register_buffer("_positions", torch.tensor(positions, dtype=torch.long), persistent=False)
         self.register_buffer("_buckets", torch.tensor(buckets, dtype=torch.long), persistent=False)
 
     @staticmethod
-    def parameter_keys(layout: CanvasLayout) -> Dict[str, str]:
+    def parameter_keys(layout: CanvasLayout) -> dict[str, str]:
         """Region name -> its key in ``modality_embeddings`` (``.`` -> ``__``, ``[`` and
         ``]`` -> ``_``); a ValueError when two regions get the same key."""
-        keys: Dict[str, str] = {}
+        keys: dict[str, str] = {}
         for name in layout.regions:
             key = name.replace(".", "__").replace("[", "_").replace("]", "_")
             clash = [other for other, taken in keys.items() if taken == key]
@@ -163,7 +163,9 @@ class SpatiotemporalCanvas(nn.Module):
     def region_positions(self, region_name: str) -> torch.Tensor:
         """Flat canvas positions of a region, ``(region_numel,)`` int64, on the module's device."""
         if region_name not in self._spans:
-            raise ValueError(f"SpatiotemporalCanvas: unknown region {region_name!r}; layout regions: {list(self._spans)}")
+            raise ValueError(
+                f"SpatiotemporalCanvas: unknown region {region_name!r}; layout regions: {list(self._spans)}"
+            )
         start, end = self._spans[region_name]
         return self._positions[start:end]
 
@@ -180,7 +182,9 @@ class SpatiotemporalCanvas(nn.Module):
         expected = (self.layout.num_positions, self.layout.d_model)
         if not isinstance(canvas, torch.Tensor) or canvas.dim() != 3 or tuple(canvas.shape[1:]) != expected:
             got = tuple(canvas.shape) if isinstance(canvas, torch.Tensor) else type(canvas).__name__
-            raise ValueError(f"SpatiotemporalCanvas: expected a canvas of shape (B, {expected[0]}, {expected[1]}), got {got}")
+            raise ValueError(
+                f"SpatiotemporalCanvas: expected a canvas of shape (B, {expected[0]}, {expected[1]}), got {got}"
+            )
 
     def place(self, canvas: torch.Tensor, embeddings: torch.Tensor, region_name: str) -> torch.Tensor:
         """A copy of ``canvas`` whose region positions hold ``embeddings`` plus the region's
@@ -198,7 +202,12 @@ class SpatiotemporalCanvas(nn.Module):
         self.check_canvas(canvas)
         positions = self.region_positions(region_name)
         size, width = positions.numel(), self.layout.d_model
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3 or embeddings.shape[2] != width or embeddings.shape[0] not in (1, canvas.shape[0]):
+        if (
+            not isinstance(embeddings, torch.Tensor)
+            or embeddings.dim() != 3
+            or embeddings.shape[2] != width
+            or embeddings.shape[0] not in (1, canvas.shape[0])
+        ):
             got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
             raise ValueError(
                 f"SpatiotemporalCanvas.place: expected embeddings of shape ({canvas.shape[0]} or 1, n, {width}) "

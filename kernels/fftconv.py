@@ -38,8 +38,8 @@ accumulators and scratch), for float32 inputs they stay float32 (TF32).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
+from functools import cache
 
 import torch
 import triton
@@ -78,7 +78,17 @@ def _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH: tl.conste
 
 @triton.jit
 def _store_filter_gradient(
-    PARTIAL, slot, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH: tl.constexpr,
+    PARTIAL,
+    slot,
+    frequencies,
+    channels,
+    n_channels,
+    c_mask,
+    gr,
+    gi,
+    xr,
+    xi,
+    LENGTH: tl.constexpr,
 ):
     """``c_k / L * G conj(X)`` at the ``frequencies <= L/2`` into the partial sum ``slot``
     (``(L/2 + 1, D, 2)`` floats per slot)."""
@@ -127,7 +137,9 @@ def _segment(cu_seqlens, class_segments, index, n_segments):
 
 
 @triton.jit
-def _dense_program(DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dense_program(
+    DFT, cu_seqlens, class_segments, n_segments, n_channels, PADDED: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """What a dense-DFT program works on: its row ``b * n_class + segment`` of the
     per-segment partials; the rows 0..PADDED-1 of its segment; its channels and their mask;
     the offsets ``(PADDED, BLOCK_C)`` of its tile and their mask; the (real, imaginary)
@@ -149,8 +161,19 @@ def _dense_program(DFT, cu_seqlens, class_segments, n_segments, n_channels, PADD
 
 @triton.jit
 def fftconv_dense_fwd_kernel(
-    MIXED, GATE, SPECTRUM, DFT, Y, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
+    MIXED,
+    GATE,
+    SPECTRUM,
+    DFT,
+    Y,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    PADDED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """y of one segment and channel block: ``X = W x``, ``y = (1/L) Re(conj(W) (H X))``."""
     segment_row, rows, channels, c_mask, offsets, mask, fr, fi, zeros = _dense_program(
@@ -166,8 +189,22 @@ def fftconv_dense_fwd_kernel(
 
 @triton.jit
 def fftconv_dense_bwd_kernel(
-    GRAD, MIXED, GATE, SPECTRUM, DFT, DMIXED, DGATE, DSPECTRUM_PARTIAL, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, PADDED: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
+    GRAD,
+    MIXED,
+    GATE,
+    SPECTRUM,
+    DFT,
+    DMIXED,
+    DGATE,
+    DSPECTRUM_PARTIAL,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    PADDED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Gradients of one segment and channel block: ``G = W dy`` and ``X = W x`` give the
     filter gradient's share; ``dx = (1/L) Re(conj(W) (conj(H) G))``, then the gate's chain rule."""
@@ -190,9 +227,21 @@ def fftconv_dense_bwd_kernel(
 
 @triton.jit
 def fftconv_rows_kernel(
-    MIXED, GATE, DFT_ROWS, SCRATCH, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    GATED: tl.constexpr, DOT: tl.constexpr,
+    MIXED,
+    GATE,
+    DFT_ROWS,
+    SCRATCH,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Pass 1 for one n1: ``A[n1, k2]`` for every k2 (x is ``mixed * sigmoid(gate)`` when
     GATED, else ``mixed``)."""
@@ -230,8 +279,13 @@ def _load_column(SCRATCH, offsets, half, mask):
 
 @triton.jit
 def _column_program(
-    DFT_COLS, n_channels,
-    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+    DFT_COLS,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """What a pass-2 program works on: its k2; the n1 of its column; its channels and their
     mask; its row ``b * n_class + segment`` of the per-segment partials; the scratch offsets
@@ -256,8 +310,15 @@ def _column_program(
 
 @triton.jit
 def fftconv_columns_fwd_kernel(
-    SCRATCH, SPECTRUM, DFT_COLS, n_channels,
-    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCRATCH,
+    SPECTRUM,
+    DFT_COLS,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
@@ -277,8 +338,17 @@ def fftconv_columns_fwd_kernel(
 
 @triton.jit
 def fftconv_columns_bwd_kernel(
-    SCRATCH, SCRATCH_X, SPECTRUM, DFT_COLS, DSPECTRUM_PARTIAL, n_channels,
-    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCRATCH,
+    SCRATCH_X,
+    SPECTRUM,
+    DFT_COLS,
+    DSPECTRUM_PARTIAL,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """Pass 2 of the backward for one k2: transform both columns (of dy in SCRATCH, of x in
@@ -291,7 +361,9 @@ def fftconv_columns_bwd_kernel(
     ar, ai = _load_column(SCRATCH_X, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     frequencies = k2 + ROWS * n1
-    _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
+    _store_filter_gradient(
+        DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH
+    )
     hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True, DOT)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
@@ -301,9 +373,23 @@ def fftconv_columns_bwd_kernel(
 
 @triton.jit
 def fftconv_inverse_rows_kernel(
-    SCRATCH, DFT_ROWS, MIXED, GATE, OUT, DGATE, cu_seqlens, class_segments, n_segments, n_channels,
-    LENGTH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    BACKWARD: tl.constexpr, DOT: tl.constexpr,
+    SCRATCH,
+    DFT_ROWS,
+    MIXED,
+    GATE,
+    OUT,
+    DGATE,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Pass 3 for one n1: the real inverse along k2, rows ``n1 + COLS n2 < N``. Forward: OUT
     is y. BACKWARD: the result is dx, and OUT, DGATE receive ``dx * s`` and
@@ -338,7 +424,7 @@ def fftconv_inverse_rows_kernel(
         tl.store(OUT + offsets, result.to(OUT.dtype.element_ty), mask=mask)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dft_matrix(size: int, padded: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(2, padded, padded)`` in ``dtype``: ``cos`` and ``-sin`` of ``2 pi k n / size`` for
     ``k, n < size`` (the real and imaginary parts of the DFT matrix), zero elsewhere."""
@@ -351,13 +437,13 @@ def dft_matrix(size: int, padded: int, device: torch.device, dtype: torch.dtype 
     return matrix.to(device=device, dtype=dtype)
 
 
-def factors(length: int) -> Tuple[int, int]:
+def factors(length: int) -> tuple[int, int]:
     """(COLS, ROWS) with ``COLS * ROWS = length``, ROWS the larger when they differ."""
     rows = 1 << ((length.bit_length() - 1 + 1) // 2)
     return length // rows, rows
 
 
-def _tables(rows: int, cols: int, device: torch.device, dot) -> Tuple[torch.Tensor, torch.Tensor]:
+def _tables(rows: int, cols: int, device: torch.device, dot) -> tuple[torch.Tensor, torch.Tensor]:
     """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16),
     in the matrix products' operand type ``dot``."""
     dtype = _table_dtype(dot)
@@ -395,13 +481,18 @@ def _scratch(batch: int, count: int, length: int, n_channels: int, device: torch
     return torch.empty(2, batch, count, length, n_channels, dtype=torch.float32, device=device)
 
 
-def _grid(programs: int, config: dict, n_channels: int, batch: int) -> Tuple[int, int, int]:
+def _grid(programs: int, config: dict, n_channels: int, batch: int) -> tuple[int, int, int]:
     return programs, triton.cdiv(n_channels, config["BLOCK_C"]), batch
 
 
 def fftconv_fwd(
-    mixed: torch.Tensor, gate: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
-    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
+    mixed: torch.Tensor,
+    gate: torch.Tensor,
+    spectrum: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor,
+    class_lengths: list[int],
+    class_sizes: list[int],
 ) -> torch.Tensor:
     """``y (B, T, D)``, the convolution of ``mixed * sigmoid(gate)`` (both ``(B, T, D)``) with
     the filter ``spectrum (F, D, 2)`` float32, per segment.
@@ -420,8 +511,19 @@ def fftconv_fwd(
             config = launch_config("dense", length, n_channels)
             padded = max(16, length)
             fftconv_dense_fwd_kernel[_grid(count, config, n_channels, batch)](
-                mixed, gate, spectrum, dft_matrix(length, padded, mixed.device, _table_dtype(dot)), y, cu_seqlens, segments, n_segments, n_channels,
-                LENGTH=length, PADDED=padded, DOT=dot, **config,
+                mixed,
+                gate,
+                spectrum,
+                dft_matrix(length, padded, mixed.device, _table_dtype(dot)),
+                y,
+                cu_seqlens,
+                segments,
+                n_segments,
+                n_channels,
+                LENGTH=length,
+                PADDED=padded,
+                DOT=dot,
+                **config,
             )
             continue
         cols, rows = factors(length)
@@ -430,24 +532,61 @@ def fftconv_fwd(
         shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
         config = launch_config("rows", length, n_channels)
         fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
-            mixed, gate, table_rows, scratch, cu_seqlens, segments, n_segments, n_channels,
-            BLOCK_K=BLOCK_K, GATED=True, DOT=dot, **shape, **config,
+            mixed,
+            gate,
+            table_rows,
+            scratch,
+            cu_seqlens,
+            segments,
+            n_segments,
+            n_channels,
+            BLOCK_K=BLOCK_K,
+            GATED=True,
+            DOT=dot,
+            **shape,
+            **config,
         )
         columns = launch_config("columns", length, n_channels)
         fftconv_columns_fwd_kernel[_grid(count * rows, columns, n_channels, batch)](
-            scratch, spectrum, table_cols, n_channels, BLOCK_COLS=table_cols.shape[1], DOT=dot, **shape, **columns,
+            scratch,
+            spectrum,
+            table_cols,
+            n_channels,
+            BLOCK_COLS=table_cols.shape[1],
+            DOT=dot,
+            **shape,
+            **columns,
         )
         fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
-            scratch, table_rows, mixed, gate, y, y, cu_seqlens, segments, n_segments, n_channels,
-            BLOCK_K=BLOCK_K, BACKWARD=False, DOT=dot, **shape, **config,
+            scratch,
+            table_rows,
+            mixed,
+            gate,
+            y,
+            y,
+            cu_seqlens,
+            segments,
+            n_segments,
+            n_channels,
+            BLOCK_K=BLOCK_K,
+            BACKWARD=False,
+            DOT=dot,
+            **shape,
+            **config,
         )
     return y
 
 
 def fftconv_bwd(
-    grad: torch.Tensor, mixed: torch.Tensor, gate: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
-    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: torch.Tensor,
+    mixed: torch.Tensor,
+    gate: torch.Tensor,
+    spectrum: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor,
+    class_lengths: list[int],
+    class_sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d mixed, d gate, d spectrum ``(F, D, 2)`` float32) of :func:`fftconv_fwd`."""
     batch, _, n_channels = mixed.shape
     n_segments = cu_seqlens.shape[0] - 1
@@ -460,8 +599,22 @@ def fftconv_bwd(
             config = launch_config("dense", length, n_channels)
             padded = max(16, length)
             fftconv_dense_bwd_kernel[_grid(count, config, n_channels, batch)](
-                grad, mixed, gate, spectrum, dft_matrix(length, padded, mixed.device, _table_dtype(dot)), d_mixed, d_gate, partial,
-                cu_seqlens, segments, n_segments, n_channels, LENGTH=length, PADDED=padded, DOT=dot, **config,
+                grad,
+                mixed,
+                gate,
+                spectrum,
+                dft_matrix(length, padded, mixed.device, _table_dtype(dot)),
+                d_mixed,
+                d_gate,
+                partial,
+                cu_seqlens,
+                segments,
+                n_segments,
+                n_channels,
+                LENGTH=length,
+                PADDED=padded,
+                DOT=dot,
+                **config,
             )
         else:
             cols, rows = factors(length)
@@ -471,16 +624,49 @@ def fftconv_bwd(
             config = launch_config("rows", length, n_channels)
             for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):
                 fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
-                    source, gate, table_rows, target, cu_seqlens, segments, n_segments, n_channels,
-                    BLOCK_K=BLOCK_K, GATED=gated, DOT=dot, **shape, **config,
+                    source,
+                    gate,
+                    table_rows,
+                    target,
+                    cu_seqlens,
+                    segments,
+                    n_segments,
+                    n_channels,
+                    BLOCK_K=BLOCK_K,
+                    GATED=gated,
+                    DOT=dot,
+                    **shape,
+                    **config,
                 )
             columns = launch_config("columns", length, n_channels)
             fftconv_columns_bwd_kernel[_grid(count * rows, columns, n_channels, batch)](
-                grad_signal, signal, spectrum, table_cols, partial, n_channels, BLOCK_COLS=table_cols.shape[1], DOT=dot, **shape, **columns,
+                grad_signal,
+                signal,
+                spectrum,
+                table_cols,
+                partial,
+                n_channels,
+                BLOCK_COLS=table_cols.shape[1],
+                DOT=dot,
+                **shape,
+                **columns,
             )
             fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
-                grad_signal, table_rows, mixed, gate, d_mixed, d_gate, cu_seqlens, segments, n_segments, n_channels,
-                BLOCK_K=BLOCK_K, BACKWARD=True, DOT=dot, **shape, **config,
+                grad_signal,
+                table_rows,
+                mixed,
+                gate,
+                d_mixed,
+                d_gate,
+                cu_seqlens,
+                segments,
+                n_segments,
+                n_channels,
+                BLOCK_K=BLOCK_K,
+                BACKWARD=True,
+                DOT=dot,
+                **shape,
+                **config,
             )
         d_spectrum[: length // 2 + 1] += partial.sum(dim=(0, 1))
     return d_mixed, d_gate, d_spectrum

@@ -49,7 +49,9 @@ def _state_offsets(slot, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """Offsets of the ``(BLOCK_D, BLOCK_E)`` state and the ``(BLOCK_D,)`` normaliser in
     ``slot`` of their buffers."""
     offs_d = tl.arange(0, BLOCK_D)
-    return slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :], slot * BLOCK_D + offs_d
+    return slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[
+        None, :
+    ], slot * BLOCK_D + offs_d
 
 
 @triton.jit
@@ -93,14 +95,32 @@ def _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_seg
     begin = tl.load(cu_seqlens_q + segment).to(tl.int64)
     length = tl.load(cu_seqlens_q + segment + 1) - begin
     rows = tl.load(block_start + tl.program_id(0)) + tl.arange(0, BLOCK)
-    return rows, rows < length, begin, tl.load(cu_seqlens_q + n_segments).to(tl.int64), tl.load(segment_keyset + segment).to(tl.int64)
+    return (
+        rows,
+        rows < length,
+        begin,
+        tl.load(cu_seqlens_q + n_segments).to(tl.int64),
+        tl.load(segment_keyset + segment).to(tl.int64),
+    )
 
 
 @triton.jit
 def linear_state_kernel(
-    K, V, STATE_PARTIAL, NORMALISER_PARTIAL, cu_seqlens_k, n_heads, n_keysets, n_parts,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
+    K,
+    V,
+    STATE_PARTIAL,
+    NORMALISER_PARTIAL,
+    cu_seqlens_k,
+    n_heads,
+    n_keysets,
+    n_parts,
+    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RELU: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One part's share of S and z."""
     b, h = _batch_head(n_heads)
@@ -115,20 +135,39 @@ def linear_state_kernel(
         phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
         state = tl.dot(tl.trans(phi_k.to(DOT)), v.to(DOT), state)
         normaliser += tl.sum(phi_k, axis=0)
-    matrix_at, vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
+    matrix_at, vector_at = _state_offsets(
+        tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E
+    )
     tl.store(STATE_PARTIAL + matrix_at, state)
     tl.store(NORMALISER_PARTIAL + vector_at, normaliser)
 
 
 @triton.jit
 def linear_apply_kernel(
-    Q, STATE, NORMALISER, O, cu_seqlens_q, segment_keyset, block_segment, block_start,
-    n_heads, n_keysets, n_segments, eps,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    STATE,
+    NORMALISER,
+    O,
+    cu_seqlens_q,
+    segment_keyset,
+    block_segment,
+    block_start,
+    n_heads,
+    n_keysets,
+    n_segments,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RELU: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     b, h = _batch_head(n_heads)
-    rows, r_mask, begin, total, keyset = _query_block(block_segment, block_start, segment_keyset, cu_seqlens_q, n_segments, BLOCK)
+    rows, r_mask, begin, total, keyset = _query_block(
+        block_segment, block_start, segment_keyset, cu_seqlens_q, n_segments, BLOCK
+    )
     q, _, q_mask = _rows(Q, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
     phi_q = tl.where(q_mask, _features(q, RELU), 0.0)
     matrix_at, vector_at = _state_offsets((b * n_heads + h) * n_keysets + keyset, BLOCK_D, BLOCK_E)
@@ -142,10 +181,28 @@ def linear_apply_kernel(
 
 @triton.jit
 def linear_query_bwd_kernel(
-    Q, STATE, NORMALISER, O, DO, DQ, DSTATE_PARTIAL, DNORMALISER_PARTIAL,
-    cu_seqlens_q, segment_keyset, n_heads, n_keysets, n_segments, n_parts, eps,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    STATE,
+    NORMALISER,
+    O,
+    DO,
+    DQ,
+    DSTATE_PARTIAL,
+    DNORMALISER_PARTIAL,
+    cu_seqlens_q,
+    segment_keyset,
+    n_heads,
+    n_keysets,
+    n_segments,
+    n_parts,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RELU: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dq for one part of a query segment, and the part's share of dS and dz: with
     d = phi(q).z + eps, dn = dO / d and dd = -(dO . O) / d, dphi(q) = dn S^T + dd z,
@@ -175,16 +232,32 @@ def linear_query_bwd_kernel(
         tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=q_mask)
         d_state = tl.dot(tl.trans(phi_q.to(DOT)), d_numerator_operand, d_state)
         d_normaliser += tl.sum(phi_q * d_denominator[:, None], axis=0)
-    partial_at, partial_vector_at = _state_offsets(tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E)
+    partial_at, partial_vector_at = _state_offsets(
+        tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), BLOCK_D, BLOCK_E
+    )
     tl.store(DSTATE_PARTIAL + partial_at, d_state)
     tl.store(DNORMALISER_PARTIAL + partial_vector_at, d_normaliser)
 
 
 @triton.jit
 def linear_key_bwd_kernel(
-    K, V, DSTATE, DNORMALISER, DK, DV, cu_seqlens_k, n_heads, n_keysets, n_parts,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK: tl.constexpr, RELU: tl.constexpr, DOT: tl.constexpr,
+    K,
+    V,
+    DSTATE,
+    DNORMALISER,
+    DK,
+    DV,
+    cu_seqlens_k,
+    n_heads,
+    n_keysets,
+    n_parts,
+    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RELU: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dk and dv of one part of a key set: dphi(k) = v dS^T + dz, dv = phi(k) dS."""
     b, h = _batch_head(n_heads)
@@ -200,7 +273,9 @@ def linear_key_bwd_kernel(
         k, k_at, k_mask = _rows(K, b, h, begin, total, rows, r_mask, n_heads, HEAD_DIM, BLOCK_D)
         v, v_at, v_mask = _rows(V, b, h, begin, total, rows, r_mask, n_heads, VALUE_DIM, BLOCK_E)
         phi_k = tl.where(k_mask, _features(k, RELU), 0.0)
-        d_phi = tl.dot(v.to(DOT), d_state_transposed, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
+        d_phi = (
+            tl.dot(v.to(DOT), d_state_transposed, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)) + d_normaliser[None, :]
+        )
         dv = tl.dot(phi_k.to(DOT), d_state_operand, tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32))
         tl.store(DK + k_at, (d_phi * _feature_slope(k, RELU)).to(DK.dtype.element_ty), mask=k_mask)
         tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=v_mask)
@@ -237,9 +312,16 @@ def parts(n_sets: int, batch_heads: int) -> int:
 
 
 def linear_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    eps: float,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention of packed segments: (out ``(B, Tq, H, E)``, state, normaliser).
 
@@ -252,29 +334,68 @@ def linear_attention_fwd(
     block_d, block_e = _pad(head_dim), _pad(value_dim)
     n_parts = parts(n_keysets, batch * heads)
     step = _step_rows(k.dtype, block_d, block_e)
-    state_partial = torch.empty(batch, heads, n_keysets, n_parts, block_d, block_e, dtype=torch.float32, device=q.device)
+    state_partial = torch.empty(
+        batch, heads, n_keysets, n_parts, block_d, block_e, dtype=torch.float32, device=q.device
+    )
     normaliser_partial = torch.empty(batch, heads, n_keysets, n_parts, block_d, dtype=torch.float32, device=q.device)
     out = new_output(v, q.shape[:3] + (value_dim,), v.dtype)
-    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
-                  DOT=dot_dtype(q.dtype), num_warps=_warps(block_d, block_e))
+    common = dict(
+        HEAD_DIM=head_dim,
+        VALUE_DIM=value_dim,
+        BLOCK_D=block_d,
+        BLOCK_E=block_e,
+        BLOCK=BLOCK_ROWS,
+        RELU=relu,
+        DOT=dot_dtype(q.dtype),
+        num_warps=_warps(block_d, block_e),
+    )
     if n_keysets:
         linear_state_kernel[(n_keysets * n_parts, batch * heads)](
-            k, v, state_partial, normaliser_partial, cu_seqlens_k, heads, n_keysets, n_parts, **{**common, "BLOCK": step},
+            k,
+            v,
+            state_partial,
+            normaliser_partial,
+            cu_seqlens_k,
+            heads,
+            n_keysets,
+            n_parts,
+            **{**common, "BLOCK": step},
         )
     state, normaliser = state_partial.sum(3), normaliser_partial.sum(3)
     if block_segment.shape[0]:
         linear_apply_kernel[(block_segment.shape[0], batch * heads)](
-            q, state, normaliser, out, cu_seqlens_q, segment_keyset, block_segment, block_start,
-            heads, n_keysets, cu_seqlens_q.shape[0] - 1, eps, **common,
+            q,
+            state,
+            normaliser,
+            out,
+            cu_seqlens_q,
+            segment_keyset,
+            block_segment,
+            block_start,
+            heads,
+            n_keysets,
+            cu_seqlens_q.shape[0] - 1,
+            eps,
+            **common,
         )
     return out, state, normaliser
 
 
 def linear_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    state: torch.Tensor, normaliser: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool = False,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    state: torch.Tensor,
+    normaliser: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    eps: float,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of :func:`linear_attention_fwd` (the block tables are the
     forward's; the backward walks parts of segments instead)."""
@@ -283,18 +404,44 @@ def linear_attention_bwd(
     n_keysets = cu_seqlens_k.shape[0] - 1
     n_segments = cu_seqlens_q.shape[0] - 1
     block_d, block_e = _pad(head_dim), _pad(value_dim)
-    common = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=block_d, BLOCK_E=block_e, BLOCK=BLOCK_ROWS, RELU=relu,
-                  DOT=dot_dtype(q.dtype), num_warps=_warps(block_d, block_e))
+    common = dict(
+        HEAD_DIM=head_dim,
+        VALUE_DIM=value_dim,
+        BLOCK_D=block_d,
+        BLOCK_E=block_e,
+        BLOCK=BLOCK_ROWS,
+        RELU=relu,
+        DOT=dot_dtype(q.dtype),
+        num_warps=_warps(block_d, block_e),
+    )
     grad_out = grad_out.contiguous()
     dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
     query_parts = parts(n_segments, batch * heads)
     step = {**common, "BLOCK": _step_rows(q.dtype, block_d, block_e)}
-    d_state_partial = torch.empty(batch * heads, n_segments, query_parts, block_d, block_e, dtype=torch.float32, device=q.device)
-    d_normaliser_partial = torch.empty(batch * heads, n_segments, query_parts, block_d, dtype=torch.float32, device=q.device)
+    d_state_partial = torch.empty(
+        batch * heads, n_segments, query_parts, block_d, block_e, dtype=torch.float32, device=q.device
+    )
+    d_normaliser_partial = torch.empty(
+        batch * heads, n_segments, query_parts, block_d, dtype=torch.float32, device=q.device
+    )
     if n_segments:
         linear_query_bwd_kernel[(n_segments * query_parts, batch * heads)](
-            q, state, normaliser, out, grad_out, dq, d_state_partial, d_normaliser_partial,
-            cu_seqlens_q, segment_keyset, heads, n_keysets, n_segments, query_parts, eps, **step,
+            q,
+            state,
+            normaliser,
+            out,
+            grad_out,
+            dq,
+            d_state_partial,
+            d_normaliser_partial,
+            cu_seqlens_q,
+            segment_keyset,
+            heads,
+            n_keysets,
+            n_segments,
+            query_parts,
+            eps,
+            **step,
         )
     keyset_of_segment = segment_keyset.long()
     d_state = torch.zeros(batch * heads, n_keysets, block_d, block_e, dtype=torch.float32, device=q.device)
@@ -304,6 +451,16 @@ def linear_attention_bwd(
     key_parts = parts(n_keysets, batch * heads)
     if n_keysets:
         linear_key_bwd_kernel[(n_keysets * key_parts, batch * heads)](
-            k, v, d_state, d_normaliser, dk, dv, cu_seqlens_k, heads, n_keysets, key_parts, **step,
+            k,
+            v,
+            d_state,
+            d_normaliser,
+            dk,
+            dv,
+            cu_seqlens_k,
+            heads,
+            n_keysets,
+            key_parts,
+            **step,
         )
     return dq, dk, dv

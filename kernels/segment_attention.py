@@ -86,7 +86,11 @@ def launch_config(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> d
     if INTERPRETING:
         return {"INNER": block, "num_warps": 4}
     padded = 64 if head_dim <= 64 else 128
-    configs = FLOAT32_CONFIGS[kind] if dtype == torch.float32 and padded in FLOAT32_CONFIGS.get(kind, {}) else GPU_CONFIGS[kind]
+    configs = (
+        FLOAT32_CONFIGS[kind]
+        if dtype == torch.float32 and padded in FLOAT32_CONFIGS.get(kind, {})
+        else GPU_CONFIGS[kind]
+    )
     inner, warps = configs[padded]
     return {"INNER": min(inner, block), "num_warps": warps}
 
@@ -101,13 +105,20 @@ def _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segme
     keyset = tl.load(segment_keyset + segment)
     k_begin = tl.load(cu_seqlens_k + keyset)
     return (
-        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), tl.load(block_start + tl.program_id(0)),
-        q_begin, tl.load(cu_seqlens_q + segment + 1) - q_begin, k_begin, tl.load(cu_seqlens_k + keyset + 1) - k_begin,
+        (batch_head // n_heads).to(tl.int64),
+        (batch_head % n_heads).to(tl.int64),
+        tl.load(block_start + tl.program_id(0)),
+        q_begin,
+        tl.load(cu_seqlens_q + segment + 1) - q_begin,
+        k_begin,
+        tl.load(cu_seqlens_k + keyset + 1) - k_begin,
     )
 
 
 @triton.jit
-def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_block_context(
+    block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """(batch, head, first row of this program's keys within their key set, the key set's
     first key row and key count, and the range ``[first, last)`` of ``keyset_segments`` that
     lists the segments reading it) of this program: part ``program_id(0) % SPLIT`` (BLOCK_N
@@ -117,10 +128,13 @@ def _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segmen
     keyset = tl.load(block_keyset + index)
     k_begin = tl.load(cu_seqlens_k + keyset)
     return (
-        (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64),
+        (batch_head // n_heads).to(tl.int64),
+        (batch_head % n_heads).to(tl.int64),
         tl.load(block_start + index) + (tl.program_id(0) % SPLIT) * BLOCK_N,
-        k_begin, tl.load(cu_seqlens_k + keyset + 1) - k_begin,
-        tl.load(cu_keyset_segments + keyset), tl.load(cu_keyset_segments + keyset + 1),
+        k_begin,
+        tl.load(cu_seqlens_k + keyset + 1) - k_begin,
+        tl.load(cu_keyset_segments + keyset),
+        tl.load(cu_keyset_segments + keyset + 1),
     )
 
 
@@ -137,23 +151,32 @@ def _block_rows(first, begin, count, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
 @triton.jit
 def _store_rows(ptr, value, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
     """Store ``value (rows, D)`` into rows ``rows`` of head h in batch b of a (B, T, H, D) tensor."""
-    tl.store(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
-             value.to(ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(
+        ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit
 def _load_rows(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
     """Rows ``rows`` (int64) of head h in batch b of a (B, T, H, D) tensor as ``(rows, D)``
     in its own dtype; zeros outside the masks."""
-    return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
-                   mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    return tl.load(
+        ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
 def _load_columns(ptr, b, h, rows, offs_d, stride_b, stride_t, stride_h, row_mask, d_mask):
     """The same rows transposed: ``(D, rows)``."""
-    return tl.load(ptr + b * stride_b + h * stride_h + rows[None, :] * stride_t + offs_d[:, None],
-                   mask=row_mask[None, :] & d_mask[:, None], other=0.0)
+    return tl.load(
+        ptr + b * stride_b + h * stride_h + rows[None, :] * stride_t + offs_d[:, None],
+        mask=row_mask[None, :] & d_mask[:, None],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -198,19 +221,47 @@ def _visible(queries, keys, n_q, n_k, s, threshold, WINDOW: tl.constexpr, USE_TH
 
 
 @triton.jit
-def _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT: tl.constexpr):
+def _logits(
+    q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT: tl.constexpr
+):
     """Logits ``(M, N)`` of queries ``q`` against the keys ``offs_n`` of a segment: the one
     place they are computed for a query block, so that every pass over them rounds alike."""
-    kt = _load_columns(K, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_kb, stride_kt, stride_kh, offs_n < n_k, d_mask)
+    kt = _load_columns(
+        K, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_kb, stride_kt, stride_kh, offs_n < n_k, d_mask
+    )
     return tl.dot(q, kt.to(DOT), tl.zeros([q.shape[0], offs_n.shape[0]], dtype=tl.float32)) * scale
 
 
 @triton.jit
 def _attend(
-    q, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, threshold, offs_d, d_mask,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    q,
+    K,
+    V,
+    b,
+    h,
+    k_begin,
+    n_k,
+    offs_m,
+    n_q,
+    low,
+    high,
+    threshold,
+    offs_d,
+    d_mask,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """(acc ``(M, D)``, row max, row sum) of a query block over the key tiles that meet
     keys ``[low, high)``: online softmax (acc unnormalised), or sigmoid weights (acc final)."""
@@ -220,7 +271,9 @@ def _attend(
     for start in range((low // BLOCK_N) * BLOCK_N, high, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_k
-        v = _load_rows(V, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask).to(DOT)
+        v = _load_rows(
+            V, b, h, (k_begin + offs_n).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask
+        ).to(DOT)
         s = _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
         valid = _visible(offs_m[:, None], offs_n[None, :], n_q, n_k, s, threshold[:, None], WINDOW, USE_THRESHOLD)
         if SIGMOID:
@@ -253,28 +306,77 @@ def _normalised(acc, row_max, row_sum, SIGMOID: tl.constexpr):
 
 @triton.jit
 def segment_attention_fwd_kernel(
-    Q, K, V, O, LSE,
-    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    n_heads, total_q, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    block_segment,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    n_heads,
+    total_q,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(
+        block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads
+    )
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
     lse_rows = (b * n_heads + h) * total_q + q_rows
     low, high = _key_range(q_first, n_q, n_k, WINDOW, BLOCK_M)
     acc, row_max, row_sum = _attend(
-        q, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, tl.zeros([BLOCK_M], dtype=tl.float32), offs_d, d_mask,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+        q,
+        K,
+        V,
+        b,
+        h,
+        k_begin,
+        n_k,
+        offs_m,
+        n_q,
+        low,
+        high,
+        tl.zeros([BLOCK_M], dtype=tl.float32),
+        offs_d,
+        d_mask,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        scale,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        WINDOW,
+        False,
+        SIGMOID,
+        DOT,
     )
     out, lse = _normalised(acc, row_max, row_sum, SIGMOID)
     if not SIGMOID:
@@ -305,10 +407,46 @@ def _logit_gradient(p, dp, delta, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _dkdv_over_queries(
-    dk, dv, k, v, Q, K, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, k_begin, offs_n, n_k, low, high, offs_d, d_mask,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    K,
+    DO,
+    LSE,
+    DELTA,
+    THRESHOLD,
+    b,
+    h,
+    q_begin,
+    n_q,
+    k_begin,
+    offs_n,
+    n_k,
+    low,
+    high,
+    offs_d,
+    d_mask,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """``dk`` (dK / scale) and ``dv`` ``(N, D)`` of the key block ``k, v`` (in DOT) plus
     those of one segment's query tiles that meet queries ``[low, high)``, on transposed
@@ -327,7 +465,9 @@ def _dkdv_over_queries(
         if USE_THRESHOLD:
             threshold = tl.load(THRESHOLD + stat_rows, mask=m_mask, other=0.0)
             q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
-            st = tl.trans(_logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT))
+            st = tl.trans(
+                _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
+            )
         else:
             qt = _load_columns(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
             st = tl.dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale
@@ -343,10 +483,37 @@ def _dkdv_over_queries(
 
 @triton.jit
 def _dq_over_keys(
-    q, do, lse, delta, threshold, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, offs_d, d_mask,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    q,
+    do,
+    lse,
+    delta,
+    threshold,
+    K,
+    V,
+    b,
+    h,
+    k_begin,
+    n_k,
+    offs_m,
+    n_q,
+    low,
+    high,
+    offs_d,
+    d_mask,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dQ / scale ``(M, D)`` of the query block ``q, do`` (in DOT) over the key tiles that
     meet keys ``[low, high)``. With a threshold, the logits are the forward's own
@@ -372,11 +539,50 @@ def _dq_over_keys(
 
 @triton.jit
 def _dkdv_over_segments(
-    Q, K, V, DO, LSE, DELTA, THRESHOLD, tied_prefix, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
-    offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOW: tl.constexpr, USE_THRESHOLD: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    THRESHOLD,
+    tied_prefix,
+    cu_seqlens_q,
+    keyset_segments,
+    b,
+    h,
+    first,
+    last,
+    k_first,
+    k_begin,
+    n_k,
+    offs_n,
+    offs_d,
+    n_mask,
+    d_mask,
+    k_rows,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """``dk`` (dK / scale) and ``dv`` ``(N, D)`` of the keys ``k_rows`` (positions ``offs_n``
     of their key set) over the segments ``keyset_segments[first:last]`` that read the key
@@ -392,39 +598,148 @@ def _dkdv_over_segments(
         n_q = tl.load(cu_seqlens_q + segment + 1) - q_begin
         low, high = _query_range(k_first, n_q, n_k, WINDOW, BLOCK_N)
         if USE_THRESHOLD:
-            high = tl.where(_tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, i, i + 1, b * n_heads + h, total_q) > 0, high, low)
+            high = tl.where(
+                _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, i, i + 1, b * n_heads + h, total_q) > 0,
+                high,
+                low,
+            )
         dk, dv = _dkdv_over_queries(
-            dk, dv, k, v, Q, K, DO, LSE, DELTA, THRESHOLD, b, h, q_begin, n_q, k_begin, offs_n, n_k, low, high, offs_d, d_mask,
-            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, USE_THRESHOLD, SIGMOID, DOT,
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            K,
+            DO,
+            LSE,
+            DELTA,
+            THRESHOLD,
+            b,
+            h,
+            q_begin,
+            n_q,
+            k_begin,
+            offs_n,
+            n_k,
+            low,
+            high,
+            offs_d,
+            d_mask,
+            stride_qb,
+            stride_qt,
+            stride_qh,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_dob,
+            stride_dot,
+            stride_doh,
+            n_heads,
+            total_q,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            WINDOW,
+            USE_THRESHOLD,
+            SIGMOID,
+            DOT,
         )
     return dk, dv
 
 
 @triton.jit
 def segment_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    n_heads, total_q, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    keyset_segments,
+    cu_keyset_segments,
+    block_keyset,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One key block of BLOCK_N rows of a key set against the query tiles of every segment
     that reads the key set (``keyset_segments``), on transposed tiles (keys by queries),
     so that every product reads its operands as loaded."""
-    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N)
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(
+        block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N
+    )
 
     offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
     dk, dv = _dkdv_over_segments(
-        Q, K, V, DO, LSE, DELTA, LSE, cu_seqlens_q, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
-        offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        LSE,
+        cu_seqlens_q,
+        cu_seqlens_q,
+        keyset_segments,
+        b,
+        h,
+        first,
+        last,
+        k_first,
+        k_begin,
+        n_k,
+        offs_n,
+        offs_d,
+        n_mask,
+        d_mask,
+        k_rows,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        stride_dob,
+        stride_dot,
+        stride_doh,
+        n_heads,
+        total_q,
+        scale,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        WINDOW,
+        False,
+        SIGMOID,
+        DOT,
     )
     _store_rows(DK, dk * scale, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
     _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
@@ -432,19 +747,45 @@ def segment_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def segment_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    n_heads, total_q, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, SIGMOID: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    block_segment,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One query block of BLOCK_M rows against its key tiles of BLOCK_N rows."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(
+        block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads
+    )
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(DOT)
@@ -454,9 +795,37 @@ def segment_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + stat_rows, mask=m_mask, other=0.0)
     low, high = _key_range(q_first, n_q, n_k, WINDOW, BLOCK_M)
     dq = _dq_over_keys(
-        q, do, lse, delta, lse, K, V, b, h, k_begin, n_k, offs_m, n_q, low, high, offs_d, d_mask,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, False, SIGMOID, DOT,
+        q,
+        do,
+        lse,
+        delta,
+        lse,
+        K,
+        V,
+        b,
+        h,
+        k_begin,
+        n_k,
+        offs_m,
+        n_q,
+        low,
+        high,
+        offs_d,
+        d_mask,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        scale,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        WINDOW,
+        False,
+        SIGMOID,
+        DOT,
     )
     _store_rows(DQ, dq * scale, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
 
@@ -498,15 +867,39 @@ def _slot(x, slots, j):
 
 @triton.jit
 def segment_topk_fwd_kernel(
-    Q, K, V, O, LSE, selection,
-    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    n_heads, total_q, scale, top_k,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    selection,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    block_segment,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    n_heads,
+    total_q,
+    scale,
+    top_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Top-k attention of one query block in one pass over its segment's keys: the logits
     of each key tile go into each row's running top-k list (:func:`_merge_tile`); the
@@ -517,7 +910,9 @@ def segment_topk_fwd_kernel(
     inputs give) take a second pass over the keys with the threshold, as the same
     :func:`_logits` computes them, in key tiles of BLOCK_N rows, those of the backward's
     threshold passes (:func:`topk_launch_arguments`)."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(
+        block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads
+    )
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     slots = tl.arange(0, TOP)
@@ -530,7 +925,9 @@ def segment_topk_fwd_kernel(
     for start in range(0, n_k, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _logits(q, K, b, h, k_begin, n_k, offs_n, offs_d, d_mask, stride_kb, stride_kt, stride_kh, scale, DOT)
-        best, best_key, ties = _merge_tile(tl.where(offs_n[None, :] < n_k, s, float("-inf")), offs_n, best, best_key, ties, TOP)
+        best, best_key, ties = _merge_tile(
+            tl.where(offs_n[None, :] < n_k, s, float("-inf")), offs_n, best, best_key, ties, TOP
+        )
     threshold = tl.min(best, axis=1)
 
     kept = best_key >= 0
@@ -539,16 +936,43 @@ def segment_topk_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(TOP):
         key = _slot(best_key, slots, j)
-        v = _load_rows(V, b, h, (k_begin + key).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, m_mask & (key >= 0), d_mask)
+        v = _load_rows(
+            V, b, h, (k_begin + key).to(tl.int64), offs_d, stride_vb, stride_vt, stride_vh, m_mask & (key >= 0), d_mask
+        )
         acc += _slot(p, slots, j)[:, None] * v.to(tl.float32)
     out, lse = _normalised(acc, row_max, tl.sum(p, axis=1), False)
 
     overflow = (ties > 0) & m_mask
     if tl.max(overflow.to(tl.int32), axis=0) > 0:
         acc, row_max, row_sum = _attend(
-            q, K, V, b, h, k_begin, n_k, offs_m, n_q, 0, n_k, tl.where(overflow, threshold, float("inf")), offs_d, d_mask,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+            q,
+            K,
+            V,
+            b,
+            h,
+            k_begin,
+            n_k,
+            offs_m,
+            n_q,
+            0,
+            n_k,
+            tl.where(overflow, threshold, float("inf")),
+            offs_d,
+            d_mask,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            0,
+            True,
+            False,
+            DOT,
         )
         tied_out, tied_lse = _normalised(acc, row_max, row_sum, False)
         out = tl.where(overflow[:, None], tied_out, out)
@@ -565,22 +989,52 @@ def segment_topk_fwd_kernel(
 
 @triton.jit
 def segment_topk_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DQ, SELECTED_P, SELECTED_DS, selection,
-    cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    n_heads, total_q, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    TIED_THRESHOLD,
+    DQ,
+    SELECTED_P,
+    SELECTED_DS,
+    selection,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    block_segment,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dQ of one query block from its saved selection: per kept key, the weight and dS of
     each row from the gathered key and value rows (O(k * D) per row); the weights and dS
     are saved for the dK/dV kernel. Rows with ties beyond the list (``TIED_THRESHOLD``
     finite) take the threshold pass over the keys instead, over the forward's key tiles
     (BLOCK_N rows)."""
-    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads)
+    b, h, q_first, q_begin, n_q, k_begin, n_k = _block_context(
+        block_segment, block_start, cu_seqlens_q, cu_seqlens_k, segment_keyset, n_heads
+    )
 
     offs_m, offs_d, m_mask, d_mask, q_rows = _block_rows(q_first, q_begin, n_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask).to(tl.float32)
@@ -603,9 +1057,37 @@ def segment_topk_bwd_dq_kernel(
         tl.store(SELECTED_DS + stat_rows * TOP + j, ds, mask=m_mask)
     if tl.max(overflow.to(tl.int32), axis=0) > 0:
         dq += _dq_over_keys(
-            q.to(DOT), do.to(DOT), lse, delta, tied, K, V, b, h, k_begin, n_k, offs_m, n_q, 0, n_k, offs_d, d_mask,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+            q.to(DOT),
+            do.to(DOT),
+            lse,
+            delta,
+            tied,
+            K,
+            V,
+            b,
+            h,
+            k_begin,
+            n_k,
+            offs_m,
+            n_q,
+            0,
+            n_k,
+            offs_d,
+            d_mask,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            0,
+            True,
+            False,
+            DOT,
         )
     _store_rows(DQ, dq * scale, b, h, q_rows, offs_d, stride_qb, stride_qt, stride_qh, m_mask, d_mask)
 
@@ -618,21 +1100,50 @@ def _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, first, last, batch_he
     count = first * 0
     for i in range(first, last):
         segment = tl.load(keyset_segments + i)
-        count += tl.load(prefix + tl.load(cu_seqlens_q + segment + 1)) - tl.load(prefix + tl.load(cu_seqlens_q + segment))
+        count += tl.load(prefix + tl.load(cu_seqlens_q + segment + 1)) - tl.load(
+            prefix + tl.load(cu_seqlens_q + segment)
+        )
     return count
 
 
 @triton.jit
 def segment_topk_bwd_tied_kernel(
-    Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, DK_TIED, DV_TIED, tied_prefix,
-    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    n_heads, total_q, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    TIED_THRESHOLD,
+    DK_TIED,
+    DV_TIED,
+    tied_prefix,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    keyset_segments,
+    cu_keyset_segments,
+    block_keyset,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dK / scale and dV (float32, laid out as K and V) of BLOCK_N keys (one of the
     BLOCK_M // BLOCK_N parts of a key block of BLOCK_M rows) from the query rows with ties
@@ -641,15 +1152,56 @@ def segment_topk_bwd_tied_kernel(
     of BLOCK_M rows (the forward's query blocks by its key tiles). Written only where there
     are such rows; the programs of other blocks end after reading ``tied_prefix``."""
     b, h, k_first, k_begin, n_k, first, last = _key_block_context(
-        block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, BLOCK_M // BLOCK_N, BLOCK_N)
+        block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, BLOCK_M // BLOCK_N, BLOCK_N
+    )
 
     if _tied_rows(tied_prefix, cu_seqlens_q, keyset_segments, first, last, b * n_heads + h, total_q) > 0:
         offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
         dk, dv = _dkdv_over_segments(
-            Q, K, V, DO, LSE, DELTA, TIED_THRESHOLD, tied_prefix, cu_seqlens_q, keyset_segments, b, h, first, last, k_first, k_begin, n_k,
-            offs_n, offs_d, n_mask, d_mask, k_rows, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, n_heads, total_q, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, 0, True, False, DOT,
+            Q,
+            K,
+            V,
+            DO,
+            LSE,
+            DELTA,
+            TIED_THRESHOLD,
+            tied_prefix,
+            cu_seqlens_q,
+            keyset_segments,
+            b,
+            h,
+            first,
+            last,
+            k_first,
+            k_begin,
+            n_k,
+            offs_n,
+            offs_d,
+            n_mask,
+            d_mask,
+            k_rows,
+            stride_qb,
+            stride_qt,
+            stride_qh,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_dob,
+            stride_dot,
+            stride_doh,
+            n_heads,
+            total_q,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            0,
+            True,
+            False,
+            DOT,
         )
         _store_rows(DK_TIED, dk, b, h, k_rows, offs_d, stride_kb, stride_kt, stride_kh, n_mask, d_mask)
         _store_rows(DV_TIED, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
@@ -657,16 +1209,46 @@ def segment_topk_bwd_tied_kernel(
 
 @triton.jit
 def segment_topk_bwd_dkdv_kernel(
-    Q, DO, DK, DV, DK_TIED, DV_TIED, SELECTED_P, SELECTED_DS,
-    selection, entry_order, entry_start, tied_prefix,
-    cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, block_keyset, block_start,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    n_heads, total_q, total_k, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP: tl.constexpr, DOT: tl.constexpr,
+    Q,
+    DO,
+    DK,
+    DV,
+    DK_TIED,
+    DV_TIED,
+    SELECTED_P,
+    SELECTED_DS,
+    selection,
+    entry_order,
+    entry_start,
+    tied_prefix,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    keyset_segments,
+    cu_keyset_segments,
+    block_keyset,
+    block_start,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_heads,
+    total_q,
+    total_k,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dK and dV of one key block from the selection entries that name its keys
     (``entry_order``: each (batch, head)'s entries ``row * TOP + slot`` sorted by key row;
@@ -676,7 +1258,9 @@ def segment_topk_bwd_dkdv_kernel(
     reading the key set has query rows with ties beyond their list (``tied_prefix``), the
     block adds those rows' sums from :func:`segment_topk_bwd_tied_kernel` (``DK_TIED``,
     ``DV_TIED``)."""
-    b, h, k_first, k_begin, n_k, first, last = _key_block_context(block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N)
+    b, h, k_first, k_begin, n_k, first, last = _key_block_context(
+        block_keyset, block_start, cu_seqlens_k, cu_keyset_segments, n_heads, 1, BLOCK_N
+    )
 
     offs_n, offs_d, n_mask, d_mask, k_rows = _block_rows(k_first, k_begin, n_k, HEAD_DIM, BLOCK_N, BLOCK_D)
     batch_head = b * n_heads + h
@@ -714,7 +1298,9 @@ def _head_block(head_dim: int) -> int:
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.stride(-1) != 1:
-            raise ValueError(f"segment attention: {name} must be (B, T, H, D) with a contiguous last dim, got {tuple(t.shape)}")
+            raise ValueError(
+                f"segment attention: {name} must be (B, T, H, D) with a contiguous last dim, got {tuple(t.shape)}"
+            )
     if q.shape[3] != k.shape[3] or k.shape != v.shape:
         raise ValueError(f"segment attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
     if q.shape[3] > 128:
@@ -727,7 +1313,13 @@ def launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -
     config = launch_config(kind, head_dim, block, dtype)
     inner = config.pop("INNER")
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
-    return {"HEAD_DIM": head_dim, "BLOCK_D": _head_block(head_dim), "DOT": dot_dtype(dtype, bounded=True), **sides, **config}
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": _head_block(head_dim),
+        "DOT": dot_dtype(dtype, bounded=True),
+        **sides,
+        **config,
+    }
 
 
 def topk_launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -> dict:
@@ -754,10 +1346,18 @@ def _backward_inputs(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 
 def segment_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    block_segment: torch.Tensor, block_start: torch.Tensor,
-    scale: float, block: int, window: int = 0, sigmoid: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    scale: float,
+    block: int,
+    window: int = 0,
+    sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over packed segments.
 
@@ -781,25 +1381,58 @@ def segment_attention_fwd(
     grid = (block_segment.shape[0], batch * heads)
     if grid[0]:
         segment_attention_fwd_kernel[grid](
-            q, k, v, out, lse,
-            cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            heads, total_q, scale,
-            WINDOW=window, SIGMOID=sigmoid, **launch_arguments("fwd", head_dim, block, q.dtype),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            segment_keyset,
+            block_segment,
+            block_start,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            heads,
+            total_q,
+            scale,
+            WINDOW=window,
+            SIGMOID=sigmoid,
+            **launch_arguments("fwd", head_dim, block, q.dtype),
         )
     return out, lse
 
 
 def segment_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
-    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, block: int, window: int = 0, sigmoid: bool = False,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor,
+    cu_keyset_segments: torch.Tensor,
+    q_block_segment: torch.Tensor,
+    q_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor,
+    k_block_start: torch.Tensor,
+    scale: float,
+    block: int,
+    window: int = 0,
+    sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`segment_attention_fwd`: (dq, dk, dv) in the inputs' dtypes.
 
@@ -814,15 +1447,47 @@ def segment_attention_bwd(
     flags = dict(WINDOW=window, SIGMOID=sigmoid)
     if k_block_keyset.shape[0]:
         segment_attention_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv,
-            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, scale, **flags, **launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            keyset_segments,
+            cu_keyset_segments,
+            k_block_keyset,
+            k_block_start,
+            *strides,
+            heads,
+            total_q,
+            scale,
+            **flags,
+            **launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
         )
     if q_block_segment.shape[0]:
         segment_attention_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, dq,
-            cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, **flags, **launch_arguments("bwd_dq", head_dim, block, q.dtype),
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            segment_keyset,
+            q_block_segment,
+            q_block_start,
+            *strides,
+            heads,
+            total_q,
+            scale,
+            **flags,
+            **launch_arguments("bwd_dq", head_dim, block, q.dtype),
         )
     return dq, dk, dv
 
@@ -839,10 +1504,17 @@ def selection_threshold(selection: torch.Tensor) -> torch.Tensor:
 
 
 def segment_topk_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    block_segment: torch.Tensor, block_start: torch.Tensor,
-    scale: float, block: int, top_k: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    scale: float,
+    block: int,
+    top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k attention over packed segments: each query attends to the keys of its segment
     whose logit is ``>=`` its k-th largest (k = min(top_k, M); ties kept), in one pass over
@@ -865,21 +1537,47 @@ def segment_topk_attention_fwd(
     selection = torch.empty(batch, heads, total_q, top + 2, dtype=torch.int32, device=q.device)
     if block_segment.shape[0]:
         segment_topk_fwd_kernel[(block_segment.shape[0], batch * heads)](
-            q, k, v, out, lse, selection,
-            cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            selection,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            segment_keyset,
+            block_segment,
+            block_start,
             *(s for t in (q, k, v, out) for s in t.stride()[:3]),
-            heads, total_q, scale, top_k, TOP=top, **topk_launch_arguments("fwd", head_dim, block, q.dtype),
+            heads,
+            total_q,
+            scale,
+            top_k,
+            TOP=top,
+            **topk_launch_arguments("fwd", head_dim, block, q.dtype),
         )
     return out, lse, selection
 
 
 def segment_topk_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    selection: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
-    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, block: int,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    selection: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor,
+    cu_keyset_segments: torch.Tensor,
+    q_block_segment: torch.Tensor,
+    q_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor,
+    k_block_start: torch.Tensor,
+    scale: float,
+    block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`segment_topk_attention_fwd` from its saved selection: (dq, dk, dv);
     the tables as for :func:`segment_attention_bwd`.
@@ -904,18 +1602,57 @@ def segment_topk_attention_bwd(
     selected_ds = torch.empty_like(selected_p)
     if q_block_segment.shape[0]:
         segment_topk_bwd_dq_kernel[(q_block_segment.shape[0], batch * heads)](
-            q, k, v, grad_out, lse, delta, tied_threshold, dq, selected_p, selected_ds, selection,
-            cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start,
-            *strides, heads, total_q, scale, TOP=top, **topk_launch_arguments("bwd_dq", head_dim, block, q.dtype),
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            tied_threshold,
+            dq,
+            selected_p,
+            selected_ds,
+            selection,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            segment_keyset,
+            q_block_segment,
+            q_block_start,
+            *strides,
+            heads,
+            total_q,
+            scale,
+            TOP=top,
+            **topk_launch_arguments("bwd_dq", head_dim, block, q.dtype),
         )
     dk_tied, dv_tied = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
-    tied_prefix = torch.nn.functional.pad(tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
+    tied_prefix = torch.nn.functional.pad(
+        tied.reshape(batch * heads, total_q).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0)
+    )
     tied_arguments = topk_launch_arguments("tied", head_dim, block, q.dtype)
     if k_block_keyset.shape[0]:
         segment_topk_bwd_tied_kernel[(k_block_keyset.shape[0] * (block // tied_arguments["BLOCK_N"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, tied_threshold, dk_tied, dv_tied, tied_prefix,
-            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, scale, **tied_arguments,
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            tied_threshold,
+            dk_tied,
+            dv_tied,
+            tied_prefix,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            keyset_segments,
+            cu_keyset_segments,
+            k_block_keyset,
+            k_block_start,
+            *strides,
+            heads,
+            total_q,
+            scale,
+            **tied_arguments,
         )
     keys = selection[..., :top].reshape(batch * heads, total_q * top)
     sorted_keys, entry_order = torch.sort(torch.where(keys < 0, total_k, keys), dim=1, stable=True)
@@ -923,9 +1660,30 @@ def segment_topk_attention_bwd(
     entry_start = torch.searchsorted(sorted_keys, rows).to(torch.int32)
     if k_block_keyset.shape[0]:
         segment_topk_bwd_dkdv_kernel[(k_block_keyset.shape[0], batch * heads)](
-            q, grad_out, dk, dv, dk_tied, dv_tied, selected_p, selected_ds,
-            selection, entry_order.to(torch.int32), entry_start, tied_prefix,
-            cu_seqlens_q, cu_seqlens_k, keyset_segments, cu_keyset_segments, k_block_keyset, k_block_start,
-            *strides, heads, total_q, total_k, scale, TOP=top, **topk_launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
+            q,
+            grad_out,
+            dk,
+            dv,
+            dk_tied,
+            dv_tied,
+            selected_p,
+            selected_ds,
+            selection,
+            entry_order.to(torch.int32),
+            entry_start,
+            tied_prefix,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            keyset_segments,
+            cu_keyset_segments,
+            k_block_keyset,
+            k_block_start,
+            *strides,
+            heads,
+            total_q,
+            total_k,
+            scale,
+            TOP=top,
+            **topk_launch_arguments("bwd_dkdv", head_dim, block, q.dtype),
         )
     return dq, dk, dv

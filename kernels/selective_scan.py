@@ -93,8 +93,25 @@ def _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK: tl.constex
 
 
 @triton.jit
-def _carry(STATE, DT, a, b, n_checkpoints, chunk, count, step, channels, states, c_mask, n_mask, n_channels, n_state,
-           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr):
+def _carry(
+    STATE,
+    DT,
+    a,
+    b,
+    n_checkpoints,
+    chunk,
+    count,
+    step,
+    channels,
+    states,
+    c_mask,
+    n_mask,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CARRY: tl.constexpr,
+):
     """The states of the ``count`` chunks (or groups) ``chunk + step * (1 + k)`` (k = 0, 1,
     ...), each decayed by ``exp(A * dt summed over those between it and this one)``, summed:
     ``(BLOCK_D, BLOCK_N)``; and the sum of their dts ``(BLOCK_D,)``. The states and dt sums
@@ -115,9 +132,29 @@ def _carry(STATE, DT, a, b, n_checkpoints, chunk, count, step, channels, states,
 
 
 @triton.jit
-def _carry_in(STATE, DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels, states, c_mask, n_mask,
-              n_channels, n_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr, GROUP: tl.constexpr,
-              FORWARD: tl.constexpr):
+def _carry_in(
+    STATE,
+    DT,
+    GROUP_STATE,
+    GROUP_DT,
+    a,
+    b,
+    n_checkpoints,
+    chunk,
+    first_chunk,
+    end_chunk,
+    channels,
+    states,
+    c_mask,
+    n_mask,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CARRY: tl.constexpr,
+    GROUP: tl.constexpr,
+    FORWARD: tl.constexpr,
+):
     """What the other chunks of the sequence carry into chunk ``chunk``: FORWARD, the state
     entering it (from the chunks before it); else the adjoint of the state leaving it (from
     the chunks after it). The chunks are grouped by GROUP from the sequence's first: those of
@@ -126,24 +163,106 @@ def _carry_in(STATE, DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, firs
     chunks of its own group between: O(GROUP + chunks / GROUP) reads."""
     group = first_chunk + (chunk - first_chunk) // GROUP * GROUP
     if FORWARD:
-        carried, gap = _carry(STATE, DT, a, b, n_checkpoints, chunk, chunk - group, -1, channels, states, c_mask, n_mask,
-                              n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
-        groups, _ = _carry(GROUP_STATE, GROUP_DT, a, b, n_checkpoints, group, (group - first_chunk) // GROUP, -GROUP, channels, states,
-                           c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        carried, gap = _carry(
+            STATE,
+            DT,
+            a,
+            b,
+            n_checkpoints,
+            chunk,
+            chunk - group,
+            -1,
+            channels,
+            states,
+            c_mask,
+            n_mask,
+            n_channels,
+            n_state,
+            BLOCK_D,
+            BLOCK_N,
+            CARRY,
+        )
+        groups, _ = _carry(
+            GROUP_STATE,
+            GROUP_DT,
+            a,
+            b,
+            n_checkpoints,
+            group,
+            (group - first_chunk) // GROUP,
+            -GROUP,
+            channels,
+            states,
+            c_mask,
+            n_mask,
+            n_channels,
+            n_state,
+            BLOCK_D,
+            BLOCK_N,
+            CARRY,
+        )
     else:
-        carried, gap = _carry(STATE, DT, a, b, n_checkpoints, chunk, tl.minimum(group + GROUP, end_chunk) - 1 - chunk, 1, channels,
-                              states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
-        groups, _ = _carry(GROUP_STATE, GROUP_DT, a, b, n_checkpoints, group, (end_chunk - 1 - group) // GROUP, GROUP, channels, states,
-                           c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+        carried, gap = _carry(
+            STATE,
+            DT,
+            a,
+            b,
+            n_checkpoints,
+            chunk,
+            tl.minimum(group + GROUP, end_chunk) - 1 - chunk,
+            1,
+            channels,
+            states,
+            c_mask,
+            n_mask,
+            n_channels,
+            n_state,
+            BLOCK_D,
+            BLOCK_N,
+            CARRY,
+        )
+        groups, _ = _carry(
+            GROUP_STATE,
+            GROUP_DT,
+            a,
+            b,
+            n_checkpoints,
+            group,
+            (end_chunk - 1 - group) // GROUP,
+            GROUP,
+            channels,
+            states,
+            c_mask,
+            n_mask,
+            n_channels,
+            n_state,
+            BLOCK_D,
+            BLOCK_N,
+            CARRY,
+        )
     return carried + tl.exp(gap[:, None] * a) * groups
 
 
 @triton.jit
 def selective_scan_group_kernel(
-    CHUNK_STATE, CHUNK_DT, A, GROUP_STATE, GROUP_DT, cu_seqlens, checkpoint_offsets,
-    n_sequences, n_checkpoints, n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
-    GROUP: tl.constexpr, FORWARD: tl.constexpr,
+    CHUNK_STATE,
+    CHUNK_DT,
+    A,
+    GROUP_STATE,
+    GROUP_DT,
+    cu_seqlens,
+    checkpoint_offsets,
+    n_sequences,
+    n_checkpoints,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH: tl.constexpr,
+    CARRY: tl.constexpr,
+    GROUP: tl.constexpr,
+    FORWARD: tl.constexpr,
 ):
     """For a chunk that starts a group of GROUP chunks of its sequence: the group's sum of the
     chunks' states (FORWARD: each decayed to the group's end; else adjoints, decayed to its
@@ -151,48 +270,127 @@ def selective_scan_group_kernel(
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
-    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(
+        cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH
+    )
     if (chunk - first_chunk) % GROUP == 0:
         a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         count = tl.minimum(GROUP, end_chunk - chunk)
         if FORWARD:
-            summed, gap = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk + count, count, -1, channels, states, c_mask, n_mask,
-                                 n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
+            summed, gap = _carry(
+                CHUNK_STATE,
+                CHUNK_DT,
+                a,
+                b,
+                n_checkpoints,
+                chunk + count,
+                count,
+                -1,
+                channels,
+                states,
+                c_mask,
+                n_mask,
+                n_channels,
+                n_state,
+                BLOCK_D,
+                BLOCK_N,
+                CARRY,
+            )
         else:
-            summed, gap = _carry(CHUNK_STATE, CHUNK_DT, a, b, n_checkpoints, chunk - 1, count, 1, channels, states, c_mask, n_mask,
-                                 n_channels, n_state, BLOCK_D, BLOCK_N, CARRY)
-        tl.store(GROUP_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), summed, mask=tile_mask)
+            summed, gap = _carry(
+                CHUNK_STATE,
+                CHUNK_DT,
+                a,
+                b,
+                n_checkpoints,
+                chunk - 1,
+                count,
+                1,
+                channels,
+                states,
+                c_mask,
+                n_mask,
+                n_channels,
+                n_state,
+                BLOCK_D,
+                BLOCK_N,
+                CARRY,
+            )
+        tl.store(
+            GROUP_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state),
+            summed,
+            mask=tile_mask,
+        )
         tl.store(GROUP_DT + (b * n_checkpoints + chunk) * n_channels + channels, gap, mask=c_mask)
 
 
 @triton.jit
 def selective_scan_fwd_state_kernel(
-    X, DT, A, BM, CHUNK_STATE, CHUNK_DT, cu_seqlens, checkpoint_offsets,
-    n_sequences, n_checkpoints, n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr,
+    X,
+    DT,
+    A,
+    BM,
+    CHUNK_STATE,
+    CHUNK_DT,
+    cu_seqlens,
+    checkpoint_offsets,
+    n_sequences,
+    n_checkpoints,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """A chunk's own state at its end, from zero, and its sum of dt."""
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
-    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(
+        cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH
+    )
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, CHUNK):
         t = first_step + i
-        valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+        valid, state_valid, x, dt, bm = _step_inputs(
+            X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state
+        )
         h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
         dt_sum += dt
-    tl.store(CHUNK_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask)
+    tl.store(
+        CHUNK_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask
+    )
     tl.store(CHUNK_DT + (b * n_checkpoints + chunk) * n_channels + channels, dt_sum, mask=c_mask)
 
 
 @triton.jit
 def selective_scan_fwd_kernel(
-    X, DT, A, BM, C, DSKIP, Y, CHECKPOINTS, CHUNK_STATE, CHUNK_DT, GROUP_STATE, GROUP_DT, cu_seqlens, checkpoint_offsets,
-    n_sequences, n_checkpoints, n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+    X,
+    DT,
+    A,
+    BM,
+    C,
+    DSKIP,
+    Y,
+    CHECKPOINTS,
+    CHUNK_STATE,
+    CHUNK_DT,
+    GROUP_STATE,
+    GROUP_DT,
+    cu_seqlens,
+    checkpoint_offsets,
+    n_sequences,
+    n_checkpoints,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH: tl.constexpr,
+    CARRY: tl.constexpr,
     GROUP: tl.constexpr,
 ):
     """A chunk's outputs: the state carried in from the earlier chunks of its sequence
@@ -200,16 +398,43 @@ def selective_scan_fwd_kernel(
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
-    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(
+        cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH
+    )
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
-    h = _carry_in(CHUNK_STATE, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels, states,
-                  c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, True)
-    tl.store(CHECKPOINTS + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask)
+    h = _carry_in(
+        CHUNK_STATE,
+        CHUNK_DT,
+        GROUP_STATE,
+        GROUP_DT,
+        a,
+        b,
+        n_checkpoints,
+        chunk,
+        first_chunk,
+        end_chunk,
+        channels,
+        states,
+        c_mask,
+        n_mask,
+        n_channels,
+        n_state,
+        BLOCK_D,
+        BLOCK_N,
+        CARRY,
+        GROUP,
+        True,
+    )
+    tl.store(
+        CHECKPOINTS + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask
+    )
     for i in range(0, CHUNK):
         t = first_step + i
         row = b * total + begin + t
-        valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+        valid, state_valid, x, dt, bm = _step_inputs(
+            X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state
+        )
         c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
         h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
         y = tl.sum(h * c[None, :], axis=1) + skip * x
@@ -218,16 +443,31 @@ def selective_scan_fwd_kernel(
 
 @triton.jit
 def selective_scan_bwd_state_kernel(
-    DT, A, C, DY, CHUNK_ADJOINT, CHUNK_DT, cu_seqlens, checkpoint_offsets,
-    n_sequences, n_checkpoints, n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr,
+    DT,
+    A,
+    C,
+    DY,
+    CHUNK_ADJOINT,
+    CHUNK_DT,
+    cu_seqlens,
+    checkpoint_offsets,
+    n_sequences,
+    n_checkpoints,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """A chunk's own adjoint of the state entering it, from zero at its end
     (``dh_{t-1} = exp(dt_t A) (dh_t + dy_t C_t)``), and its sum of dt."""
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
-    begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+    begin, length, first_step, first_chunk, end_chunk, total = _chunk(
+        cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH
+    )
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -240,16 +480,47 @@ def selective_scan_bwd_state_kernel(
         c = tl.load(C + row * n_state + states, mask=n_mask & ((states * 0 + t) < length), other=0.0).to(tl.float32)
         dh = tl.exp(dt[:, None] * a) * (dh + g[:, None] * c[None, :])
         dt_sum += dt
-    tl.store(CHUNK_ADJOINT + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), dh, mask=tile_mask)
+    tl.store(
+        CHUNK_ADJOINT + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), dh, mask=tile_mask
+    )
     tl.store(CHUNK_DT + (b * n_checkpoints + chunk) * n_channels + channels, dt_sum, mask=c_mask)
 
 
 @triton.jit
 def selective_scan_bwd_kernel(
-    X, DT, A, BM, C, DSKIP, DY, CHECKPOINTS, CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, SCRATCH, cu_seqlens, checkpoint_offsets,
-    DX, DDT, DA_PARTIAL, DBM_PARTIAL, DC_PARTIAL, DDSKIP_PARTIAL,
-    n_sequences, n_checkpoints, n_batch, n_blocks, n_groups, n_channels, n_state,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEARCH: tl.constexpr, CARRY: tl.constexpr,
+    X,
+    DT,
+    A,
+    BM,
+    C,
+    DSKIP,
+    DY,
+    CHECKPOINTS,
+    CHUNK_ADJOINT,
+    CHUNK_DT,
+    GROUP_STATE,
+    GROUP_DT,
+    SCRATCH,
+    cu_seqlens,
+    checkpoint_offsets,
+    DX,
+    DDT,
+    DA_PARTIAL,
+    DBM_PARTIAL,
+    DC_PARTIAL,
+    DDSKIP_PARTIAL,
+    n_sequences,
+    n_checkpoints,
+    n_batch,
+    n_blocks,
+    n_groups,
+    n_channels,
+    n_state,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH: tl.constexpr,
+    CARRY: tl.constexpr,
     GROUP: tl.constexpr,
 ):
     """Workers take (chunk, batch row, group of channel blocks) items in turn; group g holds
@@ -257,7 +528,12 @@ def selective_scan_bwd_kernel(
     later chunks of its sequence; the chunk's states recomputed from its checkpoint into the
     worker's scratch; the reverse walk giving dx, ddt and the chunk's shares of dA, dDskip,
     and its block's shares of dB and dC, added to the group's (zeros before its first block)."""
-    scratch = SCRATCH + tl.program_id(0).to(tl.int64) * CHUNK * BLOCK_D * BLOCK_N + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    scratch = (
+        SCRATCH
+        + tl.program_id(0).to(tl.int64) * CHUNK * BLOCK_D * BLOCK_N
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N
+        + tl.arange(0, BLOCK_N)[None, :]
+    )
     per_group = tl.cdiv(n_blocks, n_groups)
     mine = tl.cdiv(n_checkpoints * n_batch * n_groups - tl.program_id(0), tl.num_programs(0)) * per_group
     for work in range(0, mine):
@@ -266,19 +542,44 @@ def selective_scan_bwd_kernel(
         b = ((item // n_groups) % n_batch).to(tl.int64)
         group_of_blocks = item % n_groups
         block = group_of_blocks + (work % per_group) * n_groups
-        begin, length, first_step, first_chunk, end_chunk, total = _chunk(cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH)
+        begin, length, first_step, first_chunk, end_chunk, total = _chunk(
+            cu_seqlens, checkpoint_offsets, chunk, n_sequences, CHUNK, SEARCH
+        )
         if block < n_blocks:
             channels, states, c_mask, n_mask, tile_mask = _tiles(block, n_channels, n_state, BLOCK_D, BLOCK_N)
             a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             skip = tl.load(DSKIP + channels, mask=c_mask, other=0.0).to(tl.float32)
             slot = _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state)
-            dh = _carry_in(CHUNK_ADJOINT, CHUNK_DT, GROUP_STATE, GROUP_DT, a, b, n_checkpoints, chunk, first_chunk, end_chunk, channels,
-                           states, c_mask, n_mask, n_channels, n_state, BLOCK_D, BLOCK_N, CARRY, GROUP, False)
+            dh = _carry_in(
+                CHUNK_ADJOINT,
+                CHUNK_DT,
+                GROUP_STATE,
+                GROUP_DT,
+                a,
+                b,
+                n_checkpoints,
+                chunk,
+                first_chunk,
+                end_chunk,
+                channels,
+                states,
+                c_mask,
+                n_mask,
+                n_channels,
+                n_state,
+                BLOCK_D,
+                BLOCK_N,
+                CARRY,
+                GROUP,
+                False,
+            )
             entering = tl.load(CHECKPOINTS + slot, mask=tile_mask, other=0.0)
             h = entering
             for i in range(0, CHUNK):
                 t = first_step + i
-                valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+                valid, state_valid, x, dt, bm = _step_inputs(
+                    X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state
+                )
                 h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
                 tl.store(scratch + i * BLOCK_D * BLOCK_N, h)
             tl.debug_barrier()
@@ -288,12 +589,16 @@ def selective_scan_bwd_kernel(
                 i = CHUNK - 1 - reverse_i
                 t = first_step + i
                 row = b * total + begin + t
-                valid, state_valid, x, dt, bm = _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state)
+                valid, state_valid, x, dt, bm = _step_inputs(
+                    X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state
+                )
                 c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
                 g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
                 h = tl.load(scratch + i * BLOCK_D * BLOCK_N)
                 not_first = (states * 0 + i) > 0
-                previous = tl.load(scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0)
+                previous = tl.load(
+                    scratch + (i - 1) * BLOCK_D * BLOCK_N, mask=tile_mask & not_first[None, :], other=0.0
+                )
                 previous = tl.where(not_first[None, :], previous, entering)
                 dh = tl.where(valid[:, None], dh + g[:, None] * c[None, :], dh)
                 decay = tl.exp(dt[:, None] * a)
@@ -306,7 +611,9 @@ def selective_scan_bwd_kernel(
                 tl.store(DDT + row * n_channels + channels, ddt.to(DDT.dtype.element_ty), mask=c_mask & valid)
                 partial_row = (group_of_blocks * n_batch * total + row) * n_state + states
                 row_mask = n_mask & state_valid
-                db = tl.sum(dh * (dt * x)[:, None], axis=0) + tl.load(DBM_PARTIAL + partial_row, mask=row_mask, other=0.0)
+                db = tl.sum(dh * (dt * x)[:, None], axis=0) + tl.load(
+                    DBM_PARTIAL + partial_row, mask=row_mask, other=0.0
+                )
                 dc = tl.sum(g[:, None] * h, axis=0) + tl.load(DC_PARTIAL + partial_row, mask=row_mask, other=0.0)
                 tl.store(DBM_PARTIAL + partial_row, db, mask=row_mask)
                 tl.store(DC_PARTIAL + partial_row, dc, mask=row_mask)
@@ -335,8 +642,16 @@ def checkpoint_offsets(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> torch.Te
 
 
 def selective_scan_fwd(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, C: torch.Tensor, Dskip: torch.Tensor,
-    cu_seqlens: torch.Tensor, offsets: torch.Tensor, n_checkpoints: int, chunk: int = CHUNK,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    Bm: torch.Tensor,
+    C: torch.Tensor,
+    Dskip: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    offsets: torch.Tensor,
+    n_checkpoints: int,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y ``(B, T, D)`` in x's dtype, and the chunk checkpoints (float32) for the backward.
 
@@ -355,22 +670,59 @@ def selective_scan_fwd(
         A = A.float().contiguous()
         common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
         sizes = (cu_seqlens.shape[0] - 1, n_checkpoints, n_channels, n_state)
-        selective_scan_fwd_state_kernel[grid](x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, **common)
+        selective_scan_fwd_state_kernel[grid](
+            x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, **common
+        )
         group_state, group_dt = torch.empty_like(chunk_state), torch.empty_like(chunk_dt)
         selective_scan_group_kernel[grid](
-            chunk_state, chunk_dt, A, group_state, group_dt, cu_seqlens, offsets, *sizes,
-            CARRY=CARRY_BLOCK, GROUP=GROUP, FORWARD=True, **common,
+            chunk_state,
+            chunk_dt,
+            A,
+            group_state,
+            group_dt,
+            cu_seqlens,
+            offsets,
+            *sizes,
+            CARRY=CARRY_BLOCK,
+            GROUP=GROUP,
+            FORWARD=True,
+            **common,
         )
         selective_scan_fwd_kernel[grid](
-            x, dt, A, Bm, C, Dskip.float().contiguous(), y, checkpoints, chunk_state, chunk_dt, group_state, group_dt, cu_seqlens, offsets,
-            *sizes, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
+            x,
+            dt,
+            A,
+            Bm,
+            C,
+            Dskip.float().contiguous(),
+            y,
+            checkpoints,
+            chunk_state,
+            chunk_dt,
+            group_state,
+            group_dt,
+            cu_seqlens,
+            offsets,
+            *sizes,
+            CARRY=CARRY_BLOCK,
+            GROUP=GROUP,
+            **common,
         )
     return y, checkpoints
 
 
 def selective_scan_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, C: torch.Tensor,
-    Dskip: torch.Tensor, checkpoints: torch.Tensor, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int = CHUNK,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    Bm: torch.Tensor,
+    C: torch.Tensor,
+    Dskip: torch.Tensor,
+    checkpoints: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    offsets: torch.Tensor,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients (dx, ddt, dA, dBm, dC, dDskip) of :func:`selective_scan_fwd` (the same ``chunk``)."""
     batch, total, n_channels = x.shape
@@ -395,18 +747,62 @@ def selective_scan_bwd(
         sequences = cu_seqlens.shape[0] - 1
         sizes = (sequences, n_checkpoints, n_channels, n_state)
         grid = (n_checkpoints, batch, n_blocks)
-        selective_scan_bwd_state_kernel[grid](dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, *sizes, **common)
+        selective_scan_bwd_state_kernel[grid](
+            dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, *sizes, **common
+        )
         group_adjoint, group_dt = torch.empty_like(chunk_adjoint), torch.empty_like(chunk_dt)
         selective_scan_group_kernel[grid](
-            chunk_adjoint, chunk_dt, A, group_adjoint, group_dt, cu_seqlens, offsets, *sizes,
-            CARRY=CARRY_BLOCK, GROUP=GROUP, FORWARD=False, **common,
+            chunk_adjoint,
+            chunk_dt,
+            A,
+            group_adjoint,
+            group_dt,
+            cu_seqlens,
+            offsets,
+            *sizes,
+            CARRY=CARRY_BLOCK,
+            GROUP=GROUP,
+            FORWARD=False,
+            **common,
         )
         selective_scan_bwd_kernel[(workers,)](
-            x, dt, A, Bm, C, Dskip.float().contiguous(), grad_y, checkpoints, chunk_adjoint, chunk_dt, group_adjoint, group_dt, scratch,
-            cu_seqlens, offsets, dx, ddt, da_partial, db_partial, dc_partial, dskip_partial,
-            sequences, n_checkpoints, batch, n_blocks, n_groups, n_channels, n_state, CARRY=CARRY_BLOCK, GROUP=GROUP, **common,
+            x,
+            dt,
+            A,
+            Bm,
+            C,
+            Dskip.float().contiguous(),
+            grad_y,
+            checkpoints,
+            chunk_adjoint,
+            chunk_dt,
+            group_adjoint,
+            group_dt,
+            scratch,
+            cu_seqlens,
+            offsets,
+            dx,
+            ddt,
+            da_partial,
+            db_partial,
+            dc_partial,
+            dskip_partial,
+            sequences,
+            n_checkpoints,
+            batch,
+            n_blocks,
+            n_groups,
+            n_channels,
+            n_state,
+            CARRY=CARRY_BLOCK,
+            GROUP=GROUP,
+            **common,
         )
     return (
-        dx, ddt, da_partial.sum(dim=(0, 1)), db_partial.sum(0).to(Bm.dtype), dc_partial.sum(0).to(C.dtype),
+        dx,
+        ddt,
+        da_partial.sum(dim=(0, 1)),
+        db_partial.sum(0).to(Bm.dtype),
+        dc_partial.sum(0).to(C.dtype),
         dskip_partial.sum(dim=(0, 1)),
     )

@@ -63,8 +63,18 @@ def _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D:
     steps = tl.cdiv(length, n_parts)
     start = part * steps
     first_slot = ((sequence * n_parts).to(tl.int64) * tl.num_programs(1) + batch_head) * HEAD_DIM
-    return ((batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64), channels, channels < HEAD_DIM,
-            begin.to(tl.int64), part, start, tl.minimum(start + steps, length), steps, first_slot)
+    return (
+        (batch_head // n_heads).to(tl.int64),
+        (batch_head % n_heads).to(tl.int64),
+        channels,
+        channels < HEAD_DIM,
+        begin.to(tl.int64),
+        part,
+        start,
+        tl.minimum(start + steps, length),
+        steps,
+        first_slot,
+    )
 
 
 @triton.jit
@@ -92,12 +102,17 @@ def _absorb(numerator, denominator, exponent, scaled, numerators, denominators):
     shift = tl.where(top > float("-inf"), top, 0.0)
     kept = tl.exp(exponent - shift)
     weight = tl.exp(scaled - shift[None, :])
-    return kept * numerator + tl.sum(weight * numerators, axis=0), kept * denominator + tl.sum(weight * denominators, axis=0), top
+    return (
+        kept * numerator + tl.sum(weight * numerators, axis=0),
+        kept * denominator + tl.sum(weight * denominators, axis=0),
+        top,
+    )
 
 
 @triton.jit
-def _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask,
-                HEAD_DIM: tl.constexpr, CARRY: tl.constexpr):
+def _carried_in(
+    PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM: tl.constexpr, CARRY: tl.constexpr
+):
     """The scaled sums carried into a part: each earlier part j's own sums (``PART_STATE``:
     numerators, denominators and exponents, ``part_stride`` apart), decayed over the
     ``(part - 1 - j) * steps`` steps between its end and this part's start."""
@@ -111,14 +126,20 @@ def _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c
         gap = ((part - 1 - earlier) * steps).to(tl.float32)
         scaled = tl.load(PART_STATE + 2 * part_stride + at, mask=mask, other=float("-inf")) + gap[:, None] * w[None, :]
         numerator, denominator, exponent = _absorb(
-            numerator, denominator, exponent, scaled,
-            tl.load(PART_STATE + at, mask=mask, other=0.0), tl.load(PART_STATE + part_stride + at, mask=mask, other=0.0),
+            numerator,
+            denominator,
+            exponent,
+            scaled,
+            tl.load(PART_STATE + at, mask=mask, other=0.0),
+            tl.load(PART_STATE + part_stride + at, mask=mask, other=0.0),
         )
     return numerator, denominator, exponent
 
 
 @triton.jit
-def _skip(K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr):
+def _skip(
+    K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr
+):
     """The scaled sums at a step (its channels' offset ``offset``) advanced over that step and
     the ``n - 1`` after it: decayed over n steps, plus each step r's ``e^k (v, 1)`` decayed over
     the ``n - 1 - r`` steps after it, read ``ROWS`` steps at a time."""
@@ -130,7 +151,12 @@ def _skip(K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t
         _, k = _clamped_key(K, at, mask, CLAMP)
         scaled = tl.where(mask, ((n - 1 - rows).to(tl.float32))[:, None] * w[None, :] + k, float("-inf"))
         numerator, denominator, exponent = _absorb(
-            numerator, denominator, exponent, scaled, tl.load(V + at, mask=mask, other=0.0).to(tl.float32), tl.where(mask, 1.0, 0.0),
+            numerator,
+            denominator,
+            exponent,
+            scaled,
+            tl.load(V + at, mask=mask, other=0.0).to(tl.float32),
+            tl.where(mask, 1.0, 0.0),
         )
     return numerator, denominator, exponent
 
@@ -149,12 +175,25 @@ def _output(numerator, denominator, exponent, k, v, u, eps):
 
 @triton.jit
 def wkv_fwd_state_kernel(
-    K, V, W, PART_STATE, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr,
+    K,
+    V,
+    W,
+    PART_STATE,
+    cu_seqlens,
+    stride_b,
+    stride_t,
+    stride_h,
+    n_heads,
+    n_parts,
+    part_stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr,
 ):
     """A part's own scaled sums over its steps, from zero, at its end."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
+    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
+        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     numerator = tl.zeros([BLOCK_D], dtype=tl.float32)
     denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -173,15 +212,34 @@ def wkv_fwd_state_kernel(
 
 @triton.jit
 def wkv_fwd_kernel(
-    K, V, W, U, Y, PART_STATE, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr,
+    K,
+    V,
+    W,
+    U,
+    Y,
+    PART_STATE,
+    cu_seqlens,
+    stride_b,
+    stride_t,
+    stride_h,
+    n_heads,
+    n_parts,
+    part_stride,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CARRY: tl.constexpr,
 ):
     """A part's outputs: the sums carried in, then the walk over its steps."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
+    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
+        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
-    numerator, denominator, exponent = _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY)
+    numerator, denominator, exponent = _carried_in(
+        PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY
+    )
     offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     for _ in range(start, end):
         _, k = _clamped_key(K, offset, c_mask, CLAMP)
@@ -203,18 +261,38 @@ def _adjoints_back(sum_alpha, sum_beta, lagged_alpha, lagged_beta, alpha, beta, 
 
 @triton.jit
 def wkv_bwd_state_kernel(
-    K, V, W, U, DY, PART_STATE, PART_ADJOINT, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr,
+    K,
+    V,
+    W,
+    U,
+    DY,
+    PART_STATE,
+    PART_ADJOINT,
+    cu_seqlens,
+    stride_b,
+    stride_t,
+    stride_h,
+    n_heads,
+    n_parts,
+    part_stride,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CARRY: tl.constexpr,
 ):
     """A part's own running adjoints at its first step: with r = s - start, alpha_s =
     dy_s / den_s and beta_s = -dy_s y_s / den_s (the adjoints of a_s and b_s, recomputed by
     walking the part's steps forward from the sums carried in), ``sum_s exp(r w) alpha_s``,
     ``sum_s r exp(r w) alpha_s`` and beta's (``PART_ADJOINT``, ``part_stride`` apart)."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
+    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
+        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
-    numerator, denominator, exponent = _carried_in(PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY)
+    numerator, denominator, exponent = _carried_in(
+        PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY
+    )
     sum_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -248,14 +326,37 @@ def _carried_adjoints(SUM, LAGGED, at, mask, gap, w):
     sum of exp(gap w) (gap sum_j + lagged_j))."""
     sums = tl.load(SUM + at, mask=mask, other=0.0)
     decayed = tl.exp(gap[:, None] * w[None, :])
-    return tl.sum(decayed * sums, axis=0), tl.sum(decayed * (gap[:, None] * sums + tl.load(LAGGED + at, mask=mask, other=0.0)), axis=0)
+    return tl.sum(decayed * sums, axis=0), tl.sum(
+        decayed * (gap[:, None] * sums + tl.load(LAGGED + at, mask=mask, other=0.0)), axis=0
+    )
 
 
 @triton.jit
 def wkv_bwd_kernel(
-    K, V, W, U, DY, DK, DV, DW_PARTIAL, DU_PARTIAL, PART_STATE, PART_ADJOINT, cu_seqlens,
-    stride_b, stride_t, stride_h, n_heads, n_parts, part_stride, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, CARRY: tl.constexpr, TILE: tl.constexpr,
+    K,
+    V,
+    W,
+    U,
+    DY,
+    DK,
+    DV,
+    DW_PARTIAL,
+    DU_PARTIAL,
+    PART_STATE,
+    PART_ADJOINT,
+    cu_seqlens,
+    stride_b,
+    stride_t,
+    stride_h,
+    n_heads,
+    n_parts,
+    part_stride,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CARRY: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """A part's gradients. The running sums A_s = sum_{t>s} alpha_t exp((t-1-s) w), B_s (the
     same for beta) and their lag-weighted versions C_s, E_s give dv_s, dk_s and dw; they start
@@ -263,7 +364,9 @@ def wkv_bwd_kernel(
     between this part's end and its start). The walk goes back tile by tile: a tile's sums at
     its first step are the carried-in sums advanced over the part's steps before it, a step's
     the tile's advanced over the tile's steps before it."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D)
+    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
+        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     decay = tl.exp(w)
@@ -279,11 +382,22 @@ def wkv_bwd_kernel(
         carried, carried_lagged = _carried_adjoints(PART_ADJOINT, PART_ADJOINT + 2 * part_stride, at, mask, gap, w)
         sum_alpha += carried
         lagged_alpha += carried_lagged
-        carried, carried_lagged = _carried_adjoints(PART_ADJOINT + part_stride, PART_ADJOINT + 3 * part_stride, at, mask, gap, w)
+        carried, carried_lagged = _carried_adjoints(
+            PART_ADJOINT + part_stride, PART_ADJOINT + 3 * part_stride, at, mask, gap, w
+        )
         sum_beta += carried
         lagged_beta += carried_lagged
     carried_numerator, carried_denominator, carried_exponent = _carried_in(
-        PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY,
+        PART_STATE,
+        part_stride,
+        first_slot,
+        part,
+        steps,
+        w,
+        channels,
+        c_mask,
+        HEAD_DIM,
+        CARRY,
     )
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -293,13 +407,35 @@ def wkv_bwd_kernel(
         tile_start = (n_tiles - 1 - tile) * TILE
         tile_offset = part_offset + tl.cast(tile_start, tl.int64) * stride_t
         tile_numerator, tile_denominator, tile_exponent = _skip(
-            K, V, part_offset, tile_start, carried_numerator, carried_denominator, carried_exponent, w, c_mask, stride_t, CLAMP, CARRY,
+            K,
+            V,
+            part_offset,
+            tile_start,
+            carried_numerator,
+            carried_denominator,
+            carried_exponent,
+            w,
+            c_mask,
+            stride_t,
+            CLAMP,
+            CARRY,
         )
         tile_steps = tl.minimum(end - start - tile_start, TILE)
         for back in range(0, tile_steps):
             step = tile_steps - 1 - back
             numerator, denominator, exponent = _skip(
-                K, V, tile_offset, step, tile_numerator, tile_denominator, tile_exponent, w, c_mask, stride_t, CLAMP, TILE,
+                K,
+                V,
+                tile_offset,
+                step,
+                tile_numerator,
+                tile_denominator,
+                tile_exponent,
+                w,
+                c_mask,
+                stride_t,
+                CLAMP,
+                TILE,
             )
             offset = tile_offset + tl.cast(step, tl.int64) * stride_t
             raw_k, k = _clamped_key(K, offset, c_mask, CLAMP)
@@ -316,7 +452,13 @@ def wkv_bwd_kernel(
             du += direct * (v - y)
             dw += key_weight * (v * lagged_alpha + lagged_beta)
             sum_alpha, sum_beta, lagged_alpha, lagged_beta = _adjoints_back(
-                sum_alpha, sum_beta, lagged_alpha, lagged_beta, dy * inv_den, -dy * y * inv_den, decay,
+                sum_alpha,
+                sum_beta,
+                lagged_alpha,
+                lagged_beta,
+                dy * inv_den,
+                -dy * y * inv_den,
+                decay,
             )
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(DW_PARTIAL + slot, dw, mask=c_mask)
@@ -370,7 +512,9 @@ def wkv_fwd(
         denominators, exponents) ``(3, S * parts, B * H, D)`` float32, which :func:`wkv_bwd` needs.
     """
     if k.shape != v.shape or not (k.is_contiguous() and v.is_contiguous()):
-        raise ValueError(f"wkv: k and v must be contiguous (B, T, H, D) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"wkv: k and v must be contiguous (B, T, H, D) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     y = new_output(v, v.shape, v.dtype)
     grid, n_parts, block, part_shape = _layout(k, cu_seqlens)
     part_state = new_output(k, (3, *part_shape), torch.float32)
@@ -378,13 +522,32 @@ def wkv_fwd(
         w, common = w.float().contiguous(), dict(HEAD_DIM=k.shape[3], BLOCK_D=block, num_warps=1)
         arguments = _launch_arguments(k, n_parts, part_shape)
         wkv_fwd_state_kernel[grid](k, v, w, part_state, cu_seqlens, *arguments, CLAMP=KEY_CLAMP, **common)
-        wkv_fwd_kernel[grid](k, v, w, u.float().contiguous(), y, part_state, cu_seqlens, *arguments, eps, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, **common)
+        wkv_fwd_kernel[grid](
+            k,
+            v,
+            w,
+            u.float().contiguous(),
+            y,
+            part_state,
+            cu_seqlens,
+            *arguments,
+            eps,
+            CLAMP=KEY_CLAMP,
+            CARRY=CARRY_BLOCK,
+            **common,
+        )
     return y, part_state
 
 
 def wkv_bwd(
-    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-    part_state: torch.Tensor, cu_seqlens: torch.Tensor, eps: float = 1e-6,
+    grad_y: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    part_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dk, dv, dw, du) of :func:`wkv_fwd` from its inputs and part sums; dw and du
     are ``(H, D)`` float32."""
@@ -404,7 +567,21 @@ def wkv_bwd(
         arguments = (*_launch_arguments(k, n_parts, part_shape), eps)
         wkv_bwd_state_kernel[grid](k, v, w, u, grad_y, part_state, part_adjoint, cu_seqlens, *arguments, **common)
         wkv_bwd_kernel[grid](
-            k, v, w, u, grad_y, dk, dv, dw_partial, du_partial, part_state, part_adjoint, cu_seqlens, *arguments, TILE=TILE, **common,
+            k,
+            v,
+            w,
+            u,
+            grad_y,
+            dk,
+            dv,
+            dw_partial,
+            du_partial,
+            part_state,
+            part_adjoint,
+            cu_seqlens,
+            *arguments,
+            TILE=TILE,
+            **common,
         )
-    fold = lambda partial: partial.view(-1, batch, heads, head_dim).sum(dim=(0, 1))  # noqa: E731
+    fold = lambda partial: partial.view(-1, batch, heads, head_dim).sum(dim=(0, 1))
     return dk, dv, fold(dw_partial), fold(du_partial)

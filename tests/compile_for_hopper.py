@@ -18,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List
 from unittest import mock
 
 import torch
@@ -29,19 +29,69 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from canvas_engineering.kernels import segment_attention as attention
 from canvas_engineering.kernels import fftconv, linear_attention, selective_scan, wkv
+from canvas_engineering.kernels import segment_attention as attention
 
 STATISTICS = {
-    "LSE", "TIED_THRESHOLD", "SELECTED_P", "SELECTED_DS", "DELTA", "W", "U", "INV_DEN", "BONUS_SHARE", "DW_PARTIAL", "DU_PARTIAL",
-    "A", "DSKIP", "CHECKPOINTS", "SCRATCH", "DA_PARTIAL", "DBM_PARTIAL", "DC_PARTIAL", "DDSKIP_PARTIAL",
-    "PART_NUMERATOR", "PART_DENOMINATOR", "PART_EXPONENT", "PART_ALPHA", "PART_BETA", "PART_LAGGED_ALPHA", "PART_LAGGED_BETA",
-    "CHUNK_STATE", "CHUNK_DT", "CHUNK_ADJOINT", "GROUP_STATE", "GROUP_DT", "STATE", "NORMALISER", "STATE_PARTIAL", "NORMALISER_PARTIAL", "DSTATE", "DNORMALISER", "DSTATE_PARTIAL", "DNORMALISER_PARTIAL",
-    "SPECTRUM", "SCRATCH_X", "DSPECTRUM_PARTIAL",
+    "LSE",
+    "TIED_THRESHOLD",
+    "SELECTED_P",
+    "SELECTED_DS",
+    "DELTA",
+    "W",
+    "U",
+    "INV_DEN",
+    "BONUS_SHARE",
+    "DW_PARTIAL",
+    "DU_PARTIAL",
+    "A",
+    "DSKIP",
+    "CHECKPOINTS",
+    "SCRATCH",
+    "DA_PARTIAL",
+    "DBM_PARTIAL",
+    "DC_PARTIAL",
+    "DDSKIP_PARTIAL",
+    "PART_NUMERATOR",
+    "PART_DENOMINATOR",
+    "PART_EXPONENT",
+    "PART_ALPHA",
+    "PART_BETA",
+    "PART_LAGGED_ALPHA",
+    "PART_LAGGED_BETA",
+    "CHUNK_STATE",
+    "CHUNK_DT",
+    "CHUNK_ADJOINT",
+    "GROUP_STATE",
+    "GROUP_DT",
+    "STATE",
+    "NORMALISER",
+    "STATE_PARTIAL",
+    "NORMALISER_PARTIAL",
+    "DSTATE",
+    "DNORMALISER",
+    "DSTATE_PARTIAL",
+    "DNORMALISER_PARTIAL",
+    "SPECTRUM",
+    "SCRATCH_X",
+    "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
-    "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_segment", "block_start", "checkpoint_offsets", "segment_keyset",
-    "class_segments", "selection", "entry_order", "entry_start", "tied_prefix", "keyset_segments", "cu_keyset_segments", "block_keyset",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "cu_seqlens",
+    "block_segment",
+    "block_start",
+    "checkpoint_offsets",
+    "segment_keyset",
+    "class_segments",
+    "selection",
+    "entry_order",
+    "entry_start",
+    "tied_prefix",
+    "keyset_segments",
+    "cu_keyset_segments",
+    "block_keyset",
 }
 FLOATS = {"scale", "eps"}
 SHARED_MEMORY = 227 * 1024
@@ -133,8 +183,12 @@ def resources(compiled) -> dict:
         usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return {"registers": registers, "spill_bytes": stack, "smem_bytes": compiled.metadata.shared,
-            "mma": tensor_core_instruction(compiled.asm["ptx"])}
+    return {
+        "registers": registers,
+        "spill_bytes": stack,
+        "smem_bytes": compiled.metadata.shared,
+        "mma": tensor_core_instruction(compiled.asm["ptx"]),
+    }
 
 
 def attention_tiles(kind: str, head_dim: int, data_type: str) -> tuple[dict, int]:
@@ -152,9 +206,9 @@ class Launch:
     num_warps: int
 
 
-def record(run: Callable[[], object]) -> List[Launch]:
+def record(run: Callable[[], object]) -> list[Launch]:
     """The launches ``run`` makes, recorded instead of executed (its tensors on ``meta``)."""
-    launches: List[Launch] = []
+    launches: list[Launch] = []
 
     def capture(self, *args, grid, warmup, **kwargs):
         num_warps = kwargs.pop("num_warps", 4)
@@ -167,8 +221,16 @@ def record(run: Callable[[], object]) -> List[Launch]:
     return launches
 
 
-def attention_runs(dtype: torch.dtype, length: int, head_dim: int, batch: int = 2, heads: int = 8, window: int = 0,
-                   sigmoid: bool = False, top_k: int = 0) -> tuple:
+def attention_runs(
+    dtype: torch.dtype,
+    length: int,
+    head_dim: int,
+    batch: int = 2,
+    heads: int = 8,
+    window: int = 0,
+    sigmoid: bool = False,
+    top_k: int = 0,
+) -> tuple:
     """(forward, backward): the segment attention launchers on one segment of ``length``
     queries reading one key set of ``length`` keys, ``(batch, length, heads, head_dim)``
     tensors of ``dtype`` on ``meta`` (to run under :func:`record`); top-k when ``top_k``."""
@@ -190,14 +252,18 @@ def attention_runs(dtype: torch.dtype, length: int, head_dim: int, batch: int = 
 
     def backward():
         if top_k:
-            attention.segment_topk_attention_bwd(q, q, k, v, q, lse, selection, cu, cu, *keysets, *blocks, *blocks, 0.125, block)
+            attention.segment_topk_attention_bwd(
+                q, q, k, v, q, lse, selection, cu, cu, *keysets, *blocks, *blocks, 0.125, block
+            )
         else:
-            attention.segment_attention_bwd(q, q, k, v, q, lse, cu, cu, *keysets, *blocks, *blocks, 0.125, block, window, sigmoid)
+            attention.segment_attention_bwd(
+                q, q, k, v, q, lse, cu, cu, *keysets, *blocks, *blocks, 0.125, block, window, sigmoid
+            )
 
     return forward, backward
 
 
-def attention_configs() -> List[Launch]:
+def attention_configs() -> list[Launch]:
     """The launches (forward and backward, N = M = 4096, B 2, H 8) of the dense kernels with a
     window (bf16, d 64), plain (bf16 and fp32, d 128) and with sigmoid weights (fp16, d 16);
     of the top-k kernels (k 8) at bf16 d 64 and 128, fp32 d 128."""
@@ -210,13 +276,22 @@ def attention_configs() -> List[Launch]:
         (torch.bfloat16, 128, {"top_k": 8}),
         (torch.float32, 128, {"top_k": 8}),
     ]
-    return [launch for dtype, head_dim, flags in variants for run in attention_runs(dtype, 4096, head_dim, **flags) for launch in record(run)]
+    return [
+        launch
+        for dtype, head_dim, flags in variants
+        for run in attention_runs(dtype, 4096, head_dim, **flags)
+        for launch in record(run)
+    ]
 
 
 def wkv_configs():
     carry = {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}
-    kernels = {wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP}, wkv.wkv_fwd_kernel: carry,
-               wkv.wkv_bwd_state_kernel: carry, wkv.wkv_bwd_kernel: {**carry, "TILE": wkv.TILE}}
+    kernels = {
+        wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP},
+        wkv.wkv_fwd_kernel: carry,
+        wkv.wkv_bwd_state_kernel: carry,
+        wkv.wkv_bwd_kernel: {**carry, "TILE": wkv.TILE},
+    }
     for kernel, flags in kernels.items():
         for data_type, head_dim in (("bf16", 64), ("fp32", 128)):
             yield kernel, data_type, {"HEAD_DIM": head_dim, "BLOCK_D": wkv._channel_block(head_dim), **flags}, 1
@@ -224,8 +299,12 @@ def wkv_configs():
 
 def scan_configs():
     carry = {"CARRY": selective_scan.CARRY_BLOCK, "GROUP": selective_scan.GROUP}
-    kernels = {selective_scan.selective_scan_fwd_state_kernel: {}, selective_scan.selective_scan_fwd_kernel: carry,
-               selective_scan.selective_scan_bwd_state_kernel: {}, selective_scan.selective_scan_bwd_kernel: carry}
+    kernels = {
+        selective_scan.selective_scan_fwd_state_kernel: {},
+        selective_scan.selective_scan_fwd_kernel: carry,
+        selective_scan.selective_scan_bwd_state_kernel: {},
+        selective_scan.selective_scan_bwd_kernel: carry,
+    }
     shape = {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK}
     for kernel, flags in kernels.items():
         for data_type in ("bf16", "fp32"):
@@ -235,13 +314,35 @@ def scan_configs():
 
 
 def linear_configs():
-    kernels = (linear_attention.linear_state_kernel, linear_attention.linear_apply_kernel,
-               linear_attention.linear_query_bwd_kernel, linear_attention.linear_key_bwd_kernel)
+    kernels = (
+        linear_attention.linear_state_kernel,
+        linear_attention.linear_apply_kernel,
+        linear_attention.linear_query_bwd_kernel,
+        linear_attention.linear_key_bwd_kernel,
+    )
     for kernel in kernels:
         for data_type, head_dim, relu in (("bf16", 64, False), ("fp32", 128, True)):
-            rows = linear_attention.BLOCK_ROWS if kernel is linear_attention.linear_apply_kernel else 32 if data_type == "fp32" else 64
-            yield kernel, data_type, {"HEAD_DIM": head_dim, "VALUE_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_E": head_dim,
-                                      "BLOCK": rows, "RELU": relu, "DOT": DOTS[data_type]}, linear_attention._warps(head_dim, head_dim)
+            rows = (
+                linear_attention.BLOCK_ROWS
+                if kernel is linear_attention.linear_apply_kernel
+                else 32
+                if data_type == "fp32"
+                else 64
+            )
+            yield (
+                kernel,
+                data_type,
+                {
+                    "HEAD_DIM": head_dim,
+                    "VALUE_DIM": head_dim,
+                    "BLOCK_D": head_dim,
+                    "BLOCK_E": head_dim,
+                    "BLOCK": rows,
+                    "RELU": relu,
+                    "DOT": DOTS[data_type],
+                },
+                linear_attention._warps(head_dim, head_dim),
+            )
 
 
 def fftconv_configs():
@@ -250,7 +351,12 @@ def fftconv_configs():
     for data_type, length in (("bf16", 16), ("fp32", 64)):
         launch = fftconv.launch_config("dense", length, 1024)
         for kernel in (fftconv.fftconv_dense_fwd_kernel, fftconv.fftconv_dense_bwd_kernel):
-            yield kernel, data_type, {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"], "DOT": DOTS[data_type]}, launch["num_warps"]
+            yield (
+                kernel,
+                data_type,
+                {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"], "DOT": DOTS[data_type]},
+                launch["num_warps"],
+            )
     for data_type, length, flags in (("fp32", 256, (True,)), ("bf16", 8192, (True, False))):
         cols, rows = fftconv.factors(length)
         shape = {"LENGTH": length, "ROWS": rows, "COLS": cols, "DOT": DOTS[data_type]}
@@ -258,10 +364,20 @@ def fftconv_configs():
         for flag in flags:
             passes = {"BLOCK_K": fftconv.BLOCK_K, "BLOCK_C": launch["BLOCK_C"]}
             yield fftconv.fftconv_rows_kernel, data_type, {**shape, **passes, "GATED": flag}, launch["num_warps"]
-            yield fftconv.fftconv_inverse_rows_kernel, data_type, {**shape, **passes, "BACKWARD": flag}, launch["num_warps"]
+            yield (
+                fftconv.fftconv_inverse_rows_kernel,
+                data_type,
+                {**shape, **passes, "BACKWARD": flag},
+                launch["num_warps"],
+            )
         launch = fftconv.launch_config("columns", length, 1024)
         for kernel in (fftconv.fftconv_columns_fwd_kernel, fftconv.fftconv_columns_bwd_kernel):
-            yield kernel, data_type, {**shape, "BLOCK_COLS": max(16, cols), "BLOCK_C": launch["BLOCK_C"]}, launch["num_warps"]
+            yield (
+                kernel,
+                data_type,
+                {**shape, "BLOCK_COLS": max(16, cols), "BLOCK_C": launch["BLOCK_C"]},
+                launch["num_warps"],
+            )
 
 
 def all_configs() -> list:
@@ -286,12 +402,17 @@ def main() -> int:
         try:
             compiled = compile_sm90(kernel, types, constexprs, hints, **options)
             used = resources(compiled)
-            print(f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {used['registers']} registers, "
-                  f"{used['spill_bytes']} bytes stack, {used['smem_bytes']} bytes shared, {used['mma']}")
+            print(
+                f"ok   {label}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {used['registers']} registers, "
+                f"{used['spill_bytes']} bytes stack, {used['smem_bytes']} bytes shared, {used['mma']}"
+            )
         except Exception:
             failures += 1
             print(f"FAIL {label}\n{traceback.format_exc()}")
-    print(f"{len(configs) - failures} of {len(configs)} configurations compiled for sm_90 with triton {triton.__version__}")
+    print(
+        f"{len(configs) - failures} of {len(configs)} configurations compiled for sm_90 "
+        f"with triton {triton.__version__}"
+    )
     return 1 if failures else 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Dict, Optional
 
 import pytest
 import torch
@@ -45,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(error)) from None
 
 
-def relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> float:
+def relative_error(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float:
     """``||actual - expected|| / ||expected||`` in float64 (absolute when expected is 0).
 
     NaN anywhere gives ``inf``; two Nones give 0; one None gives ``inf``.
@@ -62,7 +61,12 @@ def relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tens
     return difference / scale if scale > 0 else difference
 
 
-def assert_all_close(actual: Dict[str, Optional[torch.Tensor]], expected: Dict[str, Optional[torch.Tensor]], tolerance: float, zero_floor: float) -> None:
+def assert_all_close(
+    actual: dict[str, torch.Tensor | None],
+    expected: dict[str, torch.Tensor | None],
+    tolerance: float,
+    zero_floor: float,
+) -> None:
     """Every named result close to the expected one:
     ``||actual - expected|| <= tolerance * ||expected|| + zero_floor * whole``, where
     ``whole`` is the norm of all expected results together.
@@ -114,7 +118,9 @@ def make_top_k_ties_exact(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, SparseAttention):
             if module.d_model > 32 or module.head_dim > 16:
-                raise ValueError(f"exact logits need d_model <= 32 and head_dim <= 16, got {module.d_model} and {module.head_dim}")
+                raise ValueError(
+                    f"exact logits need d_model <= 32 and head_dim <= 16, got {module.d_model} and {module.head_dim}"
+                )
             with torch.no_grad():
                 for projection in (module.q_proj, module.k_proj):
                     for parameter in projection.parameters():

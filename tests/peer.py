@@ -14,7 +14,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
@@ -22,9 +22,24 @@ PEER_VERSION = "0.5.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "peer_runner.py"
 PEER_ATTENTION_NAMES = (
-    "cross_attention", "self_attention", "linear_attention", "cosine_attention", "sigmoid_attention", "gated",
-    "perceiver", "pooling", "copy", "sparse_attention", "local_attention", "random_fixed", "mixture", "mamba",
-    "rwkv", "hyena", "cogvideox", "none",
+    "cross_attention",
+    "self_attention",
+    "linear_attention",
+    "cosine_attention",
+    "sigmoid_attention",
+    "gated",
+    "perceiver",
+    "pooling",
+    "copy",
+    "sparse_attention",
+    "local_attention",
+    "random_fixed",
+    "mixture",
+    "mamba",
+    "rwkv",
+    "hyena",
+    "cogvideox",
+    "none",
 )
 """The 18 names the peer registers: the specification's 17 types and the alias
 ``self_attention``. Parity is checked for these; a type added since has no peer counterpart."""
@@ -43,8 +58,17 @@ def peer_dir() -> Path:
             return target
         with tempfile.TemporaryDirectory() as download:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download,
-                 f"canvas-engineering=={PEER_VERSION}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    "-d",
+                    download,
+                    f"canvas-engineering=={PEER_VERSION}",
+                ],
                 check=True,
             )
             (wheel,) = Path(download).glob("canvas_engineering-*.whl")
@@ -56,7 +80,7 @@ def peer_dir() -> Path:
     return target
 
 
-def run_peer(cases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def run_peer(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``cases`` (see peer_runner.run_case) on the peer; returns its results in order."""
     with tempfile.TemporaryDirectory() as work:
         job, result = Path(work) / "job.pt", Path(work) / "result.pt"

@@ -16,10 +16,10 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 
-def build_declarations(package: Any, spec: Dict[str, Any]):
+def build_declarations(package: Any, spec: dict[str, Any]):
     """(CanvasTopology, CanvasLayout) from a plain description, with ``package``'s classes.
 
     ``spec``: {"T", "spatial_shape", "d_model", "regions": {name: RegionSpec kwargs},
@@ -36,7 +36,7 @@ def build_declarations(package: Any, spec: Dict[str, Any]):
     return package.CanvasTopology(connections=connections), layout
 
 
-def prepare_state(model: Any, case: Dict[str, Any]):
+def prepare_state(model: Any, case: dict[str, Any]):
     """(state at construction, state the case runs with).
 
     The case runs with ``case["state_dict"]`` when given (loaded strictly); otherwise with
@@ -59,14 +59,14 @@ def prepare_state(model: Any, case: Dict[str, Any]):
     return initial, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def fresh_leaf(tensor: Any, case: Dict[str, Any]) -> Any:
+def fresh_leaf(tensor: Any, case: dict[str, Any]) -> Any:
     """A new leaf copy of ``tensor`` in the case's dtype, requiring grad."""
     import torch
 
     return tensor.detach().to(case.get("dtype", torch.float32), copy=True).requires_grad_(True)
 
 
-def mask_case(package: Any, case: Dict[str, Any]) -> Dict[str, Any]:
+def mask_case(package: Any, case: dict[str, Any]) -> dict[str, Any]:
     """The topology of ``case["declarations"]`` as masks: ``to_attention_mask`` and
     ``to_additive_mask`` (on the CPU), ``summary()`` and ``repr``; with ``case["timed"]``,
     only ``{"attention_mask_s": seconds}`` of one ``to_attention_mask`` call."""
@@ -83,7 +83,7 @@ def mask_case(package: Any, case: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def run_case(package: Any, case: Dict[str, Any]) -> Dict[str, Any]:
+def run_case(package: Any, case: dict[str, Any]) -> dict[str, Any]:
     """Build the case's module or dispatcher under its seed, run forward and backward
     (a case of kind "masks" goes to :func:`mask_case`)."""
     import torch
@@ -118,7 +118,7 @@ def run_case(package: Any, case: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def run_graft(package: Any, case: Dict[str, Any]):
+def run_graft(package: Any, case: dict[str, Any]):
     """Kind "graft": diffusers' CogVideoXTransformer3DModel(**case["config"]), grafted with
     ``package.graft_looped_blocks(model, **case["graft"])``, each block set to
     ``case["loops"]`` loops, run on ``hidden_states`` (B, F, C, H, W), ``encoder_hidden_states``
@@ -143,8 +143,11 @@ def run_graft(package: Any, case: Dict[str, Any]):
         model.enable_gradient_checkpointing()
     inputs = {key: fresh_leaf(case[key], case) for key in ("hidden_states", "encoder_hidden_states")}
     (output,) = model(
-        inputs["hidden_states"], inputs["encoder_hidden_states"], case["timestep"],
-        image_rotary_emb=case["image_rotary_emb"], return_dict=False,
+        inputs["hidden_states"],
+        inputs["encoder_hidden_states"],
+        case["timestep"],
+        image_rotary_emb=case["image_rotary_emb"],
+        return_dict=False,
     )
     extras = {
         "trainable": trainable,
@@ -155,7 +158,7 @@ def run_graft(package: Any, case: Dict[str, Any]):
     return model, initial_state, state, inputs, output, extras
 
 
-def run_looped_stack(package: Any, case: Dict[str, Any]):
+def run_looped_stack(package: Any, case: dict[str, Any]):
     """Kind "looped_stack": ``case["layers"]`` nn.TransformerEncoderLayer(d_model, n_heads,
     dim_feedforward=2 * d_model, dropout=0, batch_first=True), each wrapped in
     ``package.LoopedBlockWrapper(layer, block_idx=i, **case["wrapper"])`` and set to
@@ -163,7 +166,9 @@ def run_looped_stack(package: Any, case: Dict[str, Any]):
     import torch
 
     layers = torch.nn.ModuleList(
-        torch.nn.TransformerEncoderLayer(case["d_model"], case["n_heads"], 2 * case["d_model"], dropout=0.0, batch_first=True)
+        torch.nn.TransformerEncoderLayer(
+            case["d_model"], case["n_heads"], 2 * case["d_model"], dropout=0.0, batch_first=True
+        )
         for _ in range(case["layers"])
     )
     for index in range(len(layers)):
@@ -178,7 +183,7 @@ def run_looped_stack(package: Any, case: Dict[str, Any]):
     return layers, initial_state, state, inputs, output, {}
 
 
-def run_canvas(package: Any, case: Dict[str, Any]):
+def run_canvas(package: Any, case: dict[str, Any]):
     """Kind "canvas": ``package.SpatiotemporalCanvas(layout)`` for ``case["declarations"]``;
     ``create_empty(B)``, then ``place`` of each ``case["embeddings"][region]`` in order.
     The output is the final canvas; extras hold the empty canvas and ``extract`` of every
@@ -191,7 +196,10 @@ def run_canvas(package: Any, case: Dict[str, Any]):
     output = empty
     for name, embeddings in inputs.items():
         output = model.place(output, embeddings, name)
-    extras = {"empty": empty.detach(), **{f"extract {name}": model.extract(output, name).detach() for name in layout.regions}}
+    extras = {
+        "empty": empty.detach(),
+        **{f"extract {name}": model.extract(output, name).detach() for name in layout.regions},
+    }
     return model, initial_state, state, inputs, output, extras
 
 

@@ -43,7 +43,7 @@ class ToyMeanAttention(nn.Module):
         return (self.scale * values.mean(dim=1, keepdim=True)).expand_as(queries)
 '''
 
-CHECKS = '''
+CHECKS = """
 import sys
 from pathlib import Path
 
@@ -51,15 +51,19 @@ import pytest
 import torch
 
 import canvas_engineering
-from canvas_engineering import ATTENTION_TYPES, AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, create_attention
+from canvas_engineering import (
+    ATTENTION_TYPES, AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, create_attention,
+)
 from test_registry import registry_table
 
-assert Path(canvas_engineering.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), canvas_engineering.__file__
+package = Path(canvas_engineering.__file__).resolve()
+assert package.is_relative_to(Path(sys.argv[1]).resolve()), package
 assert "scale × mean of dst, broadcast" in ATTENTION_TYPES["toy_mean"] and "O(N+M)" in ATTENTION_TYPES["toy_mean"]
 from canvas_engineering.canvas import ATTENTION_TYPES as declared
 assert declared is ATTENTION_TYPES
 assert "| `toy_mean` | `ToyMeanAttention` | O(N+M) | `scale=2.0` | scale × mean of dst, broadcast |" in registry_table()
-with pytest.raises(TypeError, match=r"'toy_mean' \\(ToyMeanAttention\\) takes no option 'scal'; its options: scale=2.0 "):
+unknown_option = r"'toy_mean' \\(ToyMeanAttention\\) takes no option 'scal'; its options: scale=2.0 "
+with pytest.raises(TypeError, match=unknown_option):
     create_attention("toy_mean", 4, scal=1.0)
 
 layout = CanvasLayout(T=1, spatial_shape=(5,), d_model=4, regions={"a": (0, 1, 0, 2), "b": (0, 1, 2, 5)})
@@ -73,14 +77,14 @@ assert ((output[:, :2] - expected).abs() <= 1e-12 * expected.abs().max()).all()
 assert "O(N+M) (runs segment by segment)" in row and row.rstrip().endswith("scale=3.0"), row
 assert "fn_kwargs={'toy_mean': {'scale': 3.0}}" in repr(dispatcher)
 print("ok")
-'''
+"""
 
 
 def changed_files(original: Path, copy: Path) -> set:
     """Paths (relative to ``copy``) of the files that are new or differ in ``copy``."""
     comparison = filecmp.dircmp(original, copy, ignore=["__pycache__"])
     changed = {name for name in comparison.right_only + comparison.diff_files}
-    for name, sub in comparison.subdirs.items():
+    for name in comparison.subdirs:
         changed |= {f"{name}/{path}" for path in changed_files(original / name, copy / name)}
     return changed
 
@@ -94,10 +98,16 @@ def test_a_type_added_as_the_readme_says_is_known_everywhere(tmp_path):
     source = registration.read_text(encoding="utf-8")
     (opening,) = REGISTRATION.findall(source)
     registration.write_text(
-        source.replace(opening, f'from canvas_engineering.attention.toy import ToyMeanAttention\n\n{opening}\n    "toy_mean": ToyMeanAttention,'),
+        source.replace(
+            opening,
+            "from canvas_engineering.attention.toy import ToyMeanAttention\n\n"
+            f'{opening}\n    "toy_mean": ToyMeanAttention,',
+        ),
         encoding="utf-8",
     )
     assert changed_files(PACKAGE, copy) == {"attention/toy.py", "attention/__init__.py"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)]), "CANVAS_DISABLE_TRITON": "1"}
-    completed = subprocess.run([sys.executable, "-c", CHECKS, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", CHECKS, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
     assert completed.returncode == 0 and completed.stdout.strip() == "ok", completed.stderr[-4000:]

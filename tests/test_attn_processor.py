@@ -10,11 +10,11 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import assert_all_close
 
 from canvas_engineering import CanvasLayout, CanvasTopology, Connection, RegionSpec, graft_looped_blocks
 from canvas_engineering.attn_processor import CanvasAttnProcessor, token_grid
 from canvas_engineering.cogvideox_demo import TINY_COGVIDEOX, rotary_tables
-from conftest import assert_all_close
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed (pip install -e '.[cogvideox]')"
@@ -28,18 +28,27 @@ GRID = (3, 4, 4)  # token grid of (3, 4, 8, 8) latents with 2 x 2 patches
 def layout(d_model=32):
     """Scene (rows 0-2), arm (row 3, cols 0-1), act (row 3, col 2); row 3 col 3 is in no region."""
     return CanvasLayout(
-        T=GRID[0], H=GRID[1], W=GRID[2], d_model=d_model,
-        regions={"scene": RegionSpec((0, 3, 0, 3, 0, 4)), "arm": RegionSpec((0, 3, 3, 4, 0, 2)), "act": RegionSpec((0, 3, 3, 4, 2, 3))},
+        T=GRID[0],
+        H=GRID[1],
+        W=GRID[2],
+        d_model=d_model,
+        regions={
+            "scene": RegionSpec((0, 3, 0, 3, 0, 4)),
+            "arm": RegionSpec((0, 3, 3, 4, 0, 2)),
+            "act": RegionSpec((0, 3, 3, 4, 2, 3)),
+        },
     )
 
 
-SPARSE = CanvasTopology(connections=[
-    Connection(src="scene", dst="scene"),
-    Connection(src="act", dst="scene"),
-    Connection(src="arm", dst="arm", t_src=0, t_dst=0),
-    Connection(src="act", dst="arm", t_src=0, t_dst=-1),
-    Connection(src="act", dst="act"),
-])
+SPARSE = CanvasTopology(
+    connections=[
+        Connection(src="scene", dst="scene"),
+        Connection(src="act", dst="scene"),
+        Connection(src="arm", dst="arm", t_src=0, t_dst=0),
+        Connection(src="act", dst="arm", t_src=0, t_dst=-1),
+        Connection(src="act", dst="act"),
+    ]
+)
 DENSE_LAYOUT = CanvasLayout(T=GRID[0], H=GRID[1], W=GRID[2], d_model=32, regions={"all": (0, 3, 0, 4, 0, 4)})
 DENSE = CanvasTopology.dense(["all"])
 
@@ -73,8 +82,12 @@ def run(model, data, **call):
     """Output and every gradient (inputs and parameters) of one forward and backward."""
     leaves = {key: data[key].clone().requires_grad_(True) for key in ("hidden_states", "encoder_hidden_states")}
     (output,) = model(
-        leaves["hidden_states"], leaves["encoder_hidden_states"], torch.tensor([5, 600]),
-        image_rotary_emb=rotary_tables(TINY_COGVIDEOX, FRAMES, HEIGHT, WIDTH), return_dict=False, **call,
+        leaves["hidden_states"],
+        leaves["encoder_hidden_states"],
+        torch.tensor([5, 600]),
+        image_rotary_emb=rotary_tables(TINY_COGVIDEOX, FRAMES, HEIGHT, WIDTH),
+        return_dict=False,
+        **call,
     )
     output.backward(data["grad_output"])
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -164,7 +177,10 @@ def test_joint_block_mask_lists_exactly_the_blocks_that_attend(block_size):
     assert torch.equal(block_mask.mask_mod(zero, zero, rows, cols), expected)
     blocks = -(-total // block_size)
     listed = {"partial": set(), "full": set()}
-    for kind, counts, indices in (("partial", block_mask.kv_num_blocks, block_mask.kv_indices), ("full", block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+    for kind, counts, indices in (
+        ("partial", block_mask.kv_num_blocks, block_mask.kv_indices),
+        ("full", block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+    ):
         for row in range(blocks):
             listed[kind] |= {(row, int(col)) for col in indices[0, 0, row, : int(counts[0, 0, row])]}
     assert not listed["partial"] & listed["full"]
@@ -181,11 +197,21 @@ def test_errors():
     canvas = layout()
     attention = tiny_model().transformer_blocks[0].attn1
     attention.set_processor(CanvasAttnProcessor(SPARSE, canvas))
-    with pytest.raises(ValueError, match=r"expected hidden_states of shape \(B, 48, inner_dim\) for the layout's 3 x 4 x 4 token grid, got \(2, 47, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected hidden_states of shape \(B, 48, inner_dim\) for the layout's 3 x 4 x 4 token grid, "
+        r"got \(2, 47, 32\)",
+    ):
         attention(hidden_states=torch.randn(2, 47, 32), encoder_hidden_states=torch.randn(2, TEXT, 32))
     with pytest.raises(ValueError, match="attention_mask is not supported"):
-        attention(hidden_states=torch.randn(2, 48, 32), encoder_hidden_states=torch.randn(2, TEXT, 32), attention_mask=torch.zeros(2, 54, 54))
-    with pytest.raises(ValueError, match=r"expected a layout over \(frames, patch rows, patch cols\), got spatial_shape \(16,\)"):
+        attention(
+            hidden_states=torch.randn(2, 48, 32),
+            encoder_hidden_states=torch.randn(2, TEXT, 32),
+            attention_mask=torch.zeros(2, 54, 54),
+        )
+    with pytest.raises(
+        ValueError, match=r"expected a layout over \(frames, patch rows, patch cols\), got spatial_shape \(16,\)"
+    ):
         CanvasAttnProcessor(CanvasTopology(connections=[]), CanvasLayout(T=3, spatial_shape=(16,), d_model=8))
     with pytest.raises(ValueError, match=r"names region\(s\) \['ghost'\] that the layout lacks"):
         CanvasAttnProcessor(CanvasTopology(connections=[Connection(src="scene", dst="ghost")]), canvas)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative_error
 
 from canvas_engineering import BUILTIN_ATTENTION, AttentionDispatcher, CanvasLayout, CanvasTopology, Connection
 from canvas_engineering.ops.rwkv import segment_wkv
 from canvas_engineering.ops.segment_attention import segment_attention
 from canvas_engineering.ops.segments import SegmentIndex
 from canvas_engineering.ops.selective_scan import segment_selective_scan
-from conftest import relative_error
 
 BFLOAT16_STEP = 2.0**-8
 """The spacing of bfloat16 values relative to their size."""
@@ -35,8 +35,14 @@ instead grows with the length (4 * 2^-8 for the selective scan over 1024 steps).
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_ATTENTION))
 def test_dispatcher_runs_every_type_under_bfloat16_autocast(name):
-    layout = CanvasLayout(T=2, spatial_shape=(3, 6), d_model=32, regions={"a": (0, 2, 0, 2, 0, 6), "b": (0, 2, 2, 3, 0, 6)})
-    connections = [Connection("a", "b", fn=name), Connection("b", "a", fn=name), Connection("a", "a", fn=name, t_src=0, t_dst=-1)]
+    layout = CanvasLayout(
+        T=2, spatial_shape=(3, 6), d_model=32, regions={"a": (0, 2, 0, 2, 0, 6), "b": (0, 2, 2, 3, 0, 6)}
+    )
+    connections = [
+        Connection("a", "b", fn=name),
+        Connection("b", "a", fn=name),
+        Connection("a", "a", fn=name, t_src=0, t_dst=-1),
+    ]
     torch.manual_seed(0)
     dispatcher = AttentionDispatcher(CanvasTopology(connections), layout, d_model=32, n_heads=2)
     if name == "sparse_attention":
@@ -66,7 +72,9 @@ def test_top_k_under_bfloat16_autocast():
     direction[0] = 1.0
     q = torch.rand(2, index.n_queries, 2, 1, generator=generator).add(1.0) * direction
     key_rank = torch.cat([torch.arange(m) for m in index.keyset_sizes]).float() / 3.0
-    k = key_rank.view(1, -1, 1, 1) * direction + torch.randn(2, index.n_keys, 2, 16, generator=generator) * (1 - direction)
+    k = key_rank.view(1, -1, 1, 1) * direction + torch.randn(2, index.n_keys, 2, 16, generator=generator) * (
+        1 - direction
+    )
     v = torch.randn(2, index.n_keys, 2, 16, generator=generator)
     q, k, v = (t.bfloat16() for t in (q, k, v))
     expected = segment_attention(q.float(), k.float(), v.float(), index, 1.0, top_k=4)
@@ -80,7 +88,7 @@ def test_scans_keep_float32_state_under_bfloat16_autocast():
     length, heads, head_dim, channels, state = 1024, 2, 8, 8, 4
     index = SegmentIndex.build([length], [0], [length])
     generator = torch.Generator().manual_seed(0)
-    rounded = lambda *shape: torch.randn(*shape, generator=generator).bfloat16()  # noqa: E731
+    rounded = lambda *shape: torch.randn(*shape, generator=generator).bfloat16()
     k, v, u = rounded(2, length, heads, head_dim), rounded(2, length, heads, head_dim), rounded(heads, head_dim)
     w = -torch.rand(heads, head_dim, generator=generator).mul(0.05).bfloat16()
     x, B, C, D = rounded(2, length, channels), rounded(2, length, state), rounded(2, length, state), rounded(channels)

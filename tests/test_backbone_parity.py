@@ -16,17 +16,19 @@ import importlib.util
 
 import pytest
 import torch
-
-import canvas_engineering
-from canvas_engineering.cogvideox_demo import TINY_COGVIDEOX, rotary_tables
 from conftest import assert_all_close, relative_error
 from peer import run_peer
 from peer_runner import build_declarations, run_case
 
+import canvas_engineering
+from canvas_engineering.cogvideox_demo import TINY_COGVIDEOX, rotary_tables
+
 pytestmark = pytest.mark.peer
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
-needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -e '.[cogvideox]')")
+needs_diffusers = pytest.mark.skipif(
+    not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -e '.[cogvideox]')"
+)
 TOLERANCE, ZERO_FLOOR = 1e-5, 1e-7
 FRAMES, HEIGHT, WIDTH, TEXT = 3, 8, 8, 6
 
@@ -77,7 +79,12 @@ def stack_cases():
                 "n_heads": 2,
                 "layers": 2,
                 "loops": loops,
-                "wrapper": {"max_loops": 3, "embed_dim": 16, "gate_init_bias": gate, "use_gradient_checkpointing": checkpointing},
+                "wrapper": {
+                    "max_loops": 3,
+                    "embed_dim": 16,
+                    "gate_init_bias": gate,
+                    "use_gradient_checkpointing": checkpointing,
+                },
                 "x": torch.randn(2, 5, 16, generator=generator),
                 "grad_output": torch.randn(2, 5, 16, generator=generator),
             }
@@ -125,7 +132,9 @@ def canvas_cases():
                 "declarations": spec,
                 "batch_size": 2,
                 "embeddings": {
-                    name: torch.randn(2, layout.region_numel(name) + extra_rows[name], layout.d_model, generator=generator)
+                    name: torch.randn(
+                        2, layout.region_numel(name) + extra_rows[name], layout.d_model, generator=generator
+                    )
                     for name in layout.regions
                 },
                 "grad_output": torch.randn(2, layout.num_positions, layout.d_model, generator=generator),
@@ -153,7 +162,9 @@ def compared_tensors(result):
 def assert_matches(ours, peer, approximate_state=()):
     """Same initial state (exactly, except the keys in ``approximate_state``), same outputs
     and gradients within 1e-5 relative."""
-    assert {k: v.shape for k, v in ours["initial_state"].items()} == {k: v.shape for k, v in peer["initial_state"].items()}
+    assert {k: v.shape for k, v in ours["initial_state"].items()} == {
+        k: v.shape for k, v in peer["initial_state"].items()
+    }
     for key, value in peer["initial_state"].items():
         if key in approximate_state:
             assert relative_error(ours["initial_state"][key], value) < 1e-6, key
@@ -164,7 +175,9 @@ def assert_matches(ours, peer, approximate_state=()):
 
 def graft_id(case):
     freeze = case["graft"].get("freeze", "full")
-    return f"loops{case['loops']}-of{case['graft']['max_loops']}-{freeze}" + ("" if case["image_rotary_emb"] is not None else "-sincos")
+    return f"loops{case['loops']}-of{case['graft']['max_loops']}-{freeze}" + (
+        "" if case["image_rotary_emb"] is not None else "-sincos"
+    )
 
 
 @needs_diffusers
@@ -188,7 +201,11 @@ def test_grafted_cogvideox_matches_peer(index, peer_results):
         assert relative_error(ours["extras"]["head_output"], peer["extras"]["head_output"]) < TOLERANCE
 
 
-@pytest.mark.parametrize("index", range(len(STACK_CASES)), ids=[f"loops{c['loops']}-ckpt{c['wrapper']['use_gradient_checkpointing']}" for c in STACK_CASES])
+@pytest.mark.parametrize(
+    "index",
+    range(len(STACK_CASES)),
+    ids=[f"loops{c['loops']}-ckpt{c['wrapper']['use_gradient_checkpointing']}" for c in STACK_CASES],
+)
 def test_looped_encoder_stack_matches_peer(index, peer_results):
     offset = len(GRAFT_CASES)
     case, peer = STACK_CASES[index], peer_results[offset + index]

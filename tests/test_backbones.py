@@ -25,7 +25,9 @@ from canvas_engineering import (
 )
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
-needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -e '.[cogvideox]')")
+needs_diffusers = pytest.mark.skipif(
+    not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -e '.[cogvideox]')"
+)
 
 
 class EncoderStack(nn.Module):
@@ -34,7 +36,9 @@ class EncoderStack(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(16, 16)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True) for _ in range(3))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True) for _ in range(3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -56,12 +60,21 @@ def test_import_paths_of_0_5_0():
     from canvas_engineering.action_heads import ActionHead as head
     from canvas_engineering.canvas import PeriodEmbedding, SinusoidalPositionalEncodingND
     from canvas_engineering.canvas import SpatiotemporalCanvas as canvas_module
-    from canvas_engineering.cogvideox import LoopedCogVideoXBlock as cog, detect_inner_dim
-    from canvas_engineering.graft import freeze_full as full, freeze_half as half, graft_looped_blocks as graft
+    from canvas_engineering.cogvideox import LoopedCogVideoXBlock as cog
+    from canvas_engineering.cogvideox import detect_inner_dim
+    from canvas_engineering.graft import freeze_full as full
+    from canvas_engineering.graft import freeze_half as half
+    from canvas_engineering.graft import graft_looped_blocks as graft
     from canvas_engineering.looped_block import LoopedBlockWrapper as wrapper
 
     assert (head, canvas_module, cog, full, half, graft, wrapper) == (
-        ActionHead, SpatiotemporalCanvas, LoopedCogVideoXBlock, freeze_full, freeze_half, graft_looped_blocks, LoopedBlockWrapper,
+        ActionHead,
+        SpatiotemporalCanvas,
+        LoopedCogVideoXBlock,
+        freeze_full,
+        freeze_half,
+        graft_looped_blocks,
+        LoopedBlockWrapper,
     )
     assert canvas_engineering.detect_inner_dim is detect_inner_dim
     assert canvas_engineering.PeriodEmbedding is PeriodEmbedding
@@ -73,7 +86,11 @@ def test_import_paths_of_0_5_0():
 def test_graft_errors_leave_the_model_unchanged():
     model = EncoderStack()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"non-empty nn.ModuleList of blocks at EncoderStack.transformer_blocks, found no such attribute; non-empty ModuleLists of this model: \['blocks'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"non-empty nn.ModuleList of blocks at EncoderStack.transformer_blocks, found no such attribute; "
+        r"non-empty ModuleLists of this model: \['blocks'\]",
+    ):
         graft_looped_blocks(model)
     with pytest.raises(ValueError, match=r"EncoderStack.embed, found a Linear"):
         graft_looped_blocks(model, block_attr="embed")
@@ -118,7 +135,11 @@ def test_generic_width_guess_that_does_not_fit_is_a_clear_error():
     model = EncoderStack()
     looped, _ = graft_looped_blocks(model, block_attr="blocks")
     assert looped[0].embed_dim == 48
-    with pytest.raises(ValueError, match=r"LoopedBlockWrapper \(block 0\): hidden_states must end in the loop embedding width 48, got \(2, 5, 16\).*inner_dim"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoopedBlockWrapper \(block 0\): hidden_states must end in the loop embedding width 48, "
+        r"got \(2, 5, 16\).*inner_dim",
+    ):
         model(torch.randn(2, 5, 16))
 
 
@@ -134,13 +155,23 @@ def test_blocks_that_return_nothing_usable():
     x = torch.randn(2, 3, 4)
     for value, got in ((None, "NoneType"), (torch.zeros(2, 3), r"\(2, 3\)"), ((), r"tuple")):
         wrapper = LoopedBlockWrapper(Returns(value), embed_dim=4)
-        with pytest.raises(ValueError, match=rf"wrapped Returns must return a tensor \(or a tuple starting with one\) of shapes \[\(2, 3, 4\)\], got .*{got}"):
+        with pytest.raises(
+            ValueError,
+            match=r"wrapped Returns must return a tensor \(or a tuple starting with one\) of shapes \[\(2, 3, 4\)\], "
+            rf"got .*{got}",
+        ):
             wrapper(x)
     for value in (torch.zeros(2, 3, 4), (torch.zeros(2, 3, 4),), [torch.zeros(2, 3, 4), torch.zeros(2, 5, 4), 1]):
         wrapper = LoopedCogVideoXBlock(Returns(value), block_idx=3, max_loops=2, inner_dim=4)
-        with pytest.raises(ValueError, match=r"\(block 3\): the wrapped Returns must return \(hidden_states, encoder_hidden_states\) of shapes \[\(2, 3, 4\), \(2, 5, 4\)\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"\(block 3\): the wrapped Returns must return \(hidden_states, encoder_hidden_states\) "
+            r"of shapes \[\(2, 3, 4\), \(2, 5, 4\)\]",
+        ):
             wrapper(x, torch.randn(2, 5, 4), torch.randn(2, 8))
-    with pytest.raises(ValueError, match=r"encoder_hidden_states must end in the loop embedding width 4, got \(2, 5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"encoder_hidden_states must end in the loop embedding width 4, got \(2, 5, 3\)"
+    ):
         LoopedCogVideoXBlock(Returns(None), 0, 2, 4)(x, torch.randn(2, 5, 3), None)
 
 
@@ -187,23 +218,33 @@ def test_action_head_shapes_and_errors():
 
 
 def test_canvas_module_errors():
-    layout = CanvasLayout(T=2, spatial_shape=(2, 2), d_model=4, regions={"a.b": RegionSpec((0, 2, 0, 1, 0, 2)), "c": (0, 1, 1, 2, 0, 2)})
+    layout = CanvasLayout(
+        T=2, spatial_shape=(2, 2), d_model=4, regions={"a.b": RegionSpec((0, 2, 0, 1, 0, 2)), "c": (0, 1, 1, 2, 0, 2)}
+    )
     canvas_module = SpatiotemporalCanvas(layout)
     assert set(dict(canvas_module.named_parameters())) == {
-        "empty_token", "period_embedding.embedding.weight", "modality_embeddings.a__b", "modality_embeddings.c",
+        "empty_token",
+        "period_embedding.embedding.weight",
+        "modality_embeddings.a__b",
+        "modality_embeddings.c",
     }
     for keyword in ("semantic_conditioner", "program"):
         with pytest.raises(NotImplementedError, match=f"{keyword} is not supported by this package"):
             SpatiotemporalCanvas(layout, **{keyword: object()})
     with pytest.raises(ValueError, match=r"regions 'a.b' and 'a__b' both become the parameter name 'a__b'"):
-        SpatiotemporalCanvas(CanvasLayout(T=1, spatial_shape=(2,), d_model=4, regions={"a.b": (0, 1, 0, 1), "a__b": (0, 1, 1, 2)}))
+        SpatiotemporalCanvas(
+            CanvasLayout(T=1, spatial_shape=(2,), d_model=4, regions={"a.b": (0, 1, 0, 1), "a__b": (0, 1, 1, 2)})
+        )
     canvas = canvas_module.create_empty(3)
     assert canvas.shape == (3, 8, 4)
     with pytest.raises(ValueError, match=r"unknown region 'd'; layout regions: \['a.b', 'c'\]"):
         canvas_module.extract(canvas, "d")
     with pytest.raises(ValueError, match=r"expected a canvas of shape \(B, 8, 4\), got \(3, 7, 4\)"):
         canvas_module.extract(canvas[:, :7], "c")
-    with pytest.raises(ValueError, match=r"expected embeddings of shape \(3 or 1, n, 4\) for region 'c' \(2 positions\), got \(2, 2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected embeddings of shape \(3 or 1, n, 4\) for region 'c' \(2 positions\), got \(2, 2, 4\)",
+    ):
         canvas_module.place(canvas, torch.randn(2, 2, 4), "c")
     placed = canvas_module.place(canvas, torch.randn(1, 2, 4), "c")
     assert torch.equal(placed[0, 4:6], placed[2, 4:6])

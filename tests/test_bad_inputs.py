@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.dispatcher import reference_forward
+from test_dispatcher import FNS, assert_matches_reference, canvases
 
 from canvas_engineering import (
     BUILTIN_ATTENTION,
@@ -26,9 +30,6 @@ from canvas_engineering import (
     TemporalFill,
     create_attention,
 )
-from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact
-from reference.dispatcher import reference_forward
-from test_dispatcher import FNS, assert_matches_reference, canvases
 
 D_MODEL, N_HEADS = 8, 2
 BUILTIN_FNS = sorted(BUILTIN_ATTENTION)
@@ -37,7 +38,7 @@ BUILTIN_FNS = sorted(BUILTIN_ATTENTION)
 # ---------------------------------------------------------------- declarations
 
 
-def build(description: Dict[str, Any]) -> AttentionDispatcher:
+def build(description: dict[str, Any]) -> AttentionDispatcher:
     """The dispatcher of a plain description (its fields may hold bad values).
 
     ``description``: {"T", "spatial_shape", "d_model", "t_current", "regions": {name: RegionSpec
@@ -46,7 +47,9 @@ def build(description: Dict[str, Any]) -> AttentionDispatcher:
     """
     regions = description["regions"]
     if isinstance(regions, dict):
-        regions = {name: RegionSpec(**fields) if isinstance(fields, dict) else fields for name, fields in regions.items()}
+        regions = {
+            name: RegionSpec(**fields) if isinstance(fields, dict) else fields for name, fields in regions.items()
+        }
     layout = CanvasLayout(
         T=description["T"],
         spatial_shape=description["spatial_shape"],
@@ -58,8 +61,12 @@ def build(description: Dict[str, Any]) -> AttentionDispatcher:
     return AttentionDispatcher(CanvasTopology(connections), layout, **description["dispatcher"])
 
 
+OFFSETS = st.one_of(st.none(), st.integers(-4, 3))
+"""A temporal connection's offset: none, or a step back or ahead."""
+
+
 @st.composite
-def descriptions(draw, offsets=st.one_of(st.none(), st.integers(-4, 3))):
+def descriptions(draw, offsets=OFFSETS):
     """A valid random description: 1 to 3 regions (overlaps allowed) on a (T, H, W) canvas,
     1 to 5 connections with random types, weights, offsets (some outside the canvas) and fills."""
     T, height, width = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
@@ -68,7 +75,14 @@ def descriptions(draw, offsets=st.one_of(st.none(), st.integers(-4, 3))):
     for name in names:
         t0, h0, w0 = draw(st.integers(0, T - 1)), draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
         regions[name] = {
-            "bounds": (t0, draw(st.integers(t0 + 1, T)), h0, draw(st.integers(h0 + 1, height)), w0, draw(st.integers(w0 + 1, width))),
+            "bounds": (
+                t0,
+                draw(st.integers(t0 + 1, T)),
+                h0,
+                draw(st.integers(h0 + 1, height)),
+                w0,
+                draw(st.integers(w0 + 1, width)),
+            ),
             "period": draw(st.integers(1, 3)),
             "default_attn": draw(st.sampled_from(BUILTIN_FNS)),
         }
@@ -103,111 +117,258 @@ class Mutation:
     pattern its message must match (``{value}`` stands for ``re.escape(repr(value))``)."""
 
     name: str
-    values: List[Any]
-    apply: Callable[[Dict[str, Any], Any], None]
-    error: Optional[Tuple[Type[Exception], str]]
+    values: list[Any]
+    apply: Callable[[dict[str, Any], Any], None]
+    error: tuple[type[Exception], str] | None
 
 
-def first_region(description: Dict[str, Any]) -> Dict[str, Any]:
+def first_region(description: dict[str, Any]) -> dict[str, Any]:
     return next(iter(description["regions"].values()))
 
 
-def set_region_field(field: str) -> Callable[[Dict[str, Any], Any], None]:
-    def apply(description: Dict[str, Any], value: Any) -> None:
+def set_region_field(field: str) -> Callable[[dict[str, Any], Any], None]:
+    def apply(description: dict[str, Any], value: Any) -> None:
         first_region(description)[field] = value
 
     return apply
 
 
-def set_connection_field(field: str) -> Callable[[Dict[str, Any], Any], None]:
-    def apply(description: Dict[str, Any], value: Any) -> None:
+def set_connection_field(field: str) -> Callable[[dict[str, Any], Any], None]:
+    def apply(description: dict[str, Any], value: Any) -> None:
         description["connections"][0][field] = value
 
     return apply
 
 
-def set_top(field: str) -> Callable[[Dict[str, Any], Any], None]:
-    def apply(description: Dict[str, Any], value: Any) -> None:
+def set_top(field: str) -> Callable[[dict[str, Any], Any], None]:
+    def apply(description: dict[str, Any], value: Any) -> None:
         description[field] = value
 
     return apply
 
 
-def set_dispatcher(field: str) -> Callable[[Dict[str, Any], Any], None]:
-    def apply(description: Dict[str, Any], value: Any) -> None:
+def set_dispatcher(field: str) -> Callable[[dict[str, Any], Any], None]:
+    def apply(description: dict[str, Any], value: Any) -> None:
         description["dispatcher"][field] = value
 
     return apply
 
 
-def set_bounds(make: Callable[[Tuple[int, ...], Dict[str, Any]], Any]) -> Callable[[Dict[str, Any], Any], None]:
-    def apply(description: Dict[str, Any], value: Any) -> None:
+def set_bounds(make: Callable[[tuple[int, ...], dict[str, Any]], Any]) -> Callable[[dict[str, Any], Any], None]:
+    def apply(description: dict[str, Any], value: Any) -> None:
         region = first_region(description)
         region["bounds"] = make(region["bounds"], description)
 
     return apply
 
 
-def use_default_attn(description: Dict[str, Any], value: Any) -> None:
+def use_default_attn(description: dict[str, Any], value: Any) -> None:
     """The first region's default_attn becomes ``value`` and the first connection uses it."""
     name = next(iter(description["regions"]))
     description["regions"][name]["default_attn"] = value
     description["connections"][0].update(src=name, fn=None)
 
 
-def rename_first_region(description: Dict[str, Any], value: Any) -> None:
+def rename_first_region(description: dict[str, Any], value: Any) -> None:
     name, fields = next(iter(description["regions"].items()))
     description["regions"] = {value: fields, **{k: v for k, v in description["regions"].items() if k != name}}
 
 
-def leave_canvas(bounds: Tuple[int, ...], description: Dict[str, Any]) -> Tuple[int, ...]:
+def leave_canvas(bounds: tuple[int, ...], description: dict[str, Any]) -> tuple[int, ...]:
     return bounds[:3] + (description["spatial_shape"][0] + 1,) + bounds[4:]
 
 
 MUTATIONS = [
     # Geometry.
-    Mutation("T", [0, -1, 2.5, "3", None, True], set_top("T"), (ValueError, r"T must be a positive integer, got {value}")),
-    Mutation("d_model", [0, -4, 8.0], set_top("d_model"), (ValueError, r"d_model must be a positive integer, got {value}")),
-    Mutation("spatial_shape", [(), (0, 2), (2, -1), (2.0, 3), 4, "ab", None], set_top("spatial_shape"), (ValueError, r"spatial_shape")),
-    Mutation("t_current", [-1, 99, 0.5], set_top("t_current"), (ValueError, r"t_current must be an integer in \[0, T=\d+\], got {value}")),
-    Mutation("regions container", [[("r0", (0, 1, 0, 1, 0, 1))], "r0"], set_top("regions"), (TypeError, r"regions must be a dict")),
-    Mutation("region name", ["", 3, None], rename_first_region, (ValueError, r"region names must be non-empty strings, got {value}")),
+    Mutation(
+        "T", [0, -1, 2.5, "3", None, True], set_top("T"), (ValueError, r"T must be a positive integer, got {value}")
+    ),
+    Mutation(
+        "d_model", [0, -4, 8.0], set_top("d_model"), (ValueError, r"d_model must be a positive integer, got {value}")
+    ),
+    Mutation(
+        "spatial_shape",
+        [(), (0, 2), (2, -1), (2.0, 3), 4, "ab", None],
+        set_top("spatial_shape"),
+        (ValueError, r"spatial_shape"),
+    ),
+    Mutation(
+        "t_current",
+        [-1, 99, 0.5],
+        set_top("t_current"),
+        (ValueError, r"t_current must be an integer in \[0, T=\d+\], got {value}"),
+    ),
+    Mutation(
+        "regions container",
+        [[("r0", (0, 1, 0, 1, 0, 1))], "r0"],
+        set_top("regions"),
+        (TypeError, r"regions must be a dict"),
+    ),
+    Mutation(
+        "region name",
+        ["", 3, None],
+        rename_first_region,
+        (ValueError, r"region names must be non-empty strings, got {value}"),
+    ),
     # Regions.
     Mutation("bounds too short", [None], set_bounds(lambda b, d: b[:4]), (ValueError, r"have 4 entries; .* expects 6")),
-    Mutation("bounds too long", [None], set_bounds(lambda b, d: b + (0, 1)), (ValueError, r"have 8 entries; .* expects 6")),
+    Mutation(
+        "bounds too long", [None], set_bounds(lambda b, d: b + (0, 1)), (ValueError, r"have 8 entries; .* expects 6")
+    ),
     Mutation("bounds odd length", [None], set_bounds(lambda b, d: b[:5]), (ValueError, r"2 \+ 2\*n_spatial_dims")),
-    Mutation("empty range", [None], set_bounds(lambda b, d: b[:2] + (b[2], b[2]) + b[4:]), (ValueError, r"empty or negative range on axis s0")),
-    Mutation("negative bound", [None], set_bounds(lambda b, d: (-1,) + b[1:]), (ValueError, r"empty or negative range on axis t")),
-    Mutation("bounds leave the canvas", [None], set_bounds(leave_canvas), (ValueError, r"leave the canvas on spatial axis 0")),
-    Mutation("bounds not integers", [None], set_bounds(lambda b, d: (0.0,) + b[1:]), (ValueError, r"bounds must be integers")),
-    Mutation("bounds not a tuple", ["0123", None, 3], set_region_field("bounds"), (ValueError, r"bounds must be a tuple .* got {value}")),
-    Mutation("period", [0, -1, 1.5, True, "2"], set_region_field("period"), (ValueError, r"period must be a positive integer, got {value}")),
-    Mutation("default_attn", ["", None, 3], set_region_field("default_attn"), (ValueError, r"default_attn must be a non-empty .* got {value}")),
-    Mutation("unknown default_attn", ["flash"], use_default_attn, (ValueError, r"connection 0 .*unknown attention type {value}")),
-    Mutation("loss_weight", [math.nan, -1.0, math.inf, "1"], set_region_field("loss_weight"), (ValueError, r"loss_weight must be a finite number >= 0, got {value}")),
+    Mutation(
+        "empty range",
+        [None],
+        set_bounds(lambda b, d: b[:2] + (b[2], b[2]) + b[4:]),
+        (ValueError, r"empty or negative range on axis s0"),
+    ),
+    Mutation(
+        "negative bound",
+        [None],
+        set_bounds(lambda b, d: (-1,) + b[1:]),
+        (ValueError, r"empty or negative range on axis t"),
+    ),
+    Mutation(
+        "bounds leave the canvas", [None], set_bounds(leave_canvas), (ValueError, r"leave the canvas on spatial axis 0")
+    ),
+    Mutation(
+        "bounds not integers", [None], set_bounds(lambda b, d: (0.0,) + b[1:]), (ValueError, r"bounds must be integers")
+    ),
+    Mutation(
+        "bounds not a tuple",
+        ["0123", None, 3],
+        set_region_field("bounds"),
+        (ValueError, r"bounds must be a tuple .* got {value}"),
+    ),
+    Mutation(
+        "period",
+        [0, -1, 1.5, True, "2"],
+        set_region_field("period"),
+        (ValueError, r"period must be a positive integer, got {value}"),
+    ),
+    Mutation(
+        "default_attn",
+        ["", None, 3],
+        set_region_field("default_attn"),
+        (ValueError, r"default_attn must be a non-empty .* got {value}"),
+    ),
+    Mutation(
+        "unknown default_attn",
+        ["flash"],
+        use_default_attn,
+        (ValueError, r"connection 0 .*unknown attention type {value}"),
+    ),
+    Mutation(
+        "loss_weight",
+        [math.nan, -1.0, math.inf, "1"],
+        set_region_field("loss_weight"),
+        (ValueError, r"loss_weight must be a finite number >= 0, got {value}"),
+    ),
     # Connections.
-    Mutation("src", ["", None, 3], set_connection_field("src"), (ValueError, r"src must be a non-empty region name, got {value}")),
-    Mutation("dst", ["", None, 3], set_connection_field("dst"), (ValueError, r"dst must be a non-empty region name, got {value}")),
-    Mutation("unknown region", ["ghost"], set_connection_field("dst"), (ValueError, r"connection 0 .* names region\(s\) \['ghost'\] that the layout lacks")),
-    Mutation("weight", [-1.0, math.nan, math.inf, -math.inf, "1", None, True], set_connection_field("weight"), (ValueError, r"weight must be a finite number >= 0, got {value}")),
-    Mutation("t_src", [1.5, "0", True], set_connection_field("t_src"), (ValueError, r"t_src must be an integer frame offset or None, got {value}")),
-    Mutation("t_dst", [1.5, "0", True], set_connection_field("t_dst"), (ValueError, r"t_dst must be an integer frame offset or None, got {value}")),
-    Mutation("fn", ["", 3], set_connection_field("fn"), (ValueError, r"fn must be a non-empty attention type name or None, got {value}")),
-    Mutation("unknown fn", ["flash", "sparse"], set_connection_field("fn"), (ValueError, r"connection 0 .*unknown attention type {value}; registered types: \[")),
-    Mutation("temporal_fill", ["bogus", "HOLD", 3], set_connection_field("temporal_fill"), (ValueError, r"temporal_fill must be one of \['drop', 'hold', 'interpolate'\], got {value}")),
-    Mutation("interpolation_order", [0, -1, 1.5, True], set_connection_field("interpolation_order"), (ValueError, r"interpolation_order must be an integer >= 1, got {value}")),
-    Mutation("connection object", [("r0", "r0"), "r0->r0", None], lambda d, v: d["connections"].append(v), (TypeError, r"connection \d+ must be a Connection, got \w+ {value}")),
+    Mutation(
+        "src",
+        ["", None, 3],
+        set_connection_field("src"),
+        (ValueError, r"src must be a non-empty region name, got {value}"),
+    ),
+    Mutation(
+        "dst",
+        ["", None, 3],
+        set_connection_field("dst"),
+        (ValueError, r"dst must be a non-empty region name, got {value}"),
+    ),
+    Mutation(
+        "unknown region",
+        ["ghost"],
+        set_connection_field("dst"),
+        (ValueError, r"connection 0 .* names region\(s\) \['ghost'\] that the layout lacks"),
+    ),
+    Mutation(
+        "weight",
+        [-1.0, math.nan, math.inf, -math.inf, "1", None, True],
+        set_connection_field("weight"),
+        (ValueError, r"weight must be a finite number >= 0, got {value}"),
+    ),
+    Mutation(
+        "t_src",
+        [1.5, "0", True],
+        set_connection_field("t_src"),
+        (ValueError, r"t_src must be an integer frame offset or None, got {value}"),
+    ),
+    Mutation(
+        "t_dst",
+        [1.5, "0", True],
+        set_connection_field("t_dst"),
+        (ValueError, r"t_dst must be an integer frame offset or None, got {value}"),
+    ),
+    Mutation(
+        "fn",
+        ["", 3],
+        set_connection_field("fn"),
+        (ValueError, r"fn must be a non-empty attention type name or None, got {value}"),
+    ),
+    Mutation(
+        "unknown fn",
+        ["flash", "sparse"],
+        set_connection_field("fn"),
+        (ValueError, r"connection 0 .*unknown attention type {value}; registered types: \["),
+    ),
+    Mutation(
+        "temporal_fill",
+        ["bogus", "HOLD", 3],
+        set_connection_field("temporal_fill"),
+        (ValueError, r"temporal_fill must be one of \['drop', 'hold', 'interpolate'\], got {value}"),
+    ),
+    Mutation(
+        "interpolation_order",
+        [0, -1, 1.5, True],
+        set_connection_field("interpolation_order"),
+        (ValueError, r"interpolation_order must be an integer >= 1, got {value}"),
+    ),
+    Mutation(
+        "connection object",
+        [("r0", "r0"), "r0->r0", None],
+        lambda d, v: d["connections"].append(v),
+        (TypeError, r"connection \d+ must be a Connection, got \w+ {value}"),
+    ),
     # The dispatcher's own arguments.
-    Mutation("n_heads", [0, -2, 2.0, None], set_dispatcher("n_heads"), (ValueError, r"n_heads must be a positive integer, got {value}")),
-    Mutation("n_heads not dividing", [3, 16], set_dispatcher("n_heads"), (ValueError, r"d_model=8 is not divisible by n_heads={value}")),
-    Mutation("dispatcher d_model", [0, "8", 7.0], set_dispatcher("d_model"), (ValueError, r"d_model must be a positive integer, got {value}")),
-    Mutation("dropout", [-0.1, 1.5, math.nan, "0.1", None], set_dispatcher("dropout"), (ValueError, r"dropout must be a probability in \[0, 1\], got {value}")),
+    Mutation(
+        "n_heads",
+        [0, -2, 2.0, None],
+        set_dispatcher("n_heads"),
+        (ValueError, r"n_heads must be a positive integer, got {value}"),
+    ),
+    Mutation(
+        "n_heads not dividing",
+        [3, 16],
+        set_dispatcher("n_heads"),
+        (ValueError, r"d_model=8 is not divisible by n_heads={value}"),
+    ),
+    Mutation(
+        "dispatcher d_model",
+        [0, "8", 7.0],
+        set_dispatcher("d_model"),
+        (ValueError, r"d_model must be a positive integer, got {value}"),
+    ),
+    Mutation(
+        "dropout",
+        [-0.1, 1.5, math.nan, "0.1", None],
+        set_dispatcher("dropout"),
+        (ValueError, r"dropout must be a probability in \[0, 1\], got {value}"),
+    ),
     # Unusual but valid: these must build and match the oracle.
-    Mutation("numpy integers", [None], lambda d, v: d.update(T=np.int64(d["T"]), spatial_shape=tuple(np.int32(s) for s in d["spatial_shape"])), None),
+    Mutation(
+        "numpy integers",
+        [None],
+        lambda d, v: d.update(T=np.int64(d["T"]), spatial_shape=tuple(np.int32(s) for s in d["spatial_shape"])),
+        None,
+    ),
     Mutation("numpy bounds", [None], set_bounds(lambda b, d: tuple(np.int64(x) for x in b)), None),
     Mutation("list bounds", [None], set_bounds(lambda b, d: list(b)), None),
     Mutation("numpy period", [np.int64(2)], set_region_field("period"), None),
-    Mutation("numpy offsets", [np.int64(0), np.int16(-1)], lambda d, v: d["connections"][0].update(t_src=v, t_dst=v), None),
+    Mutation(
+        "numpy offsets", [np.int64(0), np.int16(-1)], lambda d, v: d["connections"][0].update(t_src=v, t_dst=v), None
+    ),
     Mutation("numpy weight", [np.float32(0.75), np.float64(2.0), 3], set_connection_field("weight"), None),
     Mutation("offset outside the canvas", [7, -9], set_connection_field("t_src"), None),
     Mutation("layout d_model differs", [4, 64], set_top("d_model"), None),
@@ -230,7 +391,9 @@ def check_against_oracle(dispatcher: AttentionDispatcher, x: torch.Tensor, activ
     explained = dispatcher.explain(active)
     for index in range(len(dispatcher.topology.connections)):
         if index not in running:
-            assert f"connection {index} (" in explained, f"connection {index} runs nothing and explain() does not say so"
+            assert f"connection {index} (" in explained, (
+                f"connection {index} runs nothing and explain() does not say so"
+            )
 
 
 @settings(max_examples=150, deadline=None)
@@ -290,7 +453,9 @@ def test_wrong_classes_and_create_attention_arguments():
         AttentionDispatcher(CanvasTopology(None), layout, D_MODEL, N_HEADS)
     with pytest.raises(TypeError, match="fn_name must be a string, got list"):
         create_attention(["cross_attention"], D_MODEL, N_HEADS)
-    with pytest.raises(TypeError, match=r"'local_attention' \(LocalAttention\) takes no option 'window'; its options: window_size=8"):
+    with pytest.raises(
+        TypeError, match=r"'local_attention' \(LocalAttention\) takes no option 'window'; its options: window_size=8"
+    ):
         create_attention("local_attention", D_MODEL, N_HEADS, window=3)
     with pytest.raises(ValueError, match=r"sparse_attention: dropout must be a probability in \[0, 1\], got -0.5"):
         create_attention("sparse_attention", D_MODEL, N_HEADS, dropout=-0.5)
@@ -319,7 +484,10 @@ def test_edges_that_run_nothing_are_listed_with_the_reason():
     text = dispatcher.explain()
     assert "3 connection(s) run nothing:" in text
     assert "connection 1 ('a' -> 'b'): t_src=5 selects no frame of 'a' (frames 0..2)" in text
-    assert "connection 2 ('a' -> 'b'): t_dst=-2 with temporal_fill='drop' reads no frame of 'b' (real frames [1, 2])" in text
+    assert (
+        "connection 2 ('a' -> 'b'): t_dst=-2 with temporal_fill='drop' reads no frame of 'b' (real frames [1, 2])"
+        in text
+    )
     assert "connection 4 ('a' -> 'ghost'): names region(s) ['ghost'] that the layout lacks" in text
     assert "connection 3 ('b' -> 'a'): src 'b' is not in active_regions" in dispatcher.explain({"a"})
     x = torch.randn(2, layout.num_positions, D_MODEL, dtype=torch.float64)
@@ -363,7 +531,12 @@ def hidden_states(draw, layout: CanvasLayout, dtype=torch.float64):
     elif pattern == "repeated rows":
         x = x[:, torch.arange(layout.num_positions) % 2]
     x = x.clone()
-    spots = draw(st.lists(st.tuples(st.integers(0, batch - 1), st.integers(0, layout.num_positions - 1), st.integers(0, D_MODEL - 1)), max_size=3))
+    spots = draw(
+        st.lists(
+            st.tuples(st.integers(0, batch - 1), st.integers(0, layout.num_positions - 1), st.integers(0, D_MODEL - 1)),
+            max_size=3,
+        )
+    )
     for b, p, d in spots:
         x[b, p, d] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
     return x
@@ -410,7 +583,7 @@ def test_zero_batch_runs_every_module(name):
         output.sum().backward()
 
 
-def strided_copy(x: torch.Tensor, order: Tuple[int, ...], step: int, expand: bool) -> torch.Tensor:
+def strided_copy(x: torch.Tensor, order: tuple[int, ...], step: int, expand: bool) -> torch.Tensor:
     """A view equal to ``x`` whose memory follows ``order`` (a permutation of (B, P, D)),
     every ``step``-th element of a larger buffer, or a batch broadcast with stride 0."""
     if expand:
@@ -446,14 +619,24 @@ def test_strided_inputs_give_what_their_contiguous_copies_give(canvas, order, st
 
 def every_type_dispatcher() -> AttentionDispatcher:
     """One edge of every built-in type (and the custom one) on a small canvas."""
-    layout = CanvasLayout(T=2, spatial_shape=(2, 3), d_model=D_MODEL, regions={"a": (0, 2, 0, 1, 0, 3), "b": (0, 2, 1, 2, 0, 2), "c": (1, 2, 0, 2, 1, 3)})
+    layout = CanvasLayout(
+        T=2,
+        spatial_shape=(2, 3),
+        d_model=D_MODEL,
+        regions={"a": (0, 2, 0, 1, 0, 3), "b": (0, 2, 1, 2, 0, 2), "c": (1, 2, 0, 2, 1, 3)},
+    )
     pairs = [("a", "b"), ("b", "a"), ("c", "a"), ("a", "c"), ("b", "c"), ("c", "c")]
-    connections = [Connection(*pairs[i % len(pairs)], fn=fn, t_src=0 if i % 3 == 0 else None, t_dst=0 if i % 3 == 0 else None) for i, fn in enumerate(FNS)]
+    connections = [
+        Connection(*pairs[i % len(pairs)], fn=fn, t_src=0 if i % 3 == 0 else None, t_dst=0 if i % 3 == 0 else None)
+        for i, fn in enumerate(FNS)
+    ]
     torch.manual_seed(0)
     return AttentionDispatcher(CanvasTopology(connections), layout, D_MODEL, N_HEADS)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8, torch.complex64, torch.complex128])
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int64, torch.bool, torch.uint8, torch.complex64, torch.complex128]
+)
 def test_non_floating_x_is_a_type_error(dtype):
     dispatcher = every_type_dispatcher()
     x = torch.zeros(2, dispatcher.layout.num_positions, D_MODEL, dtype=dtype)
@@ -478,9 +661,13 @@ HALF_TOLERANCE = {torch.float16: 8 * 2.0**-11, torch.bfloat16: 8 * 2.0**-8}
 def test_half_precision_on_cpu_runs_every_type(fn, dtype):
     """A dispatcher moved to float16/bfloat16 runs on CPU and stays within a few units of
     that format's rounding of the float64 oracle."""
-    layout = CanvasLayout(T=2, spatial_shape=(2, 3), d_model=D_MODEL, regions={"a": (0, 2, 0, 1, 0, 3), "b": (0, 2, 1, 2, 0, 2)})
+    layout = CanvasLayout(
+        T=2, spatial_shape=(2, 3), d_model=D_MODEL, regions={"a": (0, 2, 0, 1, 0, 3), "b": (0, 2, 1, 2, 0, 2)}
+    )
     torch.manual_seed(0)
-    topology = CanvasTopology([Connection("a", "b", fn=fn), Connection("b", "a", fn=fn, t_src=0, t_dst=0), Connection("b", "b", fn=fn)])
+    topology = CanvasTopology(
+        [Connection("a", "b", fn=fn), Connection("b", "a", fn=fn, t_src=0, t_dst=0), Connection("b", "b", fn=fn)]
+    )
     dispatcher = AttentionDispatcher(topology, layout, D_MODEL, N_HEADS)
     x = torch.randn(2, layout.num_positions, D_MODEL, dtype=torch.float64)
     expected = reference_forward(dispatcher.double(), x)
@@ -519,7 +706,9 @@ def test_a_wrong_shape_names_the_expected_and_the_received(shape):
         dispatcher(x)
 
 
-@pytest.mark.parametrize("x", [None, 1.0, [[0.0] * 8] * 12, np.zeros((1, 12, 8))], ids=["None", "float", "list", "ndarray"])
+@pytest.mark.parametrize(
+    "x", [None, 1.0, [[0.0] * 8] * 12, np.zeros((1, 12, 8))], ids=["None", "float", "list", "ndarray"]
+)
 def test_x_that_is_not_a_tensor_is_a_type_error(x):
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor of shape \(B, 12, 8\), got"):
         every_type_dispatcher()(x)

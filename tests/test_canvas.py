@@ -9,7 +9,9 @@ from canvas_engineering import CanvasLayout, RegionSpec
 
 
 def test_two_dimensional_layout_positions():
-    layout = CanvasLayout(T=3, H=4, W=5, d_model=8, regions={"a": (1, 3, 1, 3, 2, 4), "b": RegionSpec((0, 1, 0, 1, 0, 5))})
+    layout = CanvasLayout(
+        T=3, H=4, W=5, d_model=8, regions={"a": (1, 3, 1, 3, 2, 4), "b": RegionSpec((0, 1, 0, 1, 0, 5))}
+    )
     assert layout.spatial_shape == (4, 5) and layout.num_positions == 60 and layout.spatial_volume == 20
     # frame 1: base 20; rows 1..2, cols 2..3 -> 20 + 5*r + c
     assert layout.region_indices("a") == [27, 28, 32, 33, 47, 48, 52, 53]

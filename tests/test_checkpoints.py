@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-from canvas_engineering import BUILTIN_ATTENTION
 from conftest import assert_all_close
 from peer import PEER_ATTENTION_NAMES, peer_dir
 from training_model import (
@@ -29,6 +27,8 @@ from training_model import (
     canvas_spec,
     pass_results,
 )
+
+from canvas_engineering import BUILTIN_ATTENTION
 
 FLOAT32_TOLERANCE = 1e-5
 """Relative error of a float32 computation against float64 (or against float32 rounded
@@ -106,7 +106,9 @@ def test_an_in_place_write_of_the_pattern_seed_changes_the_pattern():
 
 
 @pytest.mark.parametrize(
-    "saved_dtype, loaded_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)], ids=["64-into-32", "32-into-64"]
+    "saved_dtype, loaded_dtype",
+    [(torch.float64, torch.float32), (torch.float32, torch.float64)],
+    ids=["64-into-32", "32-into-64"],
 )
 def test_a_state_dict_converts_dtype_on_load(saved_dtype, loaded_dtype):
     """A state_dict of one dtype loaded into a module of the other holds the saved values
@@ -210,7 +212,12 @@ def test_a_peer_checkpoint_loads_strictly_and_gives_the_peers_outputs(peer_check
     with torch.no_grad():
         output = ours(canvas_input(torch.float64).to(loaded_dtype))
     both_float64 = saved == "float64" and loaded_dtype == torch.float64
-    assert_all_close({"output": output}, {"output": peer_output}, tolerance=1e-12 if both_float64 else FLOAT32_TOLERANCE, zero_floor=0.0)
+    assert_all_close(
+        {"output": output},
+        {"output": peer_output},
+        tolerance=1e-12 if both_float64 else FLOAT32_TOLERANCE,
+        zero_floor=0.0,
+    )
 
 
 @pytest.mark.peer

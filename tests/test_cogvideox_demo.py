@@ -33,7 +33,9 @@ def test_demo_model_is_grafted_and_masked():
     assert layout.num_positions == 48 and (topology.to_additive_mask(layout) == 0).any(1).all()
     assert (topology.to_additive_mask(layout) != 0).any()
     trainable = {name for name, p in transformer.named_parameters() if p.requires_grad}
-    assert trainable == {f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")}
+    assert trainable == {
+        f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")
+    }
 
 
 def test_docs_cogvideox_example_runs():
@@ -49,5 +51,7 @@ def test_docs_cogvideox_example_runs():
     exec(compile(block, "docs/backbones.md", "exec"), namespace)
     assert namespace["noise_pred"].shape == (2, 3, 4, 8, 8)
     with_grad = {name for name, p in namespace["transformer"].named_parameters() if p.grad is not None}
-    assert with_grad == {f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")}
+    assert with_grad == {
+        f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("loop_emb", "loop_emb_enc", "loop_gate")
+    }
     assert (namespace["topology"].to_additive_mask(namespace["layout"]) != 0).any()

@@ -6,20 +6,23 @@ not recompile a compiled one."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact, relative_error
 
 from canvas_engineering import BUILTIN_ATTENTION, AttentionDispatcher, CanvasLayout, CanvasTopology, Connection
-from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact, relative_error
 
 D_MODEL, VOCABULARY, N_OUT, N_REGIONS = 16, 11, 3, 4
 FLOAT32_TOLERANCE = 1e-5
 """A few hundred float32 roundings (2^-24 each), summed in a different order when compiled."""
 
-LAYER_TYPES = (("cross_attention", "local_attention", "sparse_attention", "linear_attention"), ("rwkv", "mamba", "hyena"))
+LAYER_TYPES = (
+    ("cross_attention", "local_attention", "sparse_attention", "linear_attention"),
+    ("rwkv", "mamba", "hyena"),
+)
 """Every kernel family between the two layers: dense softmax, windowed and top-k segment
 attention, linear attention, the WKV and selective scans (Mamba's readout is segment
 attention), and the FFT convolution."""
@@ -42,11 +45,15 @@ def two_threads():
 def test_first_forward_compiles_with_every_other_type():
     names = sorted(set(BUILTIN_ATTENTION) - {name for types in LAYER_TYPES for name in types})
     layout = CanvasLayout(
-        T=2, spatial_shape=(len(names), 4), d_model=16,
+        T=2,
+        spatial_shape=(len(names), 4),
+        d_model=16,
         regions={f"r{i}": (0, 2, i, i + 1, 0, 4) for i in range(len(names))},
     )
     timing = ({}, {"t_src": 0, "t_dst": -1, "temporal_fill": "interpolate"})
-    connections = [Connection(f"r{i}", f"r{(i + 1) % len(names)}", fn=name, **timing[i % 2]) for i, name in enumerate(names)]
+    connections = [
+        Connection(f"r{i}", f"r{(i + 1) % len(names)}", fn=name, **timing[i % 2]) for i, name in enumerate(names)
+    ]
     torch.manual_seed(0)
     dispatcher = AttentionDispatcher(CanvasTopology(connections), layout, d_model=16, n_heads=2)
     x = torch.randn(2, layout.num_positions, 16)
@@ -61,10 +68,15 @@ def ring_dispatcher(types: Sequence[str]) -> AttentionDispatcher:
     both frames at once (one segment of 16 rows, which top-k and the window thin out) for
     even i, the previous frame for odd i (a segment of 8 rows per frame)."""
     layout = CanvasLayout(
-        T=2, spatial_shape=(2 * N_REGIONS, 4), d_model=D_MODEL, regions={f"r{i}": (0, 2, 2 * i, 2 * i + 2, 0, 4) for i in range(N_REGIONS)}
+        T=2,
+        spatial_shape=(2 * N_REGIONS, 4),
+        d_model=D_MODEL,
+        regions={f"r{i}": (0, 2, 2 * i, 2 * i + 2, 0, 4) for i in range(N_REGIONS)},
     )
     timing = ({}, {"t_src": 0, "t_dst": -1})
-    connections = [Connection(f"r{i}", f"r{(i + 1) % N_REGIONS}", fn=name, **timing[i % 2]) for i, name in enumerate(types)]
+    connections = [
+        Connection(f"r{i}", f"r{(i + 1) % N_REGIONS}", fn=name, **timing[i % 2]) for i, name in enumerate(types)
+    ]
     options = {name: LAYER_OPTIONS[name] for name in types if name in LAYER_OPTIONS}
     return AttentionDispatcher(CanvasTopology(connections), layout, d_model=D_MODEL, n_heads=2, fn_kwargs=options)
 
@@ -86,7 +98,7 @@ class TokenModel(nn.Module):
         return self.head(hidden)
 
 
-def output_and_gradients(model: nn.Module, run, tokens: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+def output_and_gradients(model: nn.Module, run, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """``run(tokens)`` and the gradient of every parameter of ``model`` for a seeded cotangent."""
     output = run(tokens)
     cotangent = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))

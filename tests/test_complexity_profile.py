@@ -45,14 +45,29 @@ def synthetic_profile() -> dict:
             for size in SIZES:
                 for mode in ("forward", "forward+backward"):
                     n, m = (size, size) if sweep == "N=M" else (256, size)
-                    info = {"type": name, "sweep": sweep, "n": n, "m": m, "mode": mode, "profile": "quick", "device": "cpu",
-                            "torch": "2.0", "peak_bytes": int(2**20 * (size / 256) ** MEMORY_EXPONENT[mode])}
+                    info = {
+                        "type": name,
+                        "sweep": sweep,
+                        "n": n,
+                        "m": m,
+                        "mode": mode,
+                        "profile": "quick",
+                        "device": "cpu",
+                        "torch": "2.0",
+                        "peak_bytes": int(2**20 * (size / 256) ** MEMORY_EXPONENT[mode]),
+                    }
                     if sweep == "N=M" and size == 1024:
                         info["peer"] = {"n": 1024, "m": 1024, "times_s": PEER_TIMES, "too_slow": [], "limit_s": 20.0}
                     elif sweep == "N=256" and size == 4096 and name == "mamba":
                         info["peer"] = {"too_slow": [[256, 4096], [256, 1024], [256, 256]], "limit_s": 20.0}
                     elif sweep == "N=256" and size == 4096:
-                        info["peer"] = {"n": 256, "m": 1024, "times_s": PEER_TIMES, "too_slow": [[256, 4096]], "limit_s": 20.0}
+                        info["peer"] = {
+                            "n": 256,
+                            "m": 1024,
+                            "times_s": PEER_TIMES,
+                            "too_slow": [[256, 4096]],
+                            "limit_s": 20.0,
+                        }
                     benchmarks.append({"stats": {"median": ours_seconds(size, mode)}, "extra_info": info})
     machine = {"cpu": {"brand_raw": "Test CPU", "count": 2}, "machine": "x86_64", "python_version": "3.11.0"}
     return {"datetime": "2030-01-02T00:00:00", "machine_info": machine, "benchmarks": benchmarks}
@@ -67,7 +82,9 @@ def parse_table(lines: list) -> list:
 
 def test_report_table_has_every_type_both_modes_and_the_peer():
     rows = parse_table(complexity_profile.table(synthetic_profile(), "data.json"))
-    assert sorted((row["type"], row["sweep"]) for row in rows) == sorted((name, sweep) for name in BUILTIN_ATTENTION for sweep in ("N=M", "N=256"))
+    assert sorted((row["type"], row["sweep"]) for row in rows) == sorted(
+        (name, sweep) for name in BUILTIN_ATTENTION for sweep in ("N=M", "N=256")
+    )
     for row in rows:
         for mode, short in (("forward", "fwd"), ("forward+backward", "fwd+bwd")):
             assert float(row[f"time slope {short}"]) == pytest.approx(TIME_EXPONENT[mode], abs=0.005)
@@ -79,7 +96,9 @@ def test_report_table_has_every_type_both_modes_and_the_peer():
                 expected = statistics.median(PEER_TIMES) / ours_seconds(1024, mode)
                 assert float(row[f"speed vs 0.5.0 {short}"].rstrip("x")) == pytest.approx(expected, rel=5e-3)
         assert row["largest"] == "4096"
-        assert float(row["fwd+bwd peak MiB at largest"]) == pytest.approx(16 ** MEMORY_EXPONENT["forward+backward"], rel=1e-3)
+        assert float(row["fwd+bwd peak MiB at largest"]) == pytest.approx(
+            16 ** MEMORY_EXPONENT["forward+backward"], rel=1e-3
+        )
     by_key = {(row["type"], row["sweep"]): row for row in rows}
     assert by_key[("cogvideox", "N=M")]["0.5.0 compared at"] == "N=M=1024"
     assert by_key[("cogvideox", "N=256")]["0.5.0 compared at"] == "M=1024; 0.5.0 over 20 s a call at M=4096"
@@ -98,7 +117,11 @@ def test_report_replaces_only_the_marked_block_and_draws_both_modes(tmp_path):
     assert text.startswith("before\n<!-- profile:begin -->") and text.endswith("<!-- profile:end -->\nafter\n")
     assert "old table" not in text and "Test CPU (2 cores, device cpu)" in text and f"data: `{data}`" in text
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "profile-N256-forward.png", "profile-N256.png", "profile-NM-forward.png", "profile-NM.png"]
+        "profile-N256-forward.png",
+        "profile-N256.png",
+        "profile-NM-forward.png",
+        "profile-NM.png",
+    ]
 
 
 MEASURE_KNOWN_ALLOCATIONS = """
@@ -130,7 +153,10 @@ def test_peak_memory_sees_known_allocations():
     """In a fresh process with the allocator setting the profile uses (scaling.peak_memory)."""
     completed = subprocess.run(
         [sys.executable, "-c", MEASURE_KNOWN_ALLOCATIONS, str(BENCHMARKS)],
-        check=True, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     memory = json.loads(completed.stdout.strip().splitlines()[-1])
     assert 64 <= memory["forward_peak_bytes"] / 2**20 < 64 + 16
@@ -153,6 +179,8 @@ def test_peer_timing_runs_a_dispatcher():
     from canvases import causal_temporal, to_spec
 
     topology, layout = causal_temporal(T=2, grid=4, d_model=64)
-    result = time_on_peer({"declarations": to_spec(topology, layout), "d_model": 64, "n_heads": 4, "batch": 1, "rounds": 1})
+    result = time_on_peer(
+        {"declarations": to_spec(topology, layout), "d_model": 64, "n_heads": 4, "batch": 1, "rounds": 1}
+    )
     assert Path(result["package"]).is_relative_to(peer_dir())
     assert len(result["times_s"]) == 1

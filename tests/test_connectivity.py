@@ -69,17 +69,34 @@ def test_fill_given_as_string():
 
 
 def test_topology_constructors():
-    pairs = lambda t: [(c.src, c.dst) for c in t.connections]  # noqa: E731
+    pairs = lambda t: [(c.src, c.dst) for c in t.connections]
     assert pairs(CanvasTopology.dense(["a", "b"])) == [("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")]
     assert pairs(CanvasTopology.isolated(["a", "b"])) == [("a", "a"), ("b", "b")]
     assert pairs(CanvasTopology.hub_spoke("h", ["x", "y"])) == [
-        ("h", "h"), ("x", "x"), ("y", "y"), ("h", "x"), ("x", "h"), ("h", "y"), ("y", "h")
+        ("h", "h"),
+        ("x", "x"),
+        ("y", "y"),
+        ("h", "x"),
+        ("x", "h"),
+        ("h", "y"),
+        ("y", "h"),
     ]
     assert pairs(CanvasTopology.hub_spoke("h", ["x"], bidirectional=False)) == [("h", "h"), ("x", "x"), ("h", "x")]
-    assert pairs(CanvasTopology.causal_chain(["a", "b", "c"])) == [("a", "a"), ("b", "b"), ("c", "c"), ("b", "a"), ("c", "b")]
+    assert pairs(CanvasTopology.causal_chain(["a", "b", "c"])) == [
+        ("a", "a"),
+        ("b", "b"),
+        ("c", "c"),
+        ("b", "a"),
+        ("c", "b"),
+    ]
     temporal = CanvasTopology.causal_temporal(["a", "b"], temporal_fill=TemporalFill.DROP)
     assert [(c.src, c.dst, c.t_src, c.t_dst) for c in temporal.connections] == [
-        ("a", "a", 0, 0), ("a", "a", 0, -1), ("b", "b", 0, 0), ("b", "b", 0, -1), ("a", "b", 0, -1), ("b", "a", 0, -1)
+        ("a", "a", 0, 0),
+        ("a", "a", 0, -1),
+        ("b", "b", 0, 0),
+        ("b", "b", 0, -1),
+        ("a", "b", 0, -1),
+        ("b", "a", 0, -1),
     ]
     assert all(c.temporal_fill is TemporalFill.DROP for c in temporal.connections)
     assert temporal.has_temporal_constraints and not CanvasTopology.dense(["a"]).has_temporal_constraints
@@ -87,9 +104,22 @@ def test_topology_constructors():
 
 
 def test_fn_resolution_order():
-    layout = CanvasLayout(T=1, H=1, W=2, d_model=4, regions={"a": RegionSpec((0, 1, 0, 1, 0, 1), default_attn="rwkv"), "b": (0, 1, 0, 1, 1, 2)})
-    topology = CanvasTopology([Connection("a", "b", fn="mamba"), Connection("a", "b"), Connection("b", "a"), Connection("z", "a")])
-    assert [topology.resolve_fn(c, layout) for c in topology.connections] == ["mamba", "rwkv", "cross_attention", "cross_attention"]
+    layout = CanvasLayout(
+        T=1,
+        H=1,
+        W=2,
+        d_model=4,
+        regions={"a": RegionSpec((0, 1, 0, 1, 0, 1), default_attn="rwkv"), "b": (0, 1, 0, 1, 1, 2)},
+    )
+    topology = CanvasTopology(
+        [Connection("a", "b", fn="mamba"), Connection("a", "b"), Connection("b", "a"), Connection("z", "a")]
+    )
+    assert [topology.resolve_fn(c, layout) for c in topology.connections] == [
+        "mamba",
+        "rwkv",
+        "cross_attention",
+        "cross_attention",
+    ]
     assert topology.resolve_fn(topology.connections[1]) == "cross_attention"
     assert topology.attention_ops(layout)[1] == ("a", "b", 1.0, "rwkv")
     assert topology.neighbors_of("a") == ["b", "b"] and topology.attended_by("a") == ["b", "z"]

@@ -17,7 +17,8 @@ import contextlib
 import importlib
 import inspect
 import pkgutil
-from typing import Callable, ContextManager, Dict, Iterator, Set, Tuple
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -26,10 +27,6 @@ import torch.nn as nn
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 import triton  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-import canvas_engineering.kernels  # noqa: E402
-from canvas_engineering.ops.backend import INTERPRETING, eager_ops, interpreted_triton  # noqa: E402
 from training_model import (  # noqa: E402
     D_MODEL,
     EVERY_TYPE,
@@ -40,6 +37,10 @@ from training_model import (  # noqa: E402
     canvas_spec,
     pass_results,
 )
+from triton.runtime import interpreter  # noqa: E402
+
+import canvas_engineering.kernels  # noqa: E402
+from canvas_engineering.ops.backend import INTERPRETING, eager_ops, interpreted_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,12 +49,12 @@ KERNEL_TYPES = KERNEL_FAMILIES + ("sigmoid_attention",)
 variant the canvas reaches (random_fixed among them runs eagerly)."""
 
 
-def kernels() -> ContextManager[None]:
+def kernels() -> AbstractContextManager[None]:
     """The context that runs the Triton kernels on DEVICE (the interpreter on CPU)."""
     return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
 
 
-def dispatcher_of(types: Tuple[str, ...], batch: int = 1) -> Tuple[nn.Module, torch.Tensor]:
+def dispatcher_of(types: tuple[str, ...], batch: int = 1) -> tuple[nn.Module, torch.Tensor]:
     """A dispatcher over the test canvas whose connections run ``types``, and its input
     ``(batch, 48, D_MODEL)``."""
     torch.manual_seed(0)
@@ -61,11 +62,13 @@ def dispatcher_of(types: Tuple[str, ...], batch: int = 1) -> Tuple[nn.Module, to
     return build_dispatcher(canvas_spec(types)), x
 
 
-def long_convolution() -> Tuple[nn.Module, torch.Tensor]:
+def long_convolution() -> tuple[nn.Module, torch.Tensor]:
     """A dispatcher with one Hyena edge over 80 positions (FFT length 128, above the dense
     kernels' 64: the three-pass FFT kernels), and its input."""
     spec = {
-        "T": 1, "spatial_shape": (80,), "d_model": D_MODEL,
+        "T": 1,
+        "spatial_shape": (80,),
+        "d_model": D_MODEL,
         "regions": {"line": {"bounds": (0, 1, 0, 80)}},
         "connections": [{"src": "line", "dst": "line", "fn": "hyena"}],
     }
@@ -99,7 +102,7 @@ def deterministic_algorithms() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def program_order(reverse: bool, launched: Set[str]) -> Iterator[None]:
+def program_order(reverse: bool, launched: set[str]) -> Iterator[None]:
     """Within the block, the interpreter runs each launch's programs last to first (or in
     its usual order), and the names of the launched kernels are added to ``launched``."""
     builder = interpreter.interpreter_builder
@@ -120,7 +123,7 @@ def program_order(reverse: bool, launched: Set[str]) -> Iterator[None]:
         yield
 
 
-def kernel_sources() -> Dict[str, str]:
+def kernel_sources() -> dict[str, str]:
     """``module.function`` -> source of every ``@triton.jit`` function of the kernels
     package (kernels and the helpers they call; compiled or interpreted)."""
     found = {}
@@ -132,7 +135,9 @@ def kernel_sources() -> Dict[str, str]:
     return found
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="needs Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)")
+@pytest.mark.skipif(
+    not INTERPRETING, reason="needs Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)"
+)
 def test_kernels_do_not_depend_on_the_order_of_their_programs():
     """Under the interpreter, passes through every kernel of the package (the kernel-backed
     types on the canvas, and a long Hyena convolution) give the same bits twice in the
@@ -141,8 +146,8 @@ def test_kernels_do_not_depend_on_the_order_of_their_programs():
     programs, so no GPU scheduling can change the result. The reversed pass runs in
     deterministic mode, whose NaN-filled allocations would show any output element that no
     program writes."""
-    forward_order: Set[str] = set()
-    reversed_order: Set[str] = set()
+    forward_order: set[str] = set()
+    reversed_order: set[str] = set()
     for dispatcher, x in (dispatcher_of(KERNEL_TYPES), long_convolution()):
         with interpreted_triton():
             with program_order(reverse=False, launched=forward_order):
@@ -162,17 +167,36 @@ def test_no_kernel_uses_atomics():
     assert [name for name, source in sources.items() if "atomic_" in source] == []
 
 
-NO_DETERMINISTIC_CUDA_VERSION: Dict[str, Callable[[str], bool]] = {
+NO_DETERMINISTIC_CUDA_VERSION: dict[str, Callable[[str], bool]] = {
     **{
         f"aten::{name}": lambda dtype: True
         for name in (
-            "avg_pool3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
-            "adaptive_max_pool2d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
-            "max_unpool2d", "max_unpool3d", "upsample_linear1d_backward", "upsample_bilinear2d_backward",
-            "upsample_bicubic2d_backward", "upsample_trilinear3d_backward", "reflection_pad1d_backward",
-            "reflection_pad2d_backward", "reflection_pad3d_backward", "nll_loss_forward", "nll_loss2d_forward",
-            "_ctc_loss_backward", "_embedding_bag_backward", "put_", "histc", "bincount", "median",
-            "grid_sampler_2d_backward", "grid_sampler_3d_backward", "scatter_reduce",
+            "avg_pool3d_backward",
+            "_adaptive_avg_pool2d_backward",
+            "_adaptive_avg_pool3d_backward",
+            "adaptive_max_pool2d_backward",
+            "fractional_max_pool2d_backward",
+            "fractional_max_pool3d_backward",
+            "max_unpool2d",
+            "max_unpool3d",
+            "upsample_linear1d_backward",
+            "upsample_bilinear2d_backward",
+            "upsample_bicubic2d_backward",
+            "upsample_trilinear3d_backward",
+            "reflection_pad1d_backward",
+            "reflection_pad2d_backward",
+            "reflection_pad3d_backward",
+            "nll_loss_forward",
+            "nll_loss2d_forward",
+            "_ctc_loss_backward",
+            "_embedding_bag_backward",
+            "put_",
+            "histc",
+            "bincount",
+            "median",
+            "grid_sampler_2d_backward",
+            "grid_sampler_3d_backward",
+            "scatter_reduce",
         )
     },
     "aten::cumsum": lambda dtype: dtype not in ("long int", "int", "short int", "signed char", "unsigned char", "bool"),
@@ -184,7 +208,7 @@ max_unpool2d; embedding_bag, bincount, median and scatter_reduce raise only in s
 listed whole)."""
 
 
-def ops_run(run: Callable[[], None]) -> Set[Tuple[str, str]]:
+def ops_run(run: Callable[[], None]) -> set[tuple[str, str]]:
     """(aten op, dtype of its first input) of every op ``run()`` calls, backward included."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         run()
@@ -200,7 +224,9 @@ def test_every_op_has_a_deterministic_cuda_version():
     launcher call no op that ``torch.use_deterministic_algorithms(True)`` refuses on CUDA,
     so that setting makes a CUDA run deterministic."""
 
-    def through(dispatcher: nn.Module, x: torch.Tensor, context: Callable[[], ContextManager[None]]) -> Callable[[], None]:
+    def through(
+        dispatcher: nn.Module, x: torch.Tensor, context: Callable[[], AbstractContextManager[None]]
+    ) -> Callable[[], None]:
         dispatcher, x = dispatcher.to(DEVICE), x.to(DEVICE).requires_grad_(True)
 
         def run() -> None:
@@ -214,7 +240,9 @@ def test_every_op_has_a_deterministic_cuda_version():
     ops |= ops_run(through(*long_convolution(), kernels))
     ops |= ops_run(through(*dispatcher_of(("hyena",)), eager_ops))  # 12 queries pool 24 keys
     assert ("aten::index_add", "float") in ops
-    refused = sorted((name, dtype) for name, dtype in ops if NO_DETERMINISTIC_CUDA_VERSION.get(name, lambda _: False)(dtype))
+    refused = sorted(
+        (name, dtype) for name, dtype in ops if NO_DETERMINISTIC_CUDA_VERSION.get(name, lambda _: False)(dtype)
+    )
     assert refused == []
 
 

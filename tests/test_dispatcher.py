@@ -9,8 +9,10 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_all_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.dispatcher import reference_forward
 
 from canvas_engineering import (
     ATTENTION_REGISTRY,
@@ -23,8 +25,7 @@ from canvas_engineering import (
     TemporalFill,
 )
 from canvas_engineering.recipes import RECIPES
-from conftest import assert_all_close
-from reference.dispatcher import reference_forward
+
 
 class ScaledMean(nn.Module):
     """A custom type with only forward(q, k, v): the dispatcher runs it segment by segment."""
@@ -52,8 +53,14 @@ def assert_matches_reference(dispatcher, x, active_regions=None, tolerance=1e-10
         inputs = x.clone().requires_grad_(True)
         leaves = [inputs, *dispatcher.parameters()]
         output = run(inputs, active_regions)
-        grads = torch.autograd.grad(output, leaves, cotangent, allow_unused=True) if output.requires_grad else [None] * len(leaves)
-        results.append(dict(zip(names, [output, *(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))])))
+        grads = (
+            torch.autograd.grad(output, leaves, cotangent, allow_unused=True)
+            if output.requires_grad
+            else [None] * len(leaves)
+        )
+        results.append(
+            dict(zip(names, [output, *(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))]))
+        )
     assert_all_close(results[0], results[1], tolerance, zero_floor)
 
 
@@ -69,7 +76,14 @@ def canvases(draw):
         t0 = draw(st.integers(0, T - 1))
         h0, w0 = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
         regions[name] = RegionSpec(
-            (t0, draw(st.integers(t0 + 1, T)), h0, draw(st.integers(h0 + 1, height)), w0, draw(st.integers(w0 + 1, width))),
+            (
+                t0,
+                draw(st.integers(t0 + 1, T)),
+                h0,
+                draw(st.integers(h0 + 1, height)),
+                w0,
+                draw(st.integers(w0 + 1, width)),
+            ),
             period=draw(st.integers(1, 3)),
             default_attn=draw(st.sampled_from(FNS)),
         )
@@ -152,7 +166,13 @@ def test_query_without_keys_gets_zeros_not_nan(fn):
         module = dispatcher.fn_modules["local_attention"]
         from canvas_engineering.ops.local import window_keep
 
-        keep = window_keep(torch.arange(36).view(-1, 1), torch.arange(4).view(1, -1), torch.tensor(36), torch.tensor(4), module.window_size)
+        keep = window_keep(
+            torch.arange(36).view(-1, 1),
+            torch.arange(4).view(1, -1),
+            torch.tensor(36),
+            torch.tensor(4),
+            module.window_size,
+        )
         empty_rows = (~keep).all(dim=1)
         assert empty_rows.any()
         assert torch.allclose(output[:, :36][:, empty_rows], module.out_proj.bias.expand(2, int(empty_rows.sum()), 8))
@@ -202,7 +222,9 @@ def test_custom_registered_type_runs_in_a_dispatcher():
 
 def test_unknown_fn_lists_known_names():
     layout = single_region()
-    with pytest.raises(ValueError, match=r"connection 0 \('r' -> 'r'\): unknown attention type 'flash'.*'cross_attention'"):
+    with pytest.raises(
+        ValueError, match=r"connection 0 \('r' -> 'r'\): unknown attention type 'flash'.*'cross_attention'"
+    ):
         AttentionDispatcher(CanvasTopology([Connection("r", "r", fn="flash")]), layout, 8, 2)
     with pytest.raises(ValueError, match="unknown attention type 'sparse'"):
         AttentionDispatcher(CanvasTopology([Connection("r", "r")]), single_region(fn="sparse"), 8, 2)
@@ -256,11 +278,17 @@ OPTIONS = {"hyena": {"max_len": 64}, "local_attention": {"window_size": 3}, "spa
 
 def options_dispatcher(fn_kwargs=OPTIONS, seed=0):
     """A 36-position canvas whose four edges run hyena, local, top-k and RWKV attention."""
-    layout = CanvasLayout(T=2, spatial_shape=(18,), d_model=8, regions={"a": (0, 2, 0, 6), "b": (0, 2, 6, 12), "c": (0, 2, 12, 18)})
-    topology = CanvasTopology([
-        Connection("a", "b", fn="hyena"), Connection("b", "c", fn="local_attention"),
-        Connection("c", "a", fn="sparse_attention"), Connection("a", "a", fn="rwkv"),
-    ])
+    layout = CanvasLayout(
+        T=2, spatial_shape=(18,), d_model=8, regions={"a": (0, 2, 0, 6), "b": (0, 2, 6, 12), "c": (0, 2, 12, 18)}
+    )
+    topology = CanvasTopology(
+        [
+            Connection("a", "b", fn="hyena"),
+            Connection("b", "c", fn="local_attention"),
+            Connection("c", "a", fn="sparse_attention"),
+            Connection("a", "a", fn="rwkv"),
+        ]
+    )
     torch.manual_seed(seed)
     return AttentionDispatcher(topology, layout, d_model=8, n_heads=2, fn_kwargs=fn_kwargs)
 
@@ -274,7 +302,11 @@ def test_fn_kwargs_build_each_type_with_its_options():
     dispatcher = options_dispatcher(given)
     given["hyena"]["max_len"] = 8
     modules = dispatcher.fn_modules
-    assert (modules["hyena"].max_len, modules["local_attention"].window_size, modules["sparse_attention"].top_k) == (64, 3, 2)
+    assert (modules["hyena"].max_len, modules["local_attention"].window_size, modules["sparse_attention"].top_k) == (
+        64,
+        3,
+        2,
+    )
     assert dispatcher.fn_kwargs == OPTIONS and modules["hyena"].filter_params[0].shape == (8, 64 // 2 + 1, 2)
     hyena_only = options_dispatcher({"hyena": {"max_len": 64}})
     state, other_state = dispatcher.state_dict(), hyena_only.state_dict()
@@ -287,12 +319,29 @@ def test_fn_kwargs_build_each_type_with_its_options():
 @pytest.mark.parametrize(
     "fn_kwargs, error, message",
     [
-        ({"hyena": {"max_lenn": 8}}, TypeError, r"fn_kwargs: 'hyena' \(HyenaAttention\) takes no option 'max_lenn'; its options: order=2, max_len=4096"),
-        ({"local_attention": {"dropout": 0.5}}, TypeError, r"takes no option 'dropout'; its options: window_size=8 \(d_model, n_heads and dropout are set"),
+        (
+            {"hyena": {"max_lenn": 8}},
+            TypeError,
+            r"fn_kwargs: 'hyena' \(HyenaAttention\) takes no option 'max_lenn'; its options: order=2, max_len=4096",
+        ),
+        (
+            {"local_attention": {"dropout": 0.5}},
+            TypeError,
+            r"takes no option 'dropout'; its options: window_size=8 \(d_model, n_heads and dropout are set",
+        ),
         ({"hyenna": {}}, ValueError, r"fn_kwargs: unknown attention type 'hyenna'; registered types: \[.*'hyena'"),
-        ({"mamba": {}}, ValueError, r"options for 'mamba', which no connection runs; the connections run \['hyena', 'local_attention', 'rwkv', 'sparse_attention'\]"),
+        (
+            {"mamba": {}},
+            ValueError,
+            r"options for 'mamba', which no connection runs; "
+            r"the connections run \['hyena', 'local_attention', 'rwkv', 'sparse_attention'\]",
+        ),
         ({"hyena": {"max_len": 0}}, ValueError, "HyenaAttention: max_len must be a positive integer, got 0"),
-        ({"sparse_attention": {"top_k": 1.5}}, ValueError, "SparseAttention: top_k must be a positive integer, got 1.5"),
+        (
+            {"sparse_attention": {"top_k": 1.5}},
+            ValueError,
+            "SparseAttention: top_k must be a positive integer, got 1.5",
+        ),
         ([("hyena", {})], TypeError, "fn_kwargs must be a dict of attention type name -> dict of options, got list"),
         ({"hyena": 64}, TypeError, r"fn_kwargs\['hyena'\] must be a dict of option name \(string\) -> value, got 64"),
         ({3: {}}, TypeError, "fn_kwargs keys must be attention type names .strings., got 3"),
@@ -339,7 +388,9 @@ def test_hyena_over_16384_positions_through_fn_kwargs():
     with pytest.raises(ValueError, match="16384 queries need an FFT of length 16384, longer than max_len=4096"):
         AttentionDispatcher(topology, layout, d_model=4, n_heads=1)(torch.randn(1, 16384, 4))
     torch.manual_seed(0)
-    dispatcher = AttentionDispatcher(topology, layout, d_model=4, n_heads=1, fn_kwargs={"hyena": {"max_len": 16384}}).double()
+    dispatcher = AttentionDispatcher(
+        topology, layout, d_model=4, n_heads=1, fn_kwargs={"hyena": {"max_len": 16384}}
+    ).double()
     x = torch.randn(1, 16384, 4, dtype=torch.float64)
     assert_matches_reference(dispatcher, x)
     shift, cotangent = 5000, torch.randn_like(x)

@@ -25,8 +25,9 @@ tolerance would apply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict
 
 import pytest
 import torch
@@ -34,7 +35,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import assert_all_close
 from training_model import KERNEL_FAMILIES, CanvasModel, training_batches
 
@@ -43,7 +43,9 @@ LEARNING_RATE, MOMENTUM = 0.1, 0.9
 MODEL_SEED = 0
 
 
-def train(model: nn.Module, parameters_of: Callable[[], Dict[str, torch.Tensor]], share: slice) -> Dict[str, torch.Tensor]:
+def train(
+    model: nn.Module, parameters_of: Callable[[], dict[str, torch.Tensor]], share: slice
+) -> dict[str, torch.Tensor]:
     """Train ``model`` STEPS steps on rows ``share`` of each batch of
     ``WORLD_SIZE * BATCH_PER_RANK``; returns ``parameters_of()`` after the last step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
@@ -55,7 +57,7 @@ def train(model: nn.Module, parameters_of: Callable[[], Dict[str, torch.Tensor]]
     return parameters_of()
 
 
-def full_parameters(model: nn.Module) -> Dict[str, torch.Tensor]:
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> the whole parameter (gathered from the ranks' shards under FSDP2)."""
     return {
         name: (parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter).detach().clone()
@@ -92,13 +94,13 @@ def worker(rank: int, world_size: int, init_file: str, result_dir: str) -> None:
             model = wrap(CanvasModel(), wrapper)
             module = model.module if wrapper == "ddp" else model
             share = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
-            torch.save(train(model, lambda: full_parameters(module), share), Path(result_dir) / f"{run}-rank{rank}.pt")
+            torch.save(train(model, partial(full_parameters, module), share), Path(result_dir) / f"{run}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory) -> Dict[str, Dict[int, Dict[str, torch.Tensor]]]:
+def distributed_runs(tmp_path_factory) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
     """run -> rank -> final parameters, from WORLD_SIZE spawned ranks (rendezvous through
     a file, so no port is needed)."""
     folder = tmp_path_factory.mktemp("distributed")
@@ -107,7 +109,7 @@ def distributed_runs(tmp_path_factory) -> Dict[str, Dict[int, Dict[str, torch.Te
 
 
 @pytest.fixture(scope="module")
-def single_process() -> Dict[str, Dict[str, torch.Tensor]]:
+def single_process() -> dict[str, dict[str, torch.Tensor]]:
     """The oracle: the initial parameters, and the parameters after training one process on
     the whole batches."""
     torch.manual_seed(MODEL_SEED)
@@ -116,7 +118,9 @@ def single_process() -> Dict[str, Dict[str, torch.Tensor]]:
     return {"initial": initial, "trained": train(model, lambda: full_parameters(model), slice(None))}
 
 
-def assert_trained_like_single_process(ranks: Dict[int, Dict[str, torch.Tensor]], oracle: Dict[str, Dict[str, torch.Tensor]]) -> None:
+def assert_trained_like_single_process(
+    ranks: dict[int, dict[str, torch.Tensor]], oracle: dict[str, dict[str, torch.Tensor]]
+) -> None:
     """Every rank holds the same parameters, bit for bit (the same averaged gradients and
     optimizer steps), and they moved from the initial ones as the single process's did."""
     for rank in range(1, WORLD_SIZE):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative_error
+from reference.attention import segment_attention_reference
 
 import canvas_engineering.ops.segment_attention as segment_ops
 from canvas_engineering.ops.segment_attention import segment_attention
 from canvas_engineering.ops.segments import SegmentIndex
-from conftest import relative_error
-from reference.attention import segment_attention_reference
 
 QUERY_LENGTHS = [5, 1, 37, 20, 16, 9]
 KEYSET_OF = [0, 1, 2, 2, 3, 0]
@@ -77,5 +77,7 @@ def test_chunked_top_k_equals_unchunked(monkeypatch):
 def test_eager_gradcheck(mode):
     index = SegmentIndex.build([3, 1, 4], [0, 1, 0], [5, 2])
     generator = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(1, rows, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True) for rows in (8, 7, 7)]
+    inputs = [
+        torch.randn(1, rows, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True) for rows in (8, 7, 7)
+    ]
     assert torch.autograd.gradcheck(lambda q, k, v: segment_attention(q, k, v, index, 0.5, **MODES[mode]), inputs)

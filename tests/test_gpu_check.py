@@ -17,10 +17,10 @@ pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "gpu_check.sh"
-FAILING_TEST = '''
+FAILING_TEST = """
 def test_deliberately_failing():
     assert 1 + 1 == 3
-'''
+"""
 
 
 def test_dry_run_with_a_failing_test_runs_every_step(tmp_path):
@@ -32,10 +32,15 @@ def test_dry_run_with_a_failing_test_runs_every_step(tmp_path):
     out = tmp_path / "out"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(PYTHON=sys.executable, GPU_CHECK_EXTRA_TESTS=str(failing))
-    completed = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run"], env=env, capture_output=True, text=True, timeout=900)
+    completed = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--dry-run"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert completed.returncode == 1, completed.stdout[-4000:] + completed.stderr[-2000:]
 
-    steps = {name: (int(code), int(seconds)) for name, code, seconds in (line.split() for line in (out / "steps.txt").read_text().splitlines())}
+    steps = {
+        name: (int(code), int(seconds))
+        for name, code, seconds in (line.split() for line in (out / "steps.txt").read_text().splitlines())
+    }
     has_diffusers = importlib.util.find_spec("diffusers") is not None
     assert list(steps) == ["versions", "tests", "benchmarks", "topology"]
     assert steps["tests"][0] != 0 and steps["versions"][0] == steps["benchmarks"][0] == 0, steps
@@ -52,9 +57,25 @@ def test_dry_run_with_a_failing_test_runs_every_step(tmp_path):
     assert report["dry_run"] and report["ceilings"]["copy_GBps"] > 0
     variants = {r["variant"] for r in report["results"]}
     hyena = {v for v in variants if v.startswith("hyena_L")}
-    assert variants - hyena == {"softmax_one_segment", "softmax_many_frames", "local_w64", "top_k8", "sigmoid", "rwkv_scan", "mamba_scan", "linear"}
+    assert variants - hyena == {
+        "softmax_one_segment",
+        "softmax_many_frames",
+        "local_w64",
+        "top_k8",
+        "sigmoid",
+        "rwkv_scan",
+        "mamba_scan",
+        "linear",
+    }
     assert len(hyena) == 2
-    timings = ("kernel_fwd_first_call_ms", "kernel_fwd_ms", "kernel_fwd_bwd_first_call_ms", "kernel_fwd_bwd_ms", "eager_fwd_ms", "anchor_fwd_ms")
+    timings = (
+        "kernel_fwd_first_call_ms",
+        "kernel_fwd_ms",
+        "kernel_fwd_bwd_first_call_ms",
+        "kernel_fwd_bwd_ms",
+        "eager_fwd_ms",
+        "anchor_fwd_ms",
+    )
     for result in report["results"]:
         assert "error" not in result, result
         assert all(math.isfinite(result[key]) and result[key] > 0 for key in timings), result

@@ -7,10 +7,26 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from canvas_engineering import BUILTIN_ATTENTION, AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, create_attention
+from canvas_engineering import (
+    BUILTIN_ATTENTION,
+    AttentionDispatcher,
+    CanvasLayout,
+    CanvasTopology,
+    Connection,
+    RegionSpec,
+    create_attention,
+)
 from canvas_engineering.ops.selective_scan import selective_scan
 
-SMALL_OPTIONS = {"hyena": {"max_len": 8}, "mamba": {"state_size": 3}, "perceiver": {"n_latents": 3}, "sparse_attention": {"top_k": 2}, "local_attention": {"window_size": 2}, "random_fixed": {"n_random": 2}, "mixture": {"n_experts": 2, "top_k_experts": 1}}
+SMALL_OPTIONS = {
+    "hyena": {"max_len": 8},
+    "mamba": {"state_size": 3},
+    "perceiver": {"n_latents": 3},
+    "sparse_attention": {"top_k": 2},
+    "local_attention": {"window_size": 2},
+    "random_fixed": {"n_random": 2},
+    "mixture": {"n_experts": 2, "top_k_experts": 1},
+}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_ATTENTION))
@@ -34,8 +50,13 @@ def test_module_gradcheck(name, n, m):
 def test_dispatcher_gradcheck():
     torch.manual_seed(0)
     layout = CanvasLayout(
-        T=3, spatial_shape=(4,), d_model=8,
-        regions={"a": RegionSpec((0, 3, 0, 2), default_attn="rwkv"), "b": RegionSpec((0, 2, 2, 4), period=2, default_attn="local_attention")},
+        T=3,
+        spatial_shape=(4,),
+        d_model=8,
+        regions={
+            "a": RegionSpec((0, 3, 0, 2), default_attn="rwkv"),
+            "b": RegionSpec((0, 2, 2, 4), period=2, default_attn="local_attention"),
+        },
     )
     topology = CanvasTopology(
         [
@@ -68,5 +89,7 @@ def test_second_derivatives_of_the_selective_scan():
     x, dt_raw, B, C = (torch.randn(1, 9, n, generator=generator, dtype=torch.float64) for n in (3, 3, 2, 2))
     dt = torch.nn.functional.softplus(dt_raw)
     A = -torch.arange(1, 3, dtype=torch.float64).repeat(3, 1)
-    inputs = [t.requires_grad_(True) for t in (x, dt, A, B, C, torch.randn(3, generator=generator, dtype=torch.float64))]
+    inputs = [
+        t.requires_grad_(True) for t in (x, dt, A, B, C, torch.randn(3, generator=generator, dtype=torch.float64))
+    ]
     assert torch.autograd.gradgradcheck(lambda *args: selective_scan(*args, chunk=4), inputs)

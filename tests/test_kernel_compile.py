@@ -20,5 +20,9 @@ def test_kernels_compile_for_sm90():
     completed = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     assert completed.stdout.count("ok ") == 64 and "FAIL" not in completed.stdout, completed.stdout
-    half = [line for line in completed.stdout.splitlines() if line.startswith(("ok   linear_", "ok   fftconv_")) and " bf16 " in line]
+    half = [
+        line
+        for line in completed.stdout.splitlines()
+        if line.startswith(("ok   linear_", "ok   fftconv_")) and " bf16 " in line
+    ]
     assert half and all(line.endswith("-bf16") for line in half), half

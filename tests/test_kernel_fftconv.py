@@ -9,13 +9,13 @@ import contextlib
 
 import pytest
 import torch
+from conftest import assert_all_close, relative_error
+from reference.convolution import gated_convolution_reference
 
 from canvas_engineering import create_attention
 from canvas_engineering.ops.backend import eager_ops
 from canvas_engineering.ops.fftconv import fft_length, segment_gated_fft_conv
 from canvas_engineering.ops.segments import SegmentIndex
-from conftest import assert_all_close, relative_error
-from reference.convolution import gated_convolution_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUERY_LENGTHS = [5, 1, 37, 0, 100, 3, 300, 64, 2]
@@ -89,7 +89,9 @@ def test_eager_matches_the_oracle():
         assert relative_error(actual.cpu(), reference) < 1e-12
 
 
-@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["gradcheck", "gradgradcheck"])
+@pytest.mark.parametrize(
+    "check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["gradcheck", "gradgradcheck"]
+)
 def test_eager_gradcheck(check):
     """First and second derivatives of the eager version, filter included (its backward is
     written out; differentiated again, it runs autograd through the composite)."""
@@ -145,8 +147,9 @@ def test_a_filter_too_short_is_refused():
         segment_gated_fft_conv(mixed, gate, torch.view_as_complex(spectrum[:32]), index_of([40]))
 
 
-
-@pytest.mark.parametrize("shapes", [[(4, 12)], [(3, 12), (2, 8)], [(5, 9)], [(9, 5)], [(4, 12), (3, 7)], [(6, 6), (0, 3)]])
+@pytest.mark.parametrize(
+    "shapes", [[(4, 12)], [(3, 12), (2, 8)], [(5, 9)], [(9, 5)], [(4, 12), (3, 7)], [(6, 6), (0, 3)]]
+)
 def test_module_pools_as_adaptive_average_pooling(shapes):
     """Each segment's values reach the streams' projection pooled to its query length as
     ``F.adaptive_avg_pool1d`` pools them: a mean over every k rows when all segments have
@@ -159,8 +162,11 @@ def test_module_pools_as_adaptive_average_pooling(shapes):
     module.forward_segments(torch.zeros(2, index.n_queries, 8, dtype=torch.float64), values, values, index)
     keyset_starts = [sum(m for _, m in shapes[:s]) for s in range(len(shapes))]
     expected = torch.cat(
-        [torch.nn.functional.adaptive_avg_pool1d(values[:, start : start + m].transpose(1, 2), n).transpose(1, 2)
-         for (n, m), start in zip(shapes, keyset_starts) if n],
+        [
+            torch.nn.functional.adaptive_avg_pool1d(values[:, start : start + m].transpose(1, 2), n).transpose(1, 2)
+            for (n, m), start in zip(shapes, keyset_starts)
+            if n
+        ],
         dim=1,
     )
     assert relative_error(seen[0], expected) < 1e-14

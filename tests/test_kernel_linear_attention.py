@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative_error
+from reference.attention import linear_attention_reference
 
 from canvas_engineering.ops.linear import segment_linear_attention
 from canvas_engineering.ops.segments import SegmentIndex
-from conftest import relative_error
-from reference.attention import linear_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS = [5, 1, 37, 20, 3], [0, 1, 2, 2, 0], [9, 3, 40]
@@ -36,17 +36,24 @@ def kernel_errors(dtype, relu, query_lengths=QUERY_LENGTHS, keyset_of=KEYSET_OF,
     from canvas_engineering.kernels.linear_attention import BLOCK_ROWS, linear_attention_bwd, linear_attention_fwd
 
     q, k, v, grad = data(dtype, query_lengths=query_lengths, keyset_lengths=keyset_lengths)
-    offsets = lambda lengths: torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)  # noqa: E731
+    offsets = lambda lengths: torch.tensor(
+        [0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE
+    )
     pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
     tables = (
-        offsets(query_lengths), offsets(keyset_lengths), torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
-        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE), torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
+        offsets(query_lengths),
+        offsets(keyset_lengths),
+        torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
+        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE),
+        torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
     )
     on_device = [t.to(DEVICE) for t in (q, k, v, grad)]
     out, state, normaliser = linear_attention_fwd(*on_device[:3], *tables, 1e-6, relu)
     grads = linear_attention_bwd(on_device[3], *on_device[:3], out, state, normaliser, *tables, 1e-6, relu)
     expected, expected_grads = oracle(q, k, v, grad, relu, query_lengths, keyset_of, keyset_lengths)
-    return [relative_error(actual.cpu(), reference) for actual, reference in zip((out, *grads), (expected, *expected_grads))]
+    return [
+        relative_error(actual.cpu(), reference) for actual, reference in zip((out, *grads), (expected, *expected_grads))
+    ]
 
 
 @pytest.mark.gpu
@@ -90,7 +97,9 @@ def test_eager_matches_the_oracle(feature_map):
 def test_eager_gradcheck():
     index = SegmentIndex.build([3, 2], [0, 0], [4])
     generator = torch.Generator().manual_seed(2)
-    inputs = [torch.randn(1, rows, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True) for rows in (5, 4, 4)]
+    inputs = [
+        torch.randn(1, rows, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True) for rows in (5, 4, 4)
+    ]
     assert torch.autograd.gradcheck(lambda q, k, v: segment_linear_attention(q, k, v, index, 1e-6), inputs)
 
 

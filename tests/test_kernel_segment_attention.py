@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import relative_error
 from reference.attention import segment_attention_reference
 
@@ -31,8 +30,10 @@ def offsets(lengths):
 
 def blocks(lengths, size):
     pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, size)]
-    return (torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE),
-            torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE))
+    return (
+        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE),
+        torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),
+    )
 
 
 SEPARATION = 1e-4
@@ -51,11 +52,25 @@ def assert_no_near_ties(q, k, cu_seqlens_q, cu_seqlens_k, scale, top_k):
             continue
         largest = (torch.einsum("bnhd,bmhd->bhnm", queries, keys) * scale).topk(top_k + 1, dim=-1).values
         gap = largest[..., top_k - 1] - largest[..., top_k]
-        assert ((gap == 0) | (gap > SEPARATION)).all(), f"segment {s}: a near-tie of {gap[(gap > 0) & (gap <= SEPARATION)].min().item():.1e}"
+        assert ((gap == 0) | (gap > SEPARATION)).all(), (
+            f"segment {s}: a near-tie of {gap[(gap > 0) & (gap <= SEPARATION)].min().item():.1e}"
+        )
 
 
-def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k=0, sigmoid=False, ties=False, seed=0, block=BLOCK,
-             keyset_of=None):
+def run_case(
+    query_lengths,
+    key_lengths,
+    heads,
+    head_dim,
+    dtype,
+    window=0,
+    top_k=0,
+    sigmoid=False,
+    ties=False,
+    seed=0,
+    block=BLOCK,
+    keyset_of=None,
+):
     """Kernel forward and backward against the oracle; returns the four relative errors.
 
     ``key_lengths`` are the key sets' lengths; segment s reads key set ``keyset_of[s]``
@@ -78,21 +93,32 @@ def run_case(query_lengths, key_lengths, heads, head_dim, dtype, window=0, top_k
     cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
     q_blocks, k_blocks = blocks(query_lengths, block), blocks(key_lengths, block)
     readers = [[s for s, keyset in enumerate(keyset_of) if keyset == j] for j in range(len(key_lengths))]
-    keysets = (torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE), torch.tensor(sum(readers, []), dtype=torch.int32, device=DEVICE),
-               offsets([len(r) for r in readers]))
+    keysets = (
+        torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
+        torch.tensor(sum(readers, []), dtype=torch.int32, device=DEVICE),
+        offsets([len(r) for r in readers]),
+    )
     read = torch.tensor([row for j in keyset_of for row in range(cu_k[j], cu_k[j + 1])], dtype=torch.long)
     cu_read = offsets([key_lengths[j] for j in keyset_of]).cpu()
     scale = head_dim**-0.5
     if top_k:
         assert_no_near_ties(q.cpu(), k.cpu()[:, read], cu_q.tolist(), cu_read.tolist(), scale, top_k)
-        out, lse, selection = segment_topk_attention_fwd(q, k, v, cu_q, cu_k, keysets[0], *q_blocks, scale, block, top_k)
-        dq, dk, dv = segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block)
+        out, lse, selection = segment_topk_attention_fwd(
+            q, k, v, cu_q, cu_k, keysets[0], *q_blocks, scale, block, top_k
+        )
+        dq, dk, dv = segment_topk_attention_bwd(
+            grad_out, q, k, v, out, lse, selection, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block
+        )
     else:
         out, lse = segment_attention_fwd(q, k, v, cu_q, cu_k, keysets[0], *q_blocks, scale, block, window, sigmoid)
-        dq, dk, dv = segment_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block, window, sigmoid)
+        dq, dk, dv = segment_attention_bwd(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, *keysets, *q_blocks, *k_blocks, scale, block, window, sigmoid
+        )
 
     exact = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
-    expected = segment_attention_reference(exact[0], exact[1][:, read], exact[2][:, read], cu_q.cpu(), cu_read, scale, window, top_k, sigmoid)
+    expected = segment_attention_reference(
+        exact[0], exact[1][:, read], exact[2][:, read], cu_q.cpu(), cu_read, scale, window, top_k, sigmoid
+    )
     expected.backward(grad_out.cpu().double())
     return [relative_error(a.cpu(), b) for a, b in zip((out, dq, dk, dv), (expected, *(t.grad for t in exact)))]
 
@@ -160,7 +186,9 @@ def test_many_queries_few_keys_leave_empty_windows():
 def test_shared_key_sets(case):
     """Segments that read one key set (in place, gradients summed over its readers), and
     a key set that no segment reads (zero gradients)."""
-    errors = run_case([5, 0, 19, 12], [20, 9, 4], heads=2, head_dim=24, dtype=torch.float32, keyset_of=[0, 1, 0, 0], **CASES[case])
+    errors = run_case(
+        [5, 0, 19, 12], [20, 9, 4], heads=2, head_dim=24, dtype=torch.float32, keyset_of=[0, 1, 0, 0], **CASES[case]
+    )
     assert max(errors) < TOLERANCE[torch.float32], errors
 
 
@@ -170,12 +198,23 @@ def test_threshold_is_the_kth_largest_logit():
     q = torch.randn(1, 21, 1, 16, generator=generator).to(DEVICE)
     k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
     keysets = torch.arange(2, dtype=torch.int32, device=DEVICE)
-    _, _, selection = segment_topk_attention_fwd(q, k, k, offsets(query_lengths), offsets(key_lengths), keysets, *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4)
+    _, _, selection = segment_topk_attention_fwd(
+        q, k, k, offsets(query_lengths), offsets(key_lengths), keysets, *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4
+    )
     threshold = selection_threshold(selection)
     for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
-        logits = torch.einsum("qd,kd->qk", q[0, start_q : start_q + query_lengths[s], 0].double(), k[0, start_k : start_k + key_lengths[s], 0].double()) * 0.5
+        logits = (
+            torch.einsum(
+                "qd,kd->qk",
+                q[0, start_q : start_q + query_lengths[s], 0].double(),
+                k[0, start_k : start_k + key_lengths[s], 0].double(),
+            )
+            * 0.5
+        )
         expected = logits.topk(4, dim=-1).values[:, -1]
-        assert torch.allclose(threshold[0, 0, start_q : start_q + query_lengths[s]].double().cpu(), expected.cpu(), rtol=1e-5)
+        assert torch.allclose(
+            threshold[0, 0, start_q : start_q + query_lengths[s]].double().cpu(), expected.cpu(), rtol=1e-5
+        )
 
 
 @pytest.mark.gpu
@@ -201,15 +240,31 @@ def test_topk_backward_keeps_the_forward_selection():
     keysets = (torch.arange(2, dtype=torch.int32, device=DEVICE),) * 2 + (offsets([1, 1]),)
     inputs = [t.to(DEVICE) for t in (q, k, v, grad_out)]
     cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
-    out, lse, selection = segment_topk_attention_fwd(*inputs[:3], cu_q, cu_k, keysets[0], *blocks(query_lengths, BLOCK), scale, BLOCK, top_k)
-    grads = segment_topk_attention_bwd(inputs[3], *inputs[:3], out, lse, selection, cu_q, cu_k, *keysets,
-                                       *blocks(query_lengths, BLOCK), *blocks(key_lengths, BLOCK), scale, BLOCK)
+    out, lse, selection = segment_topk_attention_fwd(
+        *inputs[:3], cu_q, cu_k, keysets[0], *blocks(query_lengths, BLOCK), scale, BLOCK, top_k
+    )
+    grads = segment_topk_attention_bwd(
+        inputs[3],
+        *inputs[:3],
+        out,
+        lse,
+        selection,
+        cu_q,
+        cu_k,
+        *keysets,
+        *blocks(query_lengths, BLOCK),
+        *blocks(key_lengths, BLOCK),
+        scale,
+        BLOCK,
+    )
 
     exact = [t.double().requires_grad_(True) for t in (q, k, v)]
     expected = []
     for (q0, q1), (k0, k1) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), cu_k.tolist()[1:])):
         kept = out.cpu()[:, q0:q1, :, : k1 - k0].transpose(1, 2) > 0
-        assert (kept.sum(-1) >= top_k).all() and not kept[..., [m for m in range(k1 - k0) if m + k0 not in repeated + largest]].any()
+        assert (kept.sum(-1) >= top_k).all() and not kept[
+            ..., [m for m in range(k1 - k0) if m + k0 not in repeated + largest]
+        ].any()
         logits = torch.einsum("bnhd,bmhd->bhnm", exact[0][:, q0:q1], exact[1][:, k0:k1]) * scale
         weights = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1)
         expected.append(torch.einsum("bhnm,bmhd->bnhd", weights, exact[2][:, k0:k1]))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import relative_error
 from reference.recurrence import selective_scan_reference
 
@@ -26,22 +25,28 @@ def poisoned_outputs(monkeypatch):
 def run(lengths, channels, state, dtype, chunk, seed=0):
     generator = torch.Generator().manual_seed(seed)
     total = sum(lengths)
-    draw = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    draw = lambda *shape: torch.randn(*shape, generator=generator)
     x, dt = draw(2, total, channels), F.softplus(draw(2, total, channels))
     A = -torch.rand(channels, state, generator=generator) * 3
     B, C, D = draw(2, total, state), draw(2, total, state), draw(channels)
     x, dt, B, C = (t.to(dtype) for t in (x, dt, B, C))
     cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
     offsets = checkpoint_offsets(cu, chunk)
-    device = lambda t: t.to(DEVICE)  # noqa: E731
+    device = lambda t: t.to(DEVICE)
     y, checkpoints = selective_scan_fwd(*map(device, (x, dt, A, B, C, D, cu, offsets)), int(offsets[-1]), chunk)
     grad = draw(2, total, channels).to(dtype)
-    grads = selective_scan_bwd(device(grad), *map(device, (x, dt, A, B, C, D)), checkpoints, device(cu), device(offsets), chunk)
+    grads = selective_scan_bwd(
+        device(grad), *map(device, (x, dt, A, B, C, D)), checkpoints, device(cu), device(offsets), chunk
+    )
     exact = [t.double().requires_grad_(True) for t in (x, dt, A, B, C, D)]
     bounds = cu.tolist()
     expected = torch.cat(
-        [selective_scan_reference(exact[0][:, a:b], exact[1][:, a:b], exact[2], exact[3][:, a:b], exact[4][:, a:b], exact[5])
-         for a, b in zip(bounds[:-1], bounds[1:])],
+        [
+            selective_scan_reference(
+                exact[0][:, a:b], exact[1][:, a:b], exact[2], exact[3][:, a:b], exact[4][:, a:b], exact[5]
+            )
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ],
         dim=1,
     )
     expected.backward(grad.double())

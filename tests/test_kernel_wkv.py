@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative_error
+from reference.recurrence import wkv_reference
 
 from canvas_engineering.attention.recurrence import RWKVAttention
 from canvas_engineering.ops.rwkv import keys_read, segment_wkv, wkv_scan
 from canvas_engineering.ops.segments import SegmentIndex
-from conftest import relative_error
-from reference.recurrence import wkv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = [5, 0, 1, 70, 17, 64]
@@ -26,7 +26,11 @@ def inputs(lengths, heads=3, head_dim=20, key_scale=4.0, seed=0, decay=None, bon
     shape = (2, sum(lengths), heads, head_dim)
     k = torch.randn(shape, generator=generator) * key_scale
     v = torch.randn(shape, generator=generator)
-    w = -torch.exp(torch.randn(heads, head_dim, generator=generator)) if decay is None else torch.full((heads, head_dim), decay)
+    w = (
+        -torch.exp(torch.randn(heads, head_dim, generator=generator))
+        if decay is None
+        else torch.full((heads, head_dim), decay)
+    )
     u = torch.randn(heads, head_dim, generator=generator) if bonus is None else torch.full((heads, head_dim), bonus)
     return k, v, w, u
 
@@ -60,10 +64,12 @@ def test_kernel_matches_the_oracle(dtype, poisoned, monkeypatch):
     k, v, w, u = inputs(LENGTHS)
     k, v = k.to(dtype), v.to(dtype)
     cotangent = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
-    on_device = lambda t: t.to(DEVICE)  # noqa: E731
+    on_device = lambda t: t.to(DEVICE)
     cu = on_device(offsets(LENGTHS))
     y, part_state = wkv_fwd(on_device(k), on_device(v), on_device(w), on_device(u), cu)
-    dk, dv, dw, du = wkv_bwd(on_device(cotangent.to(dtype)), on_device(k), on_device(v), on_device(w), on_device(u), part_state, cu)
+    dk, dv, dw, du = wkv_bwd(
+        on_device(cotangent.to(dtype)), on_device(k), on_device(v), on_device(w), on_device(u), part_state, cu
+    )
     expected, grads = oracle(k, v, w, u, LENGTHS, cotangent.to(dtype))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for actual, reference in zip((y, dk, dv, dw, du), (expected, *grads)):
@@ -110,7 +116,10 @@ def test_eager_scan_matches_the_oracle():
     cotangent = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
     leaves = [t.clone().requires_grad_(True) for t in (k, v, w, u)]
     bounds = offsets(LENGTHS).tolist()
-    y = torch.cat([wkv_scan(leaves[0][:, a:b], leaves[1][:, a:b], leaves[2], leaves[3]) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    y = torch.cat(
+        [wkv_scan(leaves[0][:, a:b], leaves[1][:, a:b], leaves[2], leaves[3]) for a, b in zip(bounds[:-1], bounds[1:])],
+        dim=1,
+    )
     y.backward(cotangent)
     expected, grads = oracle(k, v, w, u, LENGTHS, cotangent)
     assert relative_error(y, expected) < 1e-5
@@ -125,7 +134,12 @@ def test_eager_scan_is_stable_at_16k():
     expected = wkv_scan(k.double(), v.double(), w.double(), u.double())
     assert torch.isfinite(y).all()
     assert relative_error(y, expected) < 1e-5
-    assert relative_error(y[:, :300], wkv_reference(k[:, :300].double(), v[:, :300].double(), w.double(), u.double(), [0, 300])) < 1e-5
+    assert (
+        relative_error(
+            y[:, :300], wkv_reference(k[:, :300].double(), v[:, :300].double(), w.double(), u.double(), [0, 300])
+        )
+        < 1e-5
+    )
 
 
 def test_eager_scan_gradcheck():
@@ -155,7 +169,9 @@ def test_keys_read_cuts_each_key_set_to_the_steps_read():
     assert cut.keyset_sizes == (6, 2)
     k, v, w, u = inputs([8], heads=2, head_dim=3)
     whole = segment_wkv(index.pack_keys(k), index.pack_keys(v), w, u, index)
-    assert relative_error(segment_wkv(cut.pack_keys(rows.take(k)), cut.pack_keys(rows.take(v)), w, u, cut), whole) < 1e-6
+    assert (
+        relative_error(segment_wkv(cut.pack_keys(rows.take(k)), cut.pack_keys(rows.take(v)), w, u, cut), whole) < 1e-6
+    )
 
 
 @pytest.mark.parametrize("n, m", [(3, 11), (11, 3), (4, 4)])

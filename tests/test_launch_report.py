@@ -14,15 +14,31 @@ import pytest
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "launch_report.py"
-KEYS = {"kernel", "workload", "programs", "registers", "spill_bytes", "smem_bytes", "mma", "hbm_bytes", "flops", "est_us"}
+KEYS = {
+    "kernel",
+    "workload",
+    "programs",
+    "registers",
+    "spill_bytes",
+    "smem_bytes",
+    "mma",
+    "hbm_bytes",
+    "flops",
+    "est_us",
+}
 
 
 def test_report_on_the_wkv_workload(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(SCRIPT.parent.parent)
     target = tmp_path / "report.json"
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--only", "wkv M4096", "--json", str(target)],
-                               env=env, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only", "wkv M4096", "--json", str(target)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Estimates" in completed.stdout
     rows = json.loads(target.read_text())

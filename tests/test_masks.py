@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import sys
 import warnings
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_all_close, relative_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peer import REPO_ROOT, run_peer
+from peer_runner import build_declarations
 from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_operator
 from torch.nn.attention.flex_attention import _apply_kernel_options, flex_attention
 
@@ -28,15 +32,13 @@ import canvas_engineering
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, TemporalFill
 from canvas_engineering.connectivity import MaskSpec
 from canvas_engineering.recipes import RECIPES
-from conftest import assert_all_close, relative_error
-from peer import REPO_ROOT, run_peer
-from peer_runner import build_declarations
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 FILLS = [fill.value for fill in TemporalFill]
 TOLERANCE = 1e-5
-ZERO_FLOOR = 1e-7  # float32 rounding at the scale of all results: a query that reads one key has a zero gradient in exact arithmetic
+# float32 rounding at the scale of all results: a query that reads one key has a zero gradient in exact arithmetic
+ZERO_FLOOR = 1e-7
 
 
 @st.composite
@@ -73,7 +75,10 @@ def declarations(draw):
 def recipe_declarations(name):
     """A recipe at T=3 on a 4x4 grid as a plain description."""
     topology, layout = RECIPES[name](T=3, grid=4, d_model=8)
-    regions = {n: {"bounds": layout.region_spec(n).bounds, "default_attn": layout.region_spec(n).default_attn} for n in layout.regions}
+    regions = {
+        n: {"bounds": layout.region_spec(n).bounds, "default_attn": layout.region_spec(n).default_attn}
+        for n in layout.regions
+    }
     connections = [{"src": c.src, "dst": c.dst, "weight": c.weight, "fn": c.fn} for c in topology.connections]
     return {"T": 3, "spatial_shape": (4, 4), "d_model": 8, "regions": regions, "connections": connections}
 
@@ -93,16 +98,29 @@ def temporal_recipe_declarations(name):
 
 RECIPE_CASES = {name: recipe_declarations(name) for name in RECIPES}
 RECIPE_CASES.update({f"{name}_temporal": temporal_recipe_declarations(name) for name in RECIPES})
-RECIPE_CASES["far_interpolation"] = {  # order-45 weights of dst frames 2 or more frames away sum below 1e-12 (nothing read)
-    "T": 8, "spatial_shape": (2,), "d_model": 8,
+RECIPE_CASES[
+    "far_interpolation"
+] = {  # order-45 weights of dst frames 2 or more frames away sum below 1e-12 (nothing read)
+    "T": 8,
+    "spatial_shape": (2,),
+    "d_model": 8,
     "regions": {"a": {"bounds": (0, 8, 0, 1)}, "b": {"bounds": (0, 2, 1, 2), "period": 5}},
-    "connections": [{"src": "a", "dst": "b", "t_src": 0, "t_dst": 0, "temporal_fill": "interpolate", "interpolation_order": order}
-                    for order in (2, 45)],
+    "connections": [
+        {"src": "a", "dst": "b", "t_src": 0, "t_dst": 0, "temporal_fill": "interpolate", "interpolation_order": order}
+        for order in (2, 45)
+    ],
 }
 MISSING_REGION = {
-    "T": 2, "spatial_shape": (3,), "d_model": 8,
+    "T": 2,
+    "spatial_shape": (3,),
+    "d_model": 8,
     "regions": {"a": {"bounds": (0, 2, 0, 2)}, "b": {"bounds": (0, 2, 1, 3), "period": 2}},
-    "connections": [{"src": "a", "dst": "b"}, {"src": "a", "dst": "ghost"}, {"src": "ghost", "dst": "b", "t_dst": 0}, {"src": "b", "dst": "a", "t_src": 0, "t_dst": -1}],
+    "connections": [
+        {"src": "a", "dst": "b"},
+        {"src": "a", "dst": "ghost"},
+        {"src": "ghost", "dst": "b", "t_dst": 0},
+        {"src": "b", "dst": "a", "t_src": 0, "t_dst": -1},
+    ],
 }
 
 
@@ -187,7 +205,7 @@ def test_block_mask_is_the_mask_pattern(index, block):
     dense[:size, :size] = attended
     touched = dense.view(padded // block, block, padded // block, block).any(3).any(1)
     blocks = touched.shape[0]
-    assert f"block density {touched.sum().item() / blocks ** 2:.4f}" in topology.explain_mask(layout, block)
+    assert f"block density {touched.sum().item() / blocks**2:.4f}" in topology.explain_mask(layout, block)
 
 
 def attention_and_gradients(run, q, k, v, grad):
@@ -205,7 +223,9 @@ def flex_operator(block_mask, score_mod=None):
 
     def run(q, k, v):
         options = _apply_kernel_options(q, k, v, False, None, None)
-        return flex_attention_operator(q, k, v, score_mod or noop_score, block_mask.as_tuple(), q.shape[-1] ** -0.5, options)[0]
+        return flex_attention_operator(
+            q, k, v, score_mod or noop_score, block_mask.as_tuple(), q.shape[-1] ** -0.5, options
+        )[0]
 
     return run
 
@@ -223,7 +243,7 @@ def assert_flex_equals_sdpa(topology, layout, block, q, k, v, grad):
     weights = topology.to_attention_mask(layout)
     weighted = torch.where(weights > 0, weights.log(), additive)
     for score_mod, attn_mask in ((None, additive), (topology.to_score_mod(layout), weighted)):
-        sdpa = attention_and_gradients(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=attn_mask), q, k, v, grad)
+        sdpa = attention_and_gradients(partial(F.scaled_dot_product_attention, attn_mask=attn_mask), q, k, v, grad)
         flex = attention_and_gradients(flex_operator(block_mask, score_mod), q, k, v, grad)
         assert_all_close(flex, sdpa, TOLERANCE, ZERO_FLOOR)
         forward = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
@@ -278,7 +298,13 @@ def test_missing_region_raises_as_the_dispatcher_does(recipe_peer):
     topology, layout = ours(MISSING_REGION)
     with pytest.raises(ValueError) as dispatcher_error:
         AttentionDispatcher(topology, layout, 8, 2)
-    builders = (topology.to_attention_mask, topology.to_additive_mask, topology.to_block_mask, topology.to_score_mod, topology.explain_mask)
+    builders = (
+        topology.to_attention_mask,
+        topology.to_additive_mask,
+        topology.to_block_mask,
+        topology.to_score_mod,
+        topology.explain_mask,
+    )
     for build in builders:
         with pytest.raises(ValueError) as error:
             build(layout)

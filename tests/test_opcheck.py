@@ -8,7 +8,7 @@ interpreter on CPU tensors (so the inputs are tiny)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -21,7 +21,12 @@ from canvas_engineering.ops.linear import _linear_attention_backward_op, _linear
 from canvas_engineering.ops.rwkv import _wkv_backward_op, _wkv_op  # noqa: E402
 from canvas_engineering.ops.segment_attention import KernelTables, _segment_attention_backward_op, _segment_attention_op  # noqa: E402
 from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
-from canvas_engineering.ops.selective_scan import SCAN_CHUNK, _selective_scan_backward_op, _selective_scan_op, prepare_selective_scan  # noqa: E402
+from canvas_engineering.ops.selective_scan import (
+    SCAN_CHUNK,
+    _selective_scan_backward_op,
+    _selective_scan_op,
+    prepare_selective_scan,
+)  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INDEX = SegmentIndex.build([5, 3, 4], [0, 1, 0], [4, 6])
@@ -60,13 +65,15 @@ def test_segment_attention_ops(window, top_k, sigmoid):
     q, k, v = leaves((1, index.n_queries, 2, 16), (1, index.n_keys, 2, 16), (1, index.n_keys, 2, 16))
     table_args = tables.tensors
     options = (0.25, 16, window, top_k, sigmoid)
-    grad_out, = leaves(q.shape, seed=1)
+    (grad_out,) = leaves(q.shape, seed=1)
 
     def backward_args(outputs):
         out, lse, selection = outputs
         return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, lse, selection, *table_args, *options)
 
-    check_with_backward(_segment_attention_op, _segment_attention_backward_op, (q, k, v, *table_args, *options), backward_args)
+    check_with_backward(
+        _segment_attention_op, _segment_attention_backward_op, (q, k, v, *table_args, *options), backward_args
+    )
 
 
 @pytest.mark.gpu
@@ -75,13 +82,15 @@ def test_linear_attention_ops(relu):
     index = INDEX.to(DEVICE)
     tables = prepare_linear_attention(index)
     q, k, v = leaves((1, index.n_queries, 2, 8), (1, index.n_keys, 2, 8), (1, index.n_keys, 2, 4))
-    grad_out, = leaves((1, index.n_queries, 2, 4), seed=1)
+    (grad_out,) = leaves((1, index.n_queries, 2, 4), seed=1)
 
     def backward_args(outputs):
         out, state, normaliser = outputs
         return (grad_out.detach(), q.detach(), k.detach(), v.detach(), out, state, normaliser, *tables, 1e-6, relu)
 
-    check_with_backward(_linear_attention_op, _linear_attention_backward_op, (q, k, v, *tables, 1e-6, relu), backward_args)
+    check_with_backward(
+        _linear_attention_op, _linear_attention_backward_op, (q, k, v, *tables, 1e-6, relu), backward_args
+    )
 
 
 @pytest.mark.gpu
@@ -90,7 +99,7 @@ def test_wkv_ops():
     cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
     k, v, u = leaves((1, index.n_keys, 2, 8), (1, index.n_keys, 2, 8), (2, 8))
     w = (-torch.linspace(0.1, 2.0, 16).view(2, 8)).to(DEVICE).requires_grad_(True)
-    grad_y, = leaves(v.shape, seed=1)
+    (grad_y,) = leaves(v.shape, seed=1)
 
     def backward_args(outputs):
         return (grad_y.detach(), k.detach(), v.detach(), w.detach(), u.detach(), outputs[1], cu_seqlens)
@@ -105,12 +114,19 @@ def test_selective_scan_ops():
     x, B, C, D = leaves((1, index.n_keys, 4), (1, index.n_keys, 3), (1, index.n_keys, 3), (4,))
     dt = torch.linspace(0.05, 0.5, index.n_keys * 4).view(1, index.n_keys, 4).to(DEVICE).requires_grad_(True)
     A = (-torch.linspace(0.5, 2.0, 12).view(4, 3)).to(DEVICE).requires_grad_(True)
-    grad_y, = leaves(x.shape, seed=1)
+    (grad_y,) = leaves(x.shape, seed=1)
     args = (x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
 
     def backward_args(outputs):
         _, checkpoints = outputs
-        return (grad_y.detach(), *(t.detach() for t in (x, dt, A, B, C, D)), checkpoints, cu_seqlens, checkpoint_offsets, SCAN_CHUNK)
+        return (
+            grad_y.detach(),
+            *(t.detach() for t in (x, dt, A, B, C, D)),
+            checkpoints,
+            cu_seqlens,
+            checkpoint_offsets,
+            SCAN_CHUNK,
+        )
 
     check_with_backward(_selective_scan_op, _selective_scan_backward_op, args, backward_args)
 
@@ -120,9 +136,11 @@ def test_gated_fft_conv_ops():
     index = INDEX.to(DEVICE)
     tables = prepare_fft_conv(index)
     mixed, gate_logits, spectrum = leaves((1, index.n_queries, 3), (1, index.n_queries, 3), (5, 3, 2))
-    grad, = leaves(mixed.shape, seed=1)
+    (grad,) = leaves(mixed.shape, seed=1)
 
     def backward_args(output):
         return (grad.detach(), mixed.detach(), gate_logits.detach(), spectrum.detach(), *tables)
 
-    check_with_backward(_gated_fft_conv_op, _gated_fft_conv_backward_op, (mixed, gate_logits, spectrum, *tables), backward_args)
+    check_with_backward(
+        _gated_fft_conv_op, _gated_fft_conv_backward_op, (mixed, gate_logits, spectrum, *tables), backward_args
+    )

@@ -24,7 +24,13 @@ def test_every_package_is_listed():
 
 @pytest.mark.parametrize(
     "triton_version, numpy_version, refused",
-    [("3.6.0", "2.4.6", True), ("3.8.1", "2.4.0rc1", True), ("3.6.0", "2.3.5", False), ("3.9.0", "2.4.6", False), ("3.10.0", "3.0.0", False)],
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.8.1", "2.4.0rc1", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.9.0", "2.4.6", False),
+        ("3.10.0", "3.0.0", False),
+    ],
 )
 def test_interpreter_versions_that_cannot_work_together_are_named(triton_version, numpy_version, refused):
     """Triton's interpreter before 3.9 fails inside every kernel under numpy >= 2.4; the
@@ -32,7 +38,9 @@ def test_interpreter_versions_that_cannot_work_together_are_named(triton_version
     from canvas_engineering.ops.backend import check_interpreter_versions
 
     if refused:
-        with pytest.raises(RuntimeError, match=rf"Triton {triton_version}'s interpreter needs numpy < 2.4, found numpy {numpy_version}"):
+        with pytest.raises(
+            RuntimeError, match=rf"Triton {triton_version}'s interpreter needs numpy < 2.4, found numpy {numpy_version}"
+        ):
             check_interpreter_versions(triton_version, numpy_version)
     else:
         check_interpreter_versions(triton_version, numpy_version)

@@ -2,7 +2,8 @@
 
 For every type 0.5.0 registers and several (B, N, M): the same state_dict keys and shapes, the
 same initial parameters under the same seed, and, after loading the peer's state_dict
-(strict), the same output and gradients (inputs and parameters): see assert_matches_peer. The same for whole dispatchers, on canvases with temporal edges and each fill mode.
+(strict), the same output and gradients (inputs and parameters): see assert_matches_peer. The same
+for whole dispatchers, on canvases with temporal edges and each fill mode.
 random_fixed's outputs differ by design (its pattern is seeded; see test_random_fixed.py).
 """
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import canvas_engineering
-from canvas_engineering import ATTENTION_REGISTRY, BUILTIN_ATTENTION
 from conftest import assert_all_close
 from peer import PEER_ATTENTION_NAMES, run_peer
 from peer_runner import run_case
+
+import canvas_engineering
+from canvas_engineering import ATTENTION_REGISTRY, BUILTIN_ATTENTION
 
 pytestmark = pytest.mark.peer
 
@@ -106,13 +107,34 @@ CANVASES = {
         },
         "connections": [
             {"src": "fast", "dst": "slow", "t_src": 0, "t_dst": 0, "temporal_fill": "hold"},
-            {"src": "fast", "dst": "slow", "t_src": 0, "t_dst": 0, "temporal_fill": "interpolate", "fn": "cosine_attention"},
-            {"src": "fast", "dst": "glacial", "t_src": 0, "t_dst": -1, "temporal_fill": "interpolate", "interpolation_order": 2},
+            {
+                "src": "fast",
+                "dst": "slow",
+                "t_src": 0,
+                "t_dst": 0,
+                "temporal_fill": "interpolate",
+                "fn": "cosine_attention",
+            },
+            {
+                "src": "fast",
+                "dst": "glacial",
+                "t_src": 0,
+                "t_dst": -1,
+                "temporal_fill": "interpolate",
+                "interpolation_order": 2,
+            },
             {"src": "fast", "dst": "slow", "t_src": 0, "t_dst": 1, "temporal_fill": "drop", "fn": "local_attention"},
             {"src": "slow", "dst": "fast", "t_src": 0, "t_dst": 0, "fn": "copy"},
             {"src": "slow", "dst": "glacial", "t_src": None, "t_dst": 1, "temporal_fill": "interpolate", "weight": 0.7},
             {"src": "glacial", "dst": "fast", "t_src": 1, "t_dst": None, "fn": "hyena"},
-            {"src": "glacial", "dst": "slow", "t_src": 0, "t_dst": -2, "temporal_fill": "hold", "fn": "sparse_attention"},
+            {
+                "src": "glacial",
+                "dst": "slow",
+                "t_src": 0,
+                "t_dst": -2,
+                "temporal_fill": "hold",
+                "fn": "sparse_attention",
+            },
         ],
     },
     "every_type": {
@@ -127,10 +149,27 @@ CANVASES = {
         "connections": [
             {"src": s, "dst": d, "fn": fn}
             for (s, d), fn in zip(
-                [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b"), ("a", "d"), ("d", "a"),
-                 ("b", "d"), ("d", "b"), ("c", "d"), ("d", "c"), ("a", "a"), ("b", "b"), ("c", "c"), ("d", "d"),
-                 ("a", "b")],
-                [name for name in PEER_ATTENTION_NAMES if name not in ("random_fixed", "self_attention")] + ["self_attention"],
+                [
+                    ("a", "b"),
+                    ("b", "a"),
+                    ("a", "c"),
+                    ("c", "a"),
+                    ("b", "c"),
+                    ("c", "b"),
+                    ("a", "d"),
+                    ("d", "a"),
+                    ("b", "d"),
+                    ("d", "b"),
+                    ("c", "d"),
+                    ("d", "c"),
+                    ("a", "a"),
+                    ("b", "b"),
+                    ("c", "c"),
+                    ("d", "d"),
+                    ("a", "b"),
+                ],
+                [name for name in PEER_ATTENTION_NAMES if name not in ("random_fixed", "self_attention")]
+                + ["self_attention"],
             )
         ],
     },
@@ -177,8 +216,11 @@ def peer_results():
 
 def case_id(case):
     if case["kind"] == "module":
-        return f"{case['name']}-{case['kwargs']}-B{case['queries'].shape[0]}N{case['queries'].shape[1]}M{case['keys'].shape[1]}"
-    return f"{case['canvas']}-" + ("skip_temporal" if case.get("skip_temporal") else "active" if case.get("active_regions") else "plain")
+        shape = f"B{case['queries'].shape[0]}N{case['queries'].shape[1]}M{case['keys'].shape[1]}"
+        return f"{case['name']}-{case['kwargs']}-{shape}"
+    return f"{case['canvas']}-" + (
+        "skip_temporal" if case.get("skip_temporal") else "active" if case.get("active_regions") else "plain"
+    )
 
 
 def compared_tensors(result):
@@ -197,13 +239,17 @@ def assert_matches_peer(case, peer32, peer64):
     carry about 1e-3 relative rounding error on both sides)."""
     ours32 = run_case(canvas_engineering, {**case, "dtype": torch.float32, "state_dict": peer32["state"]})
     ours64 = run_case(canvas_engineering, {**case, "dtype": torch.float64, "state_dict": peer64["state"]})
-    assert {k: v.shape for k, v in ours32["initial_state"].items()} == {k: v.shape for k, v in peer32["initial_state"].items()}
+    assert {k: v.shape for k, v in ours32["initial_state"].items()} == {
+        k: v.shape for k, v in peer32["initial_state"].items()
+    }
     for key, value in peer32["initial_state"].items():
         assert torch.equal(ours32["initial_state"][key], value), f"initial {key} differs under the same seed"
     expected64 = compared_tensors(peer64)
     # The peer sums dispatcher weights in float32 whatever the input dtype, so its float64
     # dispatcher outputs carry float32 rounding of the weights (about 6e-8 relative each).
-    assert_all_close(compared_tensors(ours64), expected64, 1e-10 if case["kind"] == "module" else 1e-6, zero_floor=1e-12)
+    assert_all_close(
+        compared_tensors(ours64), expected64, 1e-10 if case["kind"] == "module" else 1e-6, zero_floor=1e-12
+    )
     assert_all_close(compared_tensors(ours32), expected64, TOLERANCE, zero_floor=FLOAT32_FLOOR)
 
 

@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, TemporalFill
 from canvas_engineering.ops.segments import RowSelection
 
-
 LAYOUT_ONLY = {torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.contiguous.default}
 ROW_SELECTION = {
     torch.ops.aten.index.Tensor,
@@ -67,12 +66,16 @@ ROWS = 10
 
 def row_layout(T: int = 2) -> CanvasLayout:
     """ROWS regions of the same shape: row i of a (ROWS, 4) grid, over all T frames."""
-    return CanvasLayout(T=T, spatial_shape=(ROWS, 4), d_model=16, regions={f"r{i}": (0, T, i, i + 1, 0, 4) for i in range(ROWS)})
+    return CanvasLayout(
+        T=T, spatial_shape=(ROWS, 4), d_model=16, regions={f"r{i}": (0, T, i, i + 1, 0, 4) for i in range(ROWS)}
+    )
 
 
 def edges(n_edges: int, fns) -> CanvasTopology:
     pairs = [(s, d) for s in range(ROWS) for d in range(ROWS) if s != d]
-    return CanvasTopology([Connection(f"r{s}", f"r{d}", fn=fns[i % len(fns)]) for i, (s, d) in enumerate(pairs[:n_edges])])
+    return CanvasTopology(
+        [Connection(f"r{s}", f"r{d}", fn=fns[i % len(fns)]) for i, (s, d) in enumerate(pairs[:n_edges])]
+    )
 
 
 TYPE_PAIRS = [
@@ -129,8 +132,13 @@ def test_operator_count_does_not_grow_with_frames(fns):
     dispatchers = []
     for T in (2, 8, 16):
         layout = CanvasLayout(
-            T=T, spatial_shape=(3, 4), d_model=16,
-            regions={name: RegionSpec((0, T, i, i + 1, 0, 4), default_attn=fn) for i, (name, fn) in enumerate(zip("abc", fns))},
+            T=T,
+            spatial_shape=(3, 4),
+            d_model=16,
+            regions={
+                name: RegionSpec((0, T, i, i + 1, 0, 4), default_attn=fn)
+                for i, (name, fn) in enumerate(zip("abc", fns))
+            },
         )
         topology = CanvasTopology.causal_temporal(["a", "b", "c"], temporal_fill=TemporalFill.HOLD)
         torch.manual_seed(0)
@@ -142,7 +150,9 @@ def test_no_canvas_wide_matrix():
     """Every tensor a forward and backward make is far smaller than positions x positions."""
     layout = row_layout(T=16)
     positions = layout.num_positions
-    topology = edges(40, ["cross_attention", "local_attention", "sparse_attention", "sigmoid_attention", "random_fixed"])
+    topology = edges(
+        40, ["cross_attention", "local_attention", "sparse_attention", "sigmoid_attention", "random_fixed"]
+    )
     dispatcher = AttentionDispatcher(topology, layout, d_model=16, n_heads=2)
     log = run_logged(dispatcher, torch.randn(1, positions, 16, requires_grad=True))
     assert log.largest < positions * positions / 4, (log.largest, positions * positions)
@@ -164,8 +174,12 @@ def test_plan_is_compiled_once_per_device_and_active_set():
 
 
 def test_segments_reading_the_same_rows_share_a_key_set():
-    layout = CanvasLayout(T=4, spatial_shape=(2,), d_model=16, regions={"a": (0, 4, 0, 1), "slow": RegionSpec((0, 2, 1, 2), period=2)})
-    topology = CanvasTopology([Connection("a", "slow", t_src=0, t_dst=0, fn="rwkv"), Connection("a", "slow", t_src=0, t_dst=-1, fn="rwkv")])
+    layout = CanvasLayout(
+        T=4, spatial_shape=(2,), d_model=16, regions={"a": (0, 4, 0, 1), "slow": RegionSpec((0, 2, 1, 2), period=2)}
+    )
+    topology = CanvasTopology(
+        [Connection("a", "slow", t_src=0, t_dst=0, fn="rwkv"), Connection("a", "slow", t_src=0, t_dst=-1, fn="rwkv")]
+    )
     plan = AttentionDispatcher(topology, layout, d_model=16, n_heads=2).plan()
     (group,) = plan.groups
     assert len(group.segments) == 7

@@ -6,15 +6,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from conftest import relative_error
 
 from canvas_engineering import RandomFixedAttention
-from conftest import relative_error
 
 
 def dense_oracle(module, queries, keys, values):
     """Softmax over a dense N x M mask built from the module's pattern (test-only)."""
     n, m, h = queries.shape[1], keys.shape[1], module.n_heads
-    split = lambda t: t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
     q, k, v = split(module.q_proj(queries)), split(module.k_proj(keys)), split(module.v_proj(values))
     mask = torch.full((n, m), float("-inf"), dtype=queries.dtype)
     for row, keys_of_row in enumerate(module.pattern(n, m, queries.device).tolist()):

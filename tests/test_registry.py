@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from peer import PEER_ATTENTION_NAMES
 
 import canvas_engineering.attention as attention
 import canvas_engineering.canvas
-from canvas_engineering import ATTENTION_REGISTRY, ATTENTION_TYPES, BUILTIN_ATTENTION, create_attention, register_attention
-from peer import PEER_ATTENTION_NAMES
+from canvas_engineering import (
+    ATTENTION_REGISTRY,
+    ATTENTION_TYPES,
+    BUILTIN_ATTENTION,
+    create_attention,
+    register_attention,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TYPES_HEADING = "## Attention types"
@@ -59,8 +65,13 @@ def registry_table() -> list:
     rows = ["| name | class | complexity | options | what it computes |", "|---|---|---|---|---|"]
     for name in ATTENTION_TYPES:
         cls = BUILTIN_ATTENTION[name]
-        aliases = "".join(f" (alias `{alias}`)" for alias, other in BUILTIN_ATTENTION.items() if other is cls and alias != name)
-        options = ", ".join(f"`{attention.format_options({option: default})}`" for option, default in attention.type_options(cls).items())
+        aliases = "".join(
+            f" (alias `{alias}`)" for alias, other in BUILTIN_ATTENTION.items() if other is cls and alias != name
+        )
+        options = ", ".join(
+            f"`{attention.format_options({option: default})}`"
+            for option, default in attention.type_options(cls).items()
+        )
         description = cls.description.replace("|", "\\|")
         rows.append(f"| `{name}`{aliases} | `{cls.__name__}` | {cls.complexity} | {options or '–'} | {description} |")
     return rows
@@ -74,7 +85,9 @@ def test_readme_type_table_is_the_registry():
     start = next(i for i, line in enumerate(after) if line.startswith("|"))
     end = next((i for i in range(start, len(after)) if not after[i].startswith("|")), len(after))
     expected = registry_table()
-    assert after[start:end] == expected, "README.md's type table differs from the registry; it should read:\n" + "\n".join(expected)
+    assert after[start:end] == expected, (
+        "README.md's type table differs from the registry; it should read:\n" + "\n".join(expected)
+    )
 
 
 def test_create_attention_unknown_name_lists_known_ones():
@@ -105,8 +118,17 @@ def test_non_positive_sizes_are_refused(name, kwargs, message):
 @pytest.mark.parametrize(
     "name, options, message",
     [
-        ("hyena", {"max_lenn": 8}, r"create_attention: 'hyena' \(HyenaAttention\) takes no option 'max_lenn'; its options: order=2, max_len=4096 "),
-        ("local_attention", {"top_k": 4, "window": 3}, r"takes no option 'top_k', 'window'; its options: window_size=8 "),
+        (
+            "hyena",
+            {"max_lenn": 8},
+            r"create_attention: 'hyena' \(HyenaAttention\) takes no option 'max_lenn'; "
+            r"its options: order=2, max_len=4096 ",
+        ),
+        (
+            "local_attention",
+            {"top_k": 4, "window": 3},
+            r"takes no option 'top_k', 'window'; its options: window_size=8 ",
+        ),
         ("rwkv", {"window_size": 3}, r"'rwkv' \(RWKVAttention\) takes no option 'window_size'; its options: none "),
     ],
 )
@@ -135,7 +157,9 @@ def test_type_options_are_the_constructor_keywords_with_their_defaults():
     for cls in set(BUILTIN_ATTENTION.values()):
         code = cls.__init__.__code__
         names = code.co_varnames[4 : code.co_argcount]
-        assert attention.type_options(cls) == dict(zip(names, cls.__init__.__defaults__[-len(names) :] if names else ())), cls
+        assert attention.type_options(cls) == dict(
+            zip(names, cls.__init__.__defaults__[-len(names) :] if names else ())
+        ), cls
     assert attention.type_options(BUILTIN_ATTENTION["hyena"]) == {"order": 2, "max_len": 4096}
     assert attention.format_options({"a": 1, "b": "elu", "c": inspect.Parameter.empty}) == "a=1, b='elu', c"
 

@@ -20,11 +20,16 @@ import json, re, sys
 import compile_for_hopper as c
 
 counts = {}
-for kind, kernel in (("fwd", c.attention.segment_attention_fwd_kernel), ("bwd_dkdv", c.attention.segment_attention_bwd_dkdv_kernel)):
+kernels = (
+    ("fwd", c.attention.segment_attention_fwd_kernel),
+    ("bwd_dkdv", c.attention.segment_attention_bwd_dkdv_kernel),
+)
+for kind, kernel in kernels:
     for window in (0, 64):
         constexprs, warps = c.attention_tiles(kind, 64, "bf16")
         types = c.signature(kernel, "bf16")
-        compiled = c.compile_sm90(kernel, types, {**constexprs, "WINDOW": window, "SIGMOID": False}, c.pointer_hints(kernel, types), warps)
+        launch = {**constexprs, "WINDOW": window, "SIGMOID": False}
+        compiled = c.compile_sm90(kernel, types, launch, c.pointer_hints(kernel, types), warps)
         counts[f"{kind} {window}"] = len(re.findall(r"\\bdiv\\.s64\\b", compiled.asm["ptx"]))
 print(json.dumps(counts))
 """
@@ -37,7 +42,9 @@ def test_window_placement_divides_in_64_bits():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
-    completed = subprocess.run([sys.executable, "-c", COUNT_DIVISIONS], env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, "-c", COUNT_DIVISIONS], env=env, capture_output=True, text=True, timeout=600
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     counts = json.loads(completed.stdout.strip().splitlines()[-1])
     assert counts["fwd 0"] == counts["bwd_dkdv 0"] == 0, counts

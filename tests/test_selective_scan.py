@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import relative_error
+from reference.recurrence import selective_scan_reference
 
 from canvas_engineering.ops.segments import SegmentIndex
 from canvas_engineering.ops.selective_scan import segment_selective_scan, selective_scan
-from conftest import relative_error
-from reference.recurrence import selective_scan_reference
 
 
 def scan_inputs(length, channels=6, state=4, seed=0, step_scale=1.0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)  # noqa: E731
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)
     x, dt = draw(2, length, channels), F.softplus(draw(2, length, channels)) * step_scale
     A = -torch.arange(1, state + 1, dtype=dtype).repeat(channels, 1)
     return x, dt, A, draw(2, length, state), draw(2, length, state), draw(channels)

@@ -50,10 +50,25 @@ def test_quickstart_dispatch():
 def test_all_types_live_in_canvas_engineering_attention():
     import canvas_engineering.attention as attention
 
-    for name in ("CrossAttention", "LinearAttention", "CosineAttention", "SigmoidAttention", "GatedAttention",
-                 "PerceiverAttention", "PoolingAttention", "CopyAttention", "MambaAttention", "RWKVAttention",
-                 "HyenaAttention", "SparseAttention", "LocalAttention", "NoneAttention", "RandomFixedAttention",
-                 "MixtureAttention", "CogVideoXAttention"):
+    for name in (
+        "CrossAttention",
+        "LinearAttention",
+        "CosineAttention",
+        "SigmoidAttention",
+        "GatedAttention",
+        "PerceiverAttention",
+        "PoolingAttention",
+        "CopyAttention",
+        "MambaAttention",
+        "RWKVAttention",
+        "HyenaAttention",
+        "SparseAttention",
+        "LocalAttention",
+        "NoneAttention",
+        "RandomFixedAttention",
+        "MixtureAttention",
+        "CogVideoXAttention",
+    ):
         assert issubclass(getattr(attention, name), nn.Module)
         assert getattr(canvas_engineering, name) is getattr(attention, name)
 
@@ -72,7 +87,9 @@ def test_register_at_runtime():
     try:
         register_attention("my_custom_attn", MyCustomAttentionModule)
         layout = CanvasLayout(T=1, H=1, W=4, d_model=8, regions={"a": (0, 1, 0, 1, 0, 4)})
-        dispatcher = canvas_engineering.AttentionDispatcher(CanvasTopology([Connection("a", "a", fn="my_custom_attn")]), layout, 8, 2)
+        dispatcher = canvas_engineering.AttentionDispatcher(
+            CanvasTopology([Connection("a", "a", fn="my_custom_attn")]), layout, 8, 2
+        )
         x = torch.randn(1, 4, 8)
         assert torch.allclose(dispatcher(x), dispatcher.fn_modules["my_custom_attn"].proj(x))
     finally:

@@ -12,9 +12,17 @@ import torch
 
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
-from canvas_engineering import AttentionDispatcher, CanvasLayout, CanvasTopology, Connection, RegionSpec, create_attention  # noqa: E402
-from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
 from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact  # noqa: E402
+
+from canvas_engineering import (
+    AttentionDispatcher,
+    CanvasLayout,
+    CanvasTopology,
+    Connection,
+    RegionSpec,
+    create_attention,
+)  # noqa: E402
+from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-5 if DEVICE == "cpu" else 3e-3  # CUDA: TF32 matrix products
@@ -25,7 +33,12 @@ def kernels():
     return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
 
 
-OPTIONS = {"sparse_attention": {"top_k": 3}, "local_attention": {"window_size": 3}, "perceiver": {"n_latents": 4}, "mamba": {"state_size": 4}}
+OPTIONS = {
+    "sparse_attention": {"top_k": 3},
+    "local_attention": {"window_size": 3},
+    "perceiver": {"n_latents": 4},
+    "mamba": {"state_size": 4},
+}
 
 
 def results(run, inputs, module):
@@ -41,8 +54,20 @@ def results(run, inputs, module):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "name",
-    ["cross_attention", "cosine_attention", "sigmoid_attention", "sparse_attention", "local_attention",
-     "gated", "perceiver", "mixture", "cogvideox", "mamba", "rwkv", "linear_attention"],
+    [
+        "cross_attention",
+        "cosine_attention",
+        "sigmoid_attention",
+        "sparse_attention",
+        "local_attention",
+        "gated",
+        "perceiver",
+        "mixture",
+        "cogvideox",
+        "mamba",
+        "rwkv",
+        "linear_attention",
+    ],
 )
 @pytest.mark.parametrize("n, m", [(11, 19), (19, 11)])
 def test_module_kernels_match_eager(name, n, m):
@@ -60,11 +85,21 @@ def test_module_kernels_match_eager(name, n, m):
 @pytest.mark.gpu
 def test_dispatcher_kernels_match_eager():
     layout = CanvasLayout(
-        T=3, spatial_shape=(3, 6), d_model=32,
-        regions={"a": RegionSpec((0, 3, 0, 2, 0, 6), default_attn="local_attention"), "b": RegionSpec((0, 2, 2, 3, 0, 6), period=2, default_attn="sparse_attention")},
+        T=3,
+        spatial_shape=(3, 6),
+        d_model=32,
+        regions={
+            "a": RegionSpec((0, 3, 0, 2, 0, 6), default_attn="local_attention"),
+            "b": RegionSpec((0, 2, 2, 3, 0, 6), period=2, default_attn="sparse_attention"),
+        },
     )
     topology = CanvasTopology(
-        [Connection("a", "a"), Connection("a", "b", t_src=0, t_dst=0, temporal_fill="interpolate"), Connection("b", "a", fn="cross_attention"), Connection("b", "b", t_src=0, t_dst=-1)]
+        [
+            Connection("a", "a"),
+            Connection("a", "b", t_src=0, t_dst=0, temporal_fill="interpolate"),
+            Connection("b", "a", fn="cross_attention"),
+            Connection("b", "b", t_src=0, t_dst=-1),
+        ]
     )
     torch.manual_seed(0)
     dispatcher = AttentionDispatcher(topology, layout, d_model=32, n_heads=2).to(DEVICE)

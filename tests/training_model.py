@@ -8,13 +8,14 @@ this package and canvas-engineering 0.5.0 build the same declarations from it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+from peer_runner import build_declarations
 
 import canvas_engineering
-from peer_runner import build_declarations
 
 D_MODEL, N_HEADS, D_IN, D_OUT = 16, 2, 5, 3
 
@@ -73,12 +74,12 @@ EDGES = (
 )
 
 
-def canvas_spec(types: Sequence[str]) -> Dict[str, Any]:
+def canvas_spec(types: Sequence[str]) -> dict[str, Any]:
     """A T=2, (4, 6) canvas (48 positions) of three regions ("field": 24 positions, "left"
     and "right": 12 each) whose i-th connection runs ``types[i]`` (at most 18)."""
     if len(types) > len(EDGES):
         raise ValueError(f"canvas_spec: at most {len(EDGES)} types, got {len(types)}")
-    connections: List[Dict[str, Any]] = []
+    connections: list[dict[str, Any]] = []
     for (src, dst, t_src, t_dst), fn in zip(EDGES, types):
         connections.append({"src": src, "dst": dst, "t_src": t_src, "t_dst": t_dst, "fn": fn})
     return {
@@ -97,7 +98,7 @@ def canvas_spec(types: Sequence[str]) -> Dict[str, Any]:
 NUM_POSITIONS = 2 * 4 * 6
 
 
-def build_dispatcher(spec: Dict[str, Any], package: Any = canvas_engineering) -> nn.Module:
+def build_dispatcher(spec: dict[str, Any], package: Any = canvas_engineering) -> nn.Module:
     """``package.AttentionDispatcher`` over the canvas ``spec`` describes (D_MODEL, N_HEADS)."""
     topology, layout = build_declarations(package, spec)
     return package.AttentionDispatcher(topology, layout, D_MODEL, N_HEADS)
@@ -123,7 +124,7 @@ class CanvasModel(nn.Module):
         return self.head(hidden)
 
 
-def training_batches(steps: int, batch: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+def training_batches(steps: int, batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``steps`` batches of ``{"inputs": (batch, 48, D_IN), "targets": (batch, 48, D_OUT)}``."""
     generator = torch.Generator().manual_seed(seed)
     return [
@@ -135,7 +136,7 @@ def training_batches(steps: int, batch: int, seed: int = 0) -> List[Dict[str, to
     ]
 
 
-def pass_results(module: nn.Module, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+def pass_results(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """Output of ``module(x)`` and the gradients of x and of every parameter (None for one
     the output does not depend on) for a fixed seeded output cotangent."""
     leaf = x.detach().clone().requires_grad_(True)
@@ -146,7 +147,7 @@ def pass_results(module: nn.Module, x: torch.Tensor) -> Dict[str, Optional[torch
     return {"output": output.detach(), "x": grads[0], **dict(zip(names, grads[1:]))}
 
 
-def assert_bitwise_equal(actual: Dict[str, Optional[torch.Tensor]], expected: Dict[str, Optional[torch.Tensor]]) -> None:
+def assert_bitwise_equal(actual: dict[str, torch.Tensor | None], expected: dict[str, torch.Tensor | None]) -> None:
     """The same keys, Nones, dtypes and values, bit for bit."""
     assert actual.keys() == expected.keys()
     for key, value in expected.items():

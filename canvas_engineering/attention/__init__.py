@@ -10,7 +10,8 @@ and the README's type table are derived from those and from the constructor's op
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Mapping, Type
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -28,7 +29,7 @@ from canvas_engineering.attention.recurrence import HyenaAttention, MambaAttenti
 from canvas_engineering.attention.sparse import LocalAttention, SparseAttention
 from canvas_engineering.attention.validation import check_dropout
 
-BUILTIN_ATTENTION: Dict[str, Type[nn.Module]] = {
+BUILTIN_ATTENTION: dict[str, type[nn.Module]] = {
     "cross_attention": CrossAttention,
     "self_attention": CrossAttention,
     "linear_attention": LinearAttention,
@@ -50,27 +51,27 @@ BUILTIN_ATTENTION: Dict[str, Type[nn.Module]] = {
 }
 """The 18 built-in names (17 types and the alias ``self_attention``)."""
 
-ATTENTION_REGISTRY: Dict[str, Type[nn.Module]] = dict(BUILTIN_ATTENTION)
+ATTENTION_REGISTRY: dict[str, type[nn.Module]] = dict(BUILTIN_ATTENTION)
 """Every registered name, built-in or added with :func:`register_attention`."""
 
 
-def _declared_types() -> Dict[str, str]:
+def _declared_types() -> dict[str, str]:
     """Each built-in class under the first name it is registered with (later names are
     aliases): ``"<description>. <complexity>."``."""
-    first_names: Dict[Type[nn.Module], str] = {}
+    first_names: dict[type[nn.Module], str] = {}
     for name, cls in BUILTIN_ATTENTION.items():
         first_names.setdefault(cls, name)
     return {name: f"{cls.description}. {cls.complexity}." for cls, name in first_names.items()}
 
 
-ATTENTION_TYPES: Dict[str, str] = _declared_types()
+ATTENTION_TYPES: dict[str, str] = _declared_types()
 """Every built-in type (aliases left out) and what it computes, with its complexity."""
 
 SHARED_ARGUMENTS = ("d_model", "n_heads", "dropout")
 """The constructor arguments of every type, set for all types at once by the caller."""
 
 
-def type_options(cls: Type[nn.Module]) -> Dict[str, Any]:
+def type_options(cls: type[nn.Module]) -> dict[str, Any]:
     """The keyword options ``cls`` takes besides :data:`SHARED_ARGUMENTS`, in signature
     order, each with its default (``inspect.Parameter.empty`` where there is none)."""
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -84,7 +85,9 @@ def type_options(cls: Type[nn.Module]) -> Dict[str, Any]:
 def format_options(options: Mapping[str, Any]) -> str:
     """``{"order": 2, "max_len": 4096}`` as ``"order=2, max_len=4096"`` (a required
     option without a default as its bare name)."""
-    return ", ".join(name if value is inspect.Parameter.empty else f"{name}={value!r}" for name, value in options.items())
+    return ", ".join(
+        name if value is inspect.Parameter.empty else f"{name}={value!r}" for name, value in options.items()
+    )
 
 
 def check_options(owner: str, fn_name: str, options: Mapping[str, Any]) -> None:
@@ -132,7 +135,7 @@ def create_attention(fn_name: str, d_model: int, n_heads: int = 4, dropout: floa
     return ATTENTION_REGISTRY[fn_name](d_model, n_heads, check_dropout(fn_name, dropout), **kwargs)
 
 
-def register_attention(name: str, cls: Type[nn.Module], *, replace: bool = False) -> None:
+def register_attention(name: str, cls: type[nn.Module], *, replace: bool = False) -> None:
     """Register a custom attention type under ``name``.
 
     Args:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn as nn
 
@@ -36,21 +34,26 @@ class PerceiverAttention(SegmentAttention):
         self.readout = CrossAttention(d_model, n_heads, dropout)
         self._stages = PerIndexCache()
 
-    def _stage_indexes(self, index: SegmentIndex) -> Tuple[SegmentIndex, SegmentIndex]:
+    def _stage_indexes(self, index: SegmentIndex) -> tuple[SegmentIndex, SegmentIndex]:
         """(latents reading each key set, queries reading their key set's latents)."""
         n_latents, n_keysets = self.latents.shape[1], len(index.keyset_sizes)
         compress = SegmentIndex.build(
-            [n_latents] * n_keysets, list(range(n_keysets)), index.keyset_sizes,
-            query_source=list(range(n_latents)) * n_keysets, key_source=index.key_source.index.tolist(),
+            [n_latents] * n_keysets,
+            list(range(n_keysets)),
+            index.keyset_sizes,
+            query_source=list(range(n_latents)) * n_keysets,
+            key_source=index.key_source.index.tolist(),
         )
         readout = SegmentIndex.build(
-            [n for n, _ in index.shapes], index.keyset_of, [n_latents] * n_keysets,
+            [n for n, _ in index.shapes],
+            index.keyset_of,
+            [n_latents] * n_keysets,
             query_source=index.query_source.index.tolist(),
         )
         device = index.query_source.index.device
         return compress.to(device), readout.to(device)
 
-    def prepare(self, index: SegmentIndex) -> Tuple[SegmentIndex, SegmentIndex]:
+    def prepare(self, index: SegmentIndex) -> tuple[SegmentIndex, SegmentIndex]:
         """The two stages' indexes (built once), with their own preparation."""
         stages = self._stages.get(index, lambda: self._stage_indexes(index))
         self.compress.prepare(stages[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,7 +79,7 @@ class RandomFixedAttention(ProjectedAttention):
         n_heads: int = 4,
         dropout: float = 0.0,
         n_random: int = 8,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ):
         super().__init__(d_model, n_heads, dropout)
         check_positive("RandomFixedAttention", n_random=n_random)
@@ -90,12 +88,12 @@ class RandomFixedAttention(ProjectedAttention):
             with torch.random.fork_rng(devices=[]):
                 seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
-        self._patterns: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._patterns: dict[tuple[int, int], torch.Tensor] = {}
         self._row_tables = PerIndexCache()
         self._drawn_seed = int(self.pattern_seed)
         self._seed_stamp = self._stamp_of_seed()
 
-    def _stamp_of_seed(self) -> Tuple[torch.Tensor, int]:
+    def _stamp_of_seed(self) -> tuple[torch.Tensor, int]:
         """(the ``pattern_seed`` tensor, its version counter): the stamp changes when the
         buffer is replaced or written in place, and reading it needs no device sync."""
         return self.pattern_seed, self.pattern_seed._version
@@ -123,10 +121,12 @@ class RandomFixedAttention(ProjectedAttention):
         self._forget_patterns_of_another_seed()
         if (n_queries, n_keys) not in self._patterns:
             generator = torch.Generator().manual_seed(_mix_seed(self._drawn_seed, n_queries, n_keys))
-            self._patterns[(n_queries, n_keys)] = sample_key_subsets(n_queries, n_keys, min(self.n_random, n_keys), generator)
+            self._patterns[(n_queries, n_keys)] = sample_key_subsets(
+                n_queries, n_keys, min(self.n_random, n_keys), generator
+            )
         return self._patterns[(n_queries, n_keys)].to(device)
 
-    def _row_table(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _row_table(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed key row read by each packed query row and slot ``(Tq, K)``, slot validity)."""
         width = min(self.n_random, max([m for _, m in index.shapes] + [0]))
         tables, valids = [], []
@@ -147,14 +147,14 @@ class RandomFixedAttention(ProjectedAttention):
         if prefix + "pattern_seed" in missing_keys:
             missing_keys.remove(prefix + "pattern_seed")
 
-    def prepare(self, index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-row key table of ``index`` (built once per seed)."""
         self._forget_patterns_of_another_seed()
         return self._row_tables.get(index, lambda: self._row_table(index))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
         table, valid = self.prepare(index)
-        chosen = lambda t: torch.index_select(t, 1, table.flatten()).unflatten(1, table.shape)  # noqa: E731
+        chosen = lambda t: torch.index_select(t, 1, table.flatten()).unflatten(1, table.shape)
         logits = torch.einsum("bthd,btkhd->bthk", q, chosen(k)) * self.scale
         logits = logits.masked_fill(~valid.unsqueeze(0).unsqueeze(2), float("-inf"))
         weights = self.dropout(F.softmax(logits, dim=-1))
@@ -197,14 +197,14 @@ class MixtureAttention(SegmentAttention):
         self.router = nn.Linear(d_model, n_experts)
         self._expert_indexes = PerIndexCache()
 
-    def expert_slices(self, n_keys: int) -> List[Tuple[int, int]]:
+    def expert_slices(self, n_keys: int) -> list[tuple[int, int]]:
         """``[(start, end), ...]``: the key range of each expert."""
         width = max(1, n_keys // self.n_experts)
         starts = [e * width for e in range(self.n_experts)]
         ends = [min(s + width, n_keys) for s in starts[:-1]] + [n_keys]
         return list(zip(starts, ends))
 
-    def _slice_indexes(self, index: SegmentIndex) -> List[SegmentIndex]:
+    def _slice_indexes(self, index: SegmentIndex) -> list[SegmentIndex]:
         """Per expert: the index whose key sets are that expert's slice of each key set."""
         key_source = index.key_source.index.tolist()
         starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
@@ -214,14 +214,16 @@ class MixtureAttention(SegmentAttention):
             ranges = [(start + s[expert][0], start + max(s[expert])) for start, s in zip(starts, slices)]
             indexes.append(
                 SegmentIndex.build(
-                    [n for n, _ in index.shapes], index.keyset_of, [max(0, b - a) for a, b in ranges],
+                    [n for n, _ in index.shapes],
+                    index.keyset_of,
+                    [max(0, b - a) for a, b in ranges],
                     query_source=index.query_source.index.tolist(),
                     key_source=[key_source[row] for a, b in ranges for row in range(a, b)],
                 ).to(index.query_source.index.device)
             )
         return indexes
 
-    def prepare(self, index: SegmentIndex) -> List[SegmentIndex]:
+    def prepare(self, index: SegmentIndex) -> list[SegmentIndex]:
         """Each expert's index (built once), with the experts' own preparation."""
         indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))
         for expert, sub in zip(self.experts, indexes):
@@ -236,7 +238,10 @@ class MixtureAttention(SegmentAttention):
         routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
         expert_indexes = self.prepare(index)
         expert_outputs = torch.stack(
-            [expert.forward_segments(query_rows, key_rows, value_rows, sub) for expert, sub in zip(self.experts, expert_indexes)],
+            [
+                expert.forward_segments(query_rows, key_rows, value_rows, sub)
+                for expert, sub in zip(self.experts, expert_indexes)
+            ],
             dim=2,
         )
         return torch.einsum("bne,bned->bnd", routing, expert_outputs)

@@ -3,8 +3,6 @@ recurrence) and Hyena (gated FFT long convolutions)."""
 
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,8 +10,8 @@ from einops import rearrange
 
 from canvas_engineering.attention.dot_product import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
-from canvas_engineering.ops.fftconv import fft_length, prepare_fft_conv, segment_gated_fft_conv
 from canvas_engineering.ops.backend import HAS_TRITON
+from canvas_engineering.ops.fftconv import fft_length, prepare_fft_conv, segment_gated_fft_conv
 from canvas_engineering.ops.rwkv import keys_read, prepare_wkv, segment_wkv
 from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
@@ -41,9 +39,7 @@ class MambaAttention(SegmentAttention):
     complexity = "O(M) scan + O(NM) readout"
     description = "selective scan over dst, gated by silu(z), single-head softmax readout"
 
-    def __init__(
-        self, d_model: int, n_heads: int = 4, dropout: float = 0.0, state_size: int = 16, dt_rank: int = 0
-    ):
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, state_size: int = 16, dt_rank: int = 0):
         super().__init__()
         check_positive("MambaAttention", d_model=d_model, state_size=state_size)
         if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 0:
@@ -147,9 +143,7 @@ class HyenaAttention(SegmentAttention):
     complexity = "O(N log N)"
     description = "order rounds of sigmoid gate + FFT circular convolution"
 
-    def __init__(
-        self, d_model: int, n_heads: int = 4, dropout: float = 0.0, order: int = 2, max_len: int = 4096
-    ):
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0, order: int = 2, max_len: int = 4096):
         super().__init__()
         check_positive("HyenaAttention", d_model=d_model, order=order, max_len=max_len)
         self.d_model = d_model
@@ -163,7 +157,9 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(self, index: SegmentIndex) -> Union[Tuple[RowSelection, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _pooling_table(
+        self, index: SegmentIndex
+    ) -> tuple[RowSelection, int] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adaptive average pooling of each key set to its segment's length: output i of a
         segment averages keys ``floor(i*M/N) .. ceil((i+1)*M/N) - 1``.
 
@@ -175,7 +171,9 @@ class HyenaAttention(SegmentAttention):
         ratios = {m // n if m % n == 0 else 0 for n, m in index.shapes if n}
         if len(ratios) <= 1 and 0 not in ratios:
             window = ratios.pop() if ratios else 1
-            rows = RowSelection.of([starts[k] + i for (n, m), k in zip(index.shapes, index.keyset_of) if n for i in range(m)])
+            rows = RowSelection.of(
+                [starts[k] + i for (n, m), k in zip(index.shapes, index.keyset_of) if n for i in range(m)]
+            )
             return RowSelection(rows.index.to(index.query_segment.device), rows.start), window
         out_rows, key_rows, weights = [], [], []
         query_start = 0
@@ -192,7 +190,9 @@ class HyenaAttention(SegmentAttention):
         device = index.query_source.index.device
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
-    def prepare(self, index: SegmentIndex) -> Union[Tuple[RowSelection, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def prepare(
+        self, index: SegmentIndex
+    ) -> tuple[RowSelection, int] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pooling of ``index`` (built once); the convolution kernels' tables too where
         Triton is installed."""
         if HAS_TRITON:
@@ -220,7 +220,9 @@ class HyenaAttention(SegmentAttention):
         else:
             out_rows, pooled_rows, weights = pooling
             contributions = torch.index_select(values, 1, pooled_rows) * weights.to(values.dtype).view(1, -1, 1)
-            pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(1, out_rows, contributions)
+            pooled = values.new_zeros(values.shape[0], index.n_queries, values.shape[2]).index_add(
+                1, out_rows, contributions
+            )
         streams = self.in_proj(pooled).chunk(self.order + 1, dim=-1)
         mixed = streams[0]
         n_frequencies = fft_length(longest) // 2 + 1

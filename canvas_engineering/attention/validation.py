@@ -33,9 +33,7 @@ def check_heads(owner: str, d_model: int, n_heads: int) -> None:
         )
 
 
-def check_qkv(
-    owner: str, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, d_model: int
-) -> None:
+def check_qkv(owner: str, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, d_model: int) -> None:
     """Raise ValueError unless queries are ``(B, N, d_model)`` and keys, values ``(B, M, d_model)``."""
     for label, tensor in (("queries", queries), ("keys", keys), ("values", values)):
         if tensor.dim() != 3 or tensor.shape[-1] != d_model or tensor.shape[0] != queries.shape[0]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
 
 def composite_gradients(
-    composite: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], needs_input_grad: Sequence[bool], grad: torch.Tensor
-) -> Tuple[Optional[torch.Tensor], ...]:
+    composite: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    needs_input_grad: Sequence[bool],
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``composite(*inputs)`` against ``grad`` for the inputs whose
     ``needs_input_grad`` is set (None for the others), by autograd with ``create_graph=True``.
 

@@ -10,7 +10,6 @@ segment's FFT is at most ``MAX_KERNEL_LENGTH`` long, else the eager ``torch.fft`
 from __future__ import annotations
 
 from itertools import accumulate
-from typing import List, Tuple
 
 import torch
 
@@ -30,7 +29,7 @@ def fft_length(n: int) -> int:
 
 def _gated_circular_conv(
     mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, length: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output ``(B, S, W, D)``, the gate, the spectrum of the gated input) of
     ``irfft(rfft(mixed * sigmoid(gate_logits), n=length) * response, n=length)[:W]`` along
     dim 2. The output is made row-major: torch.fft returns the transform dimension
@@ -57,7 +56,9 @@ class _GatedCircularConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, length: int) -> torch.Tensor:
+    def forward(
+        ctx, mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, length: int
+    ) -> torch.Tensor:
         out, gate, spectrum = _gated_circular_conv(mixed, gate_logits, response, length)
         ctx.save_for_backward(mixed, gate_logits, response, gate, spectrum)
         ctx.length = length
@@ -68,8 +69,10 @@ class _GatedCircularConv(torch.autograd.Function):
         mixed, gate_logits, response, gate, spectrum = ctx.saved_tensors
         length = ctx.length
         if torch.is_grad_enabled():
-            convolution = lambda *inputs: _gated_circular_conv(*inputs, length)[0]  # noqa: E731
-            return composite_gradients(convolution, (mixed, gate_logits, response), ctx.needs_input_grad, grad) + (None,)
+            convolution = lambda *inputs: _gated_circular_conv(*inputs, length)[0]
+            return composite_gradients(convolution, (mixed, gate_logits, response), ctx.needs_input_grad, grad) + (
+                None,
+            )
         grad_spectrum = torch.fft.rfft(grad, n=length, dim=2)
         d_gated = torch.fft.irfft(grad_spectrum * response.conj(), n=length, dim=2)[:, :, : mixed.shape[2]].contiguous()
         d_mixed = d_gated * gate
@@ -82,7 +85,9 @@ class _GatedCircularConv(torch.autograd.Function):
         return d_mixed, d_gate_logits, d_response, None
 
 
-def eager_gated_fft_conv(mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+def eager_gated_fft_conv(
+    mixed: torch.Tensor, gate_logits: torch.Tensor, response: torch.Tensor, index: SegmentIndex
+) -> torch.Tensor:
     """Per segment of N rows: gate (``mixed * sigmoid(gate_logits)``), zero-pad to
     ``fft_length(N)``, multiply the spectrum by the filter's first ``fft_length(N) // 2 + 1``
     frequencies, invert, keep the first N rows; with torch.fft.
@@ -110,8 +115,13 @@ def eager_gated_fft_conv(mixed: torch.Tensor, gate_logits: torch.Tensor, respons
 
 @torch.library.custom_op("canvas_engineering::gated_fft_conv", mutates_args=())
 def _gated_fft_conv_op(
-    mixed: torch.Tensor, gate_logits: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
-    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
+    mixed: torch.Tensor,
+    gate_logits: torch.Tensor,
+    spectrum: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor,
+    class_lengths: list[int],
+    class_sizes: list[int],
 ) -> torch.Tensor:
     """The Triton convolution of ``mixed * sigmoid(gate_logits)`` with ``spectrum (F, D, 2)``."""
     from canvas_engineering.kernels.fftconv import fftconv_fwd
@@ -126,9 +136,15 @@ def _(mixed, gate_logits, spectrum, cu_seqlens, class_segments, class_lengths, c
 
 @torch.library.custom_op("canvas_engineering::gated_fft_conv_backward", mutates_args=())
 def _gated_fft_conv_backward_op(
-    grad: torch.Tensor, mixed: torch.Tensor, gate_logits: torch.Tensor, spectrum: torch.Tensor, cu_seqlens: torch.Tensor,
-    class_segments: torch.Tensor, class_lengths: List[int], class_sizes: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: torch.Tensor,
+    mixed: torch.Tensor,
+    gate_logits: torch.Tensor,
+    spectrum: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    class_segments: torch.Tensor,
+    class_lengths: list[int],
+    class_sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d mixed, d gate_logits, d spectrum) of the Triton convolution."""
     from canvas_engineering.kernels.fftconv import fftconv_bwd
 
@@ -150,7 +166,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     mixed, gate_logits, spectrum, cu_seqlens, class_segments = ctx.saved_tensors
-    grads = _gated_fft_conv_backward_op(grad.contiguous(), mixed, gate_logits, spectrum, cu_seqlens, class_segments, *ctx.classes)
+    grads = _gated_fft_conv_backward_op(
+        grad.contiguous(), mixed, gate_logits, spectrum, cu_seqlens, class_segments, *ctx.classes
+    )
     return grads + (None,) * 4
 
 
@@ -158,7 +176,7 @@ _gated_fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
 _tables = PerIndexCache()
 
 
-def prepare_fft_conv(index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]:
+def prepare_fft_conv(index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """The kernels' tables of ``index``, built once: int32 query offsets ``(S + 1,)``, the
     non-empty segments grouped by FFT length ``(S',)`` int32, each group's FFT length and size."""
 
@@ -196,7 +214,9 @@ def segment_gated_fft_conv(
     """
     longest = fft_length(max([n for n, _ in index.shapes] + [0]))
     if response.shape[0] < longest // 2 + 1:
-        raise ValueError(f"segment_gated_fft_conv: the filter needs {longest // 2 + 1} frequencies, got {response.shape[0]}")
+        raise ValueError(
+            f"segment_gated_fft_conv: the filter needs {longest // 2 + 1} frequencies, got {response.shape[0]}"
+        )
     if use_triton(mixed) and index.n_queries and longest <= MAX_KERNEL_LENGTH:
         spectrum = torch.view_as_real(response).contiguous()
         return _gated_fft_conv_op(mixed.contiguous(), gate_logits.contiguous(), spectrum, *prepare_fft_conv(index))

@@ -9,8 +9,6 @@ so, else the eager version.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -43,13 +41,23 @@ FEATURE_MAPS = {"elu": _EluPlusOne.apply, "relu": torch.relu}
 
 @torch.library.custom_op("canvas_engineering::linear_attention", mutates_args=())
 def _linear_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    segment_keyset: torch.Tensor, block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, state, normaliser) of the Triton linear attention."""
     from canvas_engineering.kernels.linear_attention import linear_attention_fwd
 
-    return linear_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu)
+    return linear_attention_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu
+    )
 
 
 @_linear_attention_op.register_fake
@@ -66,18 +74,59 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_
 
 @torch.library.custom_op("canvas_engineering::linear_attention_backward", mutates_args=())
 def _linear_attention_backward_op(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    state: torch.Tensor, normaliser: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    segment_keyset: torch.Tensor, block_segment: torch.Tensor, block_start: torch.Tensor, eps: float, relu: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    state: torch.Tensor,
+    normaliser: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    block_segment: torch.Tensor,
+    block_start: torch.Tensor,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the Triton linear attention."""
     from canvas_engineering.kernels.linear_attention import linear_attention_bwd
 
-    return linear_attention_bwd(grad_out, q, k, v, out, state, normaliser, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu)
+    return linear_attention_bwd(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        state,
+        normaliser,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        segment_keyset,
+        block_segment,
+        block_start,
+        eps,
+        relu,
+    )
 
 
 @_linear_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, state, normaliser, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    state,
+    normaliser,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    block_segment,
+    block_start,
+    eps,
+    relu,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -90,7 +139,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_state, grad_normaliser):
     q, k, v, out, state, normaliser, *tables = ctx.saved_tensors
-    dq, dk, dv = _linear_attention_backward_op(grad_out.contiguous(), q, k, v, out, state, normaliser, *tables, *ctx.options)
+    dq, dk, dv = _linear_attention_backward_op(
+        grad_out.contiguous(), q, k, v, out, state, normaliser, *tables, *ctx.options
+    )
     return (dq, dk, dv) + (None,) * 7
 
 
@@ -108,10 +159,14 @@ def _kernel_tables(index: SegmentIndex):
 
     device = index.query_segment.device
     query_lengths = [n for n, _ in index.shapes]
-    offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device)  # noqa: E731
+    offsets = lambda values: torch.tensor(
+        [0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device
+    )
     pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
     return (
-        offsets(query_lengths), offsets(list(index.keyset_sizes)), index.segment_keyset.to(torch.int32),
+        offsets(query_lengths),
+        offsets(list(index.keyset_sizes)),
+        index.segment_keyset.to(torch.int32),
         torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
         torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device),
     )
@@ -137,7 +192,9 @@ def segment_linear_attention(
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
         tables = prepare_linear_attention(index)
-        out, _, _ = _linear_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu")
+        out, _, _ = _linear_attention_op(
+            q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu"
+        )
         return out
     phi_q, phi_k = FEATURE_MAPS[feature_map](q), FEATURE_MAPS[feature_map](k)
     states = []
@@ -150,7 +207,9 @@ def segment_linear_attention(
     batches = []
     for bucket in index.segment_buckets:
         queries = bucket.queries.gather(phi_q)
-        numerator_and_denominator = torch.einsum("bnqhd,bnhde->bnqhe", queries, state[:, index.segment_keyset[bucket.members]])
+        numerator_and_denominator = torch.einsum(
+            "bnqhd,bnhde->bnqhe", queries, state[:, index.segment_keyset[bucket.members]]
+        )
         numerator, denominator = numerator_and_denominator.split([v.shape[-1], 1], dim=-1)
         batches.append(numerator * (denominator + eps).reciprocal())
     return index.assemble_queries(batches)

@@ -9,7 +9,6 @@ reads only that range (padded to the widest range of its bucket).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,9 @@ def _ceil_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -torch.div(-a, b, rounding_mode="floor")
 
 
-def window_keep(query_pos: torch.Tensor, key_pos: torch.Tensor, n_queries: torch.Tensor, n_keys: torch.Tensor, window_size: int) -> torch.Tensor:
+def window_keep(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, n_queries: torch.Tensor, n_keys: torch.Tensor, window_size: int
+) -> torch.Tensor:
     """Whether key ``key_pos`` is in the window of query ``query_pos`` (all broadcast together)
     in a segment of ``n_queries`` queries and ``n_keys`` keys."""
     placed = torch.div(key_pos * n_queries, n_keys.clamp(min=1), rounding_mode="floor")
@@ -48,7 +49,7 @@ class BlockedWindows:
     member: torch.Tensor
 
     @staticmethod
-    def build(bucket: SegmentBucket, window_size: int) -> "BlockedWindows":
+    def build(bucket: SegmentBucket, window_size: int) -> BlockedWindows:
         block = min(64, max(16, length_class(window_size)))
         n_blocks = max(1, -(-bucket.queries.width // block))
         n_queries = bucket.queries.lengths.view(-1, 1)
@@ -62,7 +63,9 @@ class BlockedWindows:
         columns = torch.arange(width, device=n_queries.device).view(1, 1, -1)
         key_slot = low.unsqueeze(-1) + columns
         query_pos = (starts.view(-1, 1) + torch.arange(block, device=starts.device)).view(1, n_blocks, block, 1)
-        keep = window_keep(query_pos, key_slot.unsqueeze(2), n_queries.view(-1, 1, 1, 1), n_keys.view(-1, 1, 1, 1), window_size)
+        keep = window_keep(
+            query_pos, key_slot.unsqueeze(2), n_queries.view(-1, 1, 1, 1), n_keys.view(-1, 1, 1, 1), window_size
+        )
         keep = keep & (key_slot < high.unsqueeze(-1)).unsqueeze(2)
         member = torch.arange(key_slot.shape[0], device=starts.device).view(-1, 1, 1)
         return BlockedWindows(block, n_blocks, width, key_slot.clamp(max=max(bucket.keys.width - 1, 0)), keep, member)
@@ -71,7 +74,7 @@ class BlockedWindows:
 _windows = PerIndexCache()
 
 
-def blocked_windows(index: SegmentIndex, window_size: int) -> List[BlockedWindows]:
+def blocked_windows(index: SegmentIndex, window_size: int) -> list[BlockedWindows]:
     """The blocked key ranges of every segment bucket of ``index`` (cached per index and window)."""
     by_window = _windows.get(index, dict)
     if window_size not in by_window:
@@ -99,7 +102,7 @@ def segment_local_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     index: SegmentIndex,
-    scale: Union[float, torch.Tensor],
+    scale: float | torch.Tensor,
     window_size: int,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:

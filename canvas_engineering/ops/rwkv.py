@@ -7,8 +7,6 @@ op ``canvas_engineering::wkv``) where :func:`use_triton` says so, else the chunk
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -20,7 +18,7 @@ from canvas_engineering.ops.segments import PerIndexCache, RowSelection, Segment
 @torch.library.custom_op("canvas_engineering::wkv", mutates_args=())
 def _wkv_op(
     k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, the parts' own sums) of the Triton WKV forward."""
     from canvas_engineering.kernels.wkv import wkv_fwd
 
@@ -36,9 +34,14 @@ def _(k, v, w, u, cu_seqlens):
 
 @torch.library.custom_op("canvas_engineering::wkv_backward", mutates_args=())
 def _wkv_backward_op(
-    grad_y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-    part_state: torch.Tensor, cu_seqlens: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_y: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    part_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dk, dv, dw, du) of the Triton WKV backward."""
     from canvas_engineering.kernels.wkv import wkv_bwd
 
@@ -47,7 +50,12 @@ def _wkv_backward_op(
 
 @_wkv_backward_op.register_fake
 def _(grad_y, k, v, w, u, part_state, cu_seqlens):
-    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32)
+    return (
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(w, dtype=torch.float32),
+        torch.empty_like(w, dtype=torch.float32),
+    )
 
 
 def _wkv_setup_context(ctx, inputs, output) -> None:
@@ -99,7 +107,9 @@ def wkv_scan(
     return out.to(v.dtype)
 
 
-def _chunked_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, eps: float, chunk: int) -> torch.Tensor:
+def _chunked_wkv(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, eps: float, chunk: int
+) -> torch.Tensor:
     """:func:`wkv_scan` of a non-empty batch of non-empty sequences, all inputs in one dtype."""
     batch, length, heads = k.shape[:3]
     size = min(chunk, length)
@@ -131,7 +141,7 @@ def _chunked_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Ten
     return rearrange(out, "(h d) (b c) s -> b (c s) h d", h=heads, b=batch)[:, :length]
 
 
-def _steps_read(index: SegmentIndex) -> Tuple[List[int], List[int]]:
+def _steps_read(index: SegmentIndex) -> tuple[list[int], list[int]]:
     """(per key set, the steps anyone reads: the longest ``min(N, M)`` among the segments
     that read it; the packed key rows of those steps, key set after key set)."""
     needed = [0] * len(index.keyset_sizes)
@@ -141,12 +151,16 @@ def _steps_read(index: SegmentIndex) -> Tuple[List[int], List[int]]:
     return needed, [start + step for start, count in zip(starts, needed) for step in range(count)]
 
 
-def _keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
+def _keys_read(index: SegmentIndex) -> tuple[RowSelection, SegmentIndex]:
     needed, read_rows = _steps_read(index)
     distinct, position = torch.unique(index.key_source.index[read_rows], return_inverse=True)
     rows = RowSelection.of(distinct.tolist())
     cut = SegmentIndex.build(
-        [n for n, _ in index.shapes], index.keyset_of, needed, query_source=index.query_source.index.tolist(), key_source=position.tolist()
+        [n for n, _ in index.shapes],
+        index.keyset_of,
+        needed,
+        query_source=index.query_source.index.tolist(),
+        key_source=position.tolist(),
     )
     device = index.query_segment.device
     return RowSelection(rows.index.to(device), rows.start), cut.to(device)
@@ -155,7 +169,7 @@ def _keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
 _reads = PerIndexCache()
 
 
-def keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
+def keys_read(index: SegmentIndex) -> tuple[RowSelection, SegmentIndex]:
     """(the rows of the op's key/value input that the WKV of ``index`` reads, once each and
     in order; ``index`` over just those rows, each key set cut to the steps anyone reads).
 
@@ -166,7 +180,7 @@ def keys_read(index: SegmentIndex) -> Tuple[RowSelection, SegmentIndex]:
     return _reads.get(index, lambda: _keys_read(index))
 
 
-def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, List[torch.Tensor], torch.Tensor]:
+def _scan_plan(index: SegmentIndex) -> tuple[SegmentIndex, list[torch.Tensor], torch.Tensor]:
     """(the key sets cut to the steps anyone reads, per key-set bucket of the cut the packed
     key row behind each of its ``count * width`` slots, the step each packed query row reads).
 
@@ -174,7 +188,9 @@ def _scan_plan(index: SegmentIndex) -> Tuple[SegmentIndex, List[torch.Tensor], t
     only up to the longest ``min(N, M)`` among the segments that read it.
     """
     needed, read_rows = _steps_read(index)
-    scan = SegmentIndex.build([n for n, _ in index.shapes], index.keyset_of, needed, key_source=read_rows).to(index.query_segment.device)
+    scan = SegmentIndex.build([n for n, _ in index.shapes], index.keyset_of, needed, key_source=read_rows).to(
+        index.query_segment.device
+    )
     bucket_rows = [scan.key_source.index[bucket.keys.slots.index] for bucket in scan.keyset_buckets]
     read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
     return scan, bucket_rows, read
@@ -203,7 +219,9 @@ def prepare_wkv(index: SegmentIndex) -> None:
     _keyset_offsets_of(scan)
 
 
-def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
+def segment_wkv(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, index: SegmentIndex
+) -> torch.Tensor:
     """WKV over each key set, read by each query row at step ``min(i, M - 1)``.
 
     Args:
@@ -219,11 +237,15 @@ def segment_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tens
     if scan.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
     if use_triton(k):
-        scanned, _ = _wkv_op(scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan))
+        scanned, _ = _wkv_op(
+            scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan)
+        )
     else:
         scanned = scan.assemble_keys(
             [
-                wkv_scan(_gather_rows(k, rows, len(bucket.members)), _gather_rows(v, rows, len(bucket.members)), w, u).unflatten(0, (k.shape[0], len(bucket.members)))
+                wkv_scan(
+                    _gather_rows(k, rows, len(bucket.members)), _gather_rows(v, rows, len(bucket.members)), w, u
+                ).unflatten(0, (k.shape[0], len(bucket.members)))
                 for bucket, rows in zip(scan.keyset_buckets, bucket_rows)
             ]
         )

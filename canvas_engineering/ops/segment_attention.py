@@ -13,8 +13,8 @@ segments of similar length into batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ def segment_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     index: SegmentIndex,
-    scale: Union[float, torch.Tensor],
+    scale: float | torch.Tensor,
     *,
     window: int = 0,
     top_k: int = 0,
@@ -105,28 +105,44 @@ class KernelTables:
     block: int
 
     @staticmethod
-    def build(index: SegmentIndex, block: int) -> "KernelTables":
+    def build(index: SegmentIndex, block: int) -> KernelTables:
         device = index.query_segment.device
-        table = lambda values: torch.tensor(list(values), dtype=torch.int32, device=device)  # noqa: E731
-        offsets = lambda lengths: table([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))])  # noqa: E731
+        table = lambda values: torch.tensor(list(values), dtype=torch.int32, device=device)
+        offsets = lambda lengths: table([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))])
 
-        def blocks(lengths: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        def blocks(lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
             pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, block)]
             return table(p[0] for p in pairs), table(p[1] for p in pairs)
 
-        readers = [[s for s, keyset in enumerate(index.keyset_of) if keyset == j] for j in range(len(index.keyset_sizes))]
+        readers = [
+            [s for s, keyset in enumerate(index.keyset_of) if keyset == j] for j in range(len(index.keyset_sizes))
+        ]
         query_lengths = [n for n, _ in index.shapes]
         return KernelTables(
-            offsets(query_lengths), offsets(list(index.keyset_sizes)), table(index.keyset_of),
-            table(s for segments in readers for s in segments), offsets([len(segments) for segments in readers]),
-            *blocks(query_lengths), *blocks(list(index.keyset_sizes)), block,
+            offsets(query_lengths),
+            offsets(list(index.keyset_sizes)),
+            table(index.keyset_of),
+            table(s for segments in readers for s in segments),
+            offsets([len(segments) for segments in readers]),
+            *blocks(query_lengths),
+            *blocks(list(index.keyset_sizes)),
+            block,
         )
 
     @property
-    def tensors(self) -> Tuple[torch.Tensor, ...]:
+    def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tables in the order the custom ops take them."""
-        return (self.cu_seqlens_q, self.cu_seqlens_k, self.segment_keyset, self.keyset_segments, self.cu_keyset_segments,
-                self.q_block_segment, self.q_block_start, self.k_block_keyset, self.k_block_start)
+        return (
+            self.cu_seqlens_q,
+            self.cu_seqlens_k,
+            self.segment_keyset,
+            self.keyset_segments,
+            self.cu_keyset_segments,
+            self.q_block_segment,
+            self.q_block_start,
+            self.k_block_keyset,
+            self.k_block_start,
+        )
 
 
 _kernel_tables = PerIndexCache()
@@ -134,28 +150,71 @@ _kernel_tables = PerIndexCache()
 
 @torch.library.custom_op("canvas_engineering::segment_attention", mutates_args=())
 def _segment_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
-    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, block: int, window: int, top_k: int, sigmoid: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor,
+    cu_keyset_segments: torch.Tensor,
+    q_block_segment: torch.Tensor,
+    q_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor,
+    k_block_start: torch.Tensor,
+    scale: float,
+    block: int,
+    window: int,
+    top_k: int,
+    sigmoid: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, selection) of the Triton forward; the selection record (the kept keys of
     each row, see ``segment_topk_attention_fwd``) is empty unless top_k > 0."""
     from canvas_engineering.kernels.segment_attention import segment_attention_fwd, segment_topk_attention_fwd
 
     if top_k:
-        return segment_topk_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start, scale, block, top_k)
-    out, lse = segment_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start, scale, block, window, sigmoid)
+        return segment_topk_attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, q_block_segment, q_block_start, scale, block, top_k
+        )
+    out, lse = segment_attention_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        segment_keyset,
+        q_block_segment,
+        q_block_start,
+        scale,
+        block,
+        window,
+        sigmoid,
+    )
     if sigmoid:
         lse.zero_()  # sigmoid weights have no log-sum-exp: the kernel leaves it unwritten
     return out, lse, lse.new_empty(0, dtype=torch.int32)
 
 
 @_segment_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
-      q_block_segment, q_block_start, k_block_keyset, k_block_start, scale, block, window, top_k, sigmoid):
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    keyset_segments,
+    cu_keyset_segments,
+    q_block_segment,
+    q_block_start,
+    k_block_keyset,
+    k_block_start,
+    scale,
+    block,
+    window,
+    top_k,
+    sigmoid,
+):
     from canvas_engineering.kernels.segment_attention import top_slots
 
     statistics = (q.shape[0], q.shape[2], q.shape[1])
@@ -166,27 +225,71 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_k
 
 @torch.library.custom_op("canvas_engineering::segment_attention_backward", mutates_args=())
 def _segment_attention_backward_op(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, selection: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, segment_keyset: torch.Tensor,
-    keyset_segments: torch.Tensor, cu_keyset_segments: torch.Tensor,
-    q_block_segment: torch.Tensor, q_block_start: torch.Tensor,
-    k_block_keyset: torch.Tensor, k_block_start: torch.Tensor,
-    scale: float, block: int, window: int, top_k: int, sigmoid: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    selection: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    segment_keyset: torch.Tensor,
+    keyset_segments: torch.Tensor,
+    cu_keyset_segments: torch.Tensor,
+    q_block_segment: torch.Tensor,
+    q_block_start: torch.Tensor,
+    k_block_keyset: torch.Tensor,
+    k_block_start: torch.Tensor,
+    scale: float,
+    block: int,
+    window: int,
+    top_k: int,
+    sigmoid: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the Triton backward (top-k: from the forward's saved selection)."""
     from canvas_engineering.kernels.segment_attention import segment_attention_bwd, segment_topk_attention_bwd
 
-    tables = (cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
-              q_block_segment, q_block_start, k_block_keyset, k_block_start)
+    tables = (
+        cu_seqlens_q,
+        cu_seqlens_k,
+        segment_keyset,
+        keyset_segments,
+        cu_keyset_segments,
+        q_block_segment,
+        q_block_start,
+        k_block_keyset,
+        k_block_start,
+    )
     if top_k:
         return segment_topk_attention_bwd(grad_out, q, k, v, out, lse, selection, *tables, scale, block)
     return segment_attention_bwd(grad_out, q, k, v, out, lse, *tables, scale, block, window, sigmoid)
 
 
 @_segment_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, selection, cu_seqlens_q, cu_seqlens_k, segment_keyset, keyset_segments, cu_keyset_segments,
-      q_block_segment, q_block_start, k_block_keyset, k_block_start, scale, block, window, top_k, sigmoid):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    selection,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    segment_keyset,
+    keyset_segments,
+    cu_keyset_segments,
+    q_block_segment,
+    q_block_start,
+    k_block_keyset,
+    k_block_start,
+    scale,
+    block,
+    window,
+    top_k,
+    sigmoid,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -199,7 +302,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse, grad_selection):
     q, k, v, out, lse, selection, *tables = ctx.saved_tensors
-    dq, dk, dv = _segment_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, selection, *tables, *ctx.options)
+    dq, dk, dv = _segment_attention_backward_op(
+        grad_out.contiguous(), q, k, v, out, lse, selection, *tables, *ctx.options
+    )
     return (dq, dk, dv) + (None,) * 14
 
 
@@ -229,16 +334,29 @@ def prepare_segment_attention(index: SegmentIndex, head_dim: int, window: int = 
 
 
 def _triton_segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex,
-    scale: Union[float, torch.Tensor], window: int, top_k: int, sigmoid: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SegmentIndex,
+    scale: float | torch.Tensor,
+    window: int,
+    top_k: int,
+    sigmoid: bool,
 ) -> torch.Tensor:
     tables = kernel_tables(index, q.shape[-1], q.dtype)
     block = tables.block
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0
     out, _, _ = _segment_attention_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), *tables.tensors,
-        float(scale), block, int(window), int(top_k), bool(sigmoid),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        *tables.tensors,
+        float(scale),
+        block,
+        int(window),
+        int(top_k),
+        bool(sigmoid),
     )
     return out
 
@@ -257,11 +375,13 @@ def segment_softmax_attention(
     batches = []
     for bucket in index.segment_buckets:
         qp, kp, vp = _padded(q, k, v, bucket)
-        fold = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731  (B*n, H, L, d)
+        fold = lambda t: t.flatten(0, 1).transpose(1, 2)  # (B*n, H, L, d)
         mask = None
         if bucket.keys.padded:
             mask = bucket.keys.valid[:, None, None, :].repeat(q.shape[0], 1, 1, 1)
-        attended = F.scaled_dot_product_attention(fold(qp), fold(kp), fold(vp), attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        attended = F.scaled_dot_product_attention(
+            fold(qp), fold(kp), fold(vp), attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
         batches.append(attended.transpose(1, 2).unflatten(0, qp.shape[:2]))
     return index.assemble_queries(batches)
 
@@ -276,8 +396,8 @@ def segment_masked_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     index: SegmentIndex,
-    scale: Union[float, torch.Tensor],
-    select: Optional[KeySelector] = None,
+    scale: float | torch.Tensor,
+    select: KeySelector | None = None,
     dropout_p: float = 0.0,
     sigmoid: bool = False,
 ) -> torch.Tensor:

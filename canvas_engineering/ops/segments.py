@@ -14,8 +14,9 @@ moved to a device once.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -49,10 +50,10 @@ class RowSelection:
     when the index is one (then taking them is a view, not a copy)."""
 
     index: torch.Tensor
-    start: Optional[int]
+    start: int | None
 
     @staticmethod
-    def of(rows: Sequence[int]) -> "RowSelection":
+    def of(rows: Sequence[int]) -> RowSelection:
         rows = list(rows)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
         return RowSelection(_long(rows), (rows[0] if rows else 0) if contiguous else None)
@@ -85,13 +86,13 @@ class PaddedRows:
     valid: torch.Tensor
     lengths: torch.Tensor
     flat_valid: torch.Tensor
-    valid_rows: Tuple[int, ...]
+    valid_rows: tuple[int, ...]
     count: int
     width: int
     padded: bool
 
     @staticmethod
-    def build(starts: Sequence[int], lengths: Sequence[int]) -> "PaddedRows":
+    def build(starts: Sequence[int], lengths: Sequence[int]) -> PaddedRows:
         """Sequences ``i`` covering packed rows ``starts[i] .. starts[i] + lengths[i] - 1``."""
         width = max(lengths, default=0)
         slots = [start + i if i < length else 0 for start, length in zip(starts, lengths) for i in range(width)]
@@ -122,7 +123,7 @@ class PaddedRows:
         return flat[:, self.flat_valid] if self.padded else flat
 
 
-def _assembly(buckets_rows: Sequence[Tuple[int, ...]], total: int) -> RowSelection:
+def _assembly(buckets_rows: Sequence[tuple[int, ...]], total: int) -> RowSelection:
     """Where each packed row sits in the concatenation of the buckets' valid rows."""
     position = [0] * total
     for place, row in enumerate(row for rows in buckets_rows for row in rows):
@@ -183,13 +184,13 @@ class SegmentIndex:
     segment_keyset: torch.Tensor
     keyset_start: torch.Tensor
     keyset_length: torch.Tensor
-    segment_buckets: List[SegmentBucket]
-    keyset_buckets: List[KeysetBucket]
+    segment_buckets: list[SegmentBucket]
+    keyset_buckets: list[KeysetBucket]
     query_assembly: RowSelection
     key_assembly: RowSelection
-    shapes: Tuple[Tuple[int, int], ...]
-    keyset_of: Tuple[int, ...]
-    keyset_sizes: Tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]
+    keyset_of: tuple[int, ...]
+    keyset_sizes: tuple[int, ...]
     n_queries: int
     n_keys: int
     derived: dict = field(default_factory=dict, repr=False)
@@ -199,9 +200,9 @@ class SegmentIndex:
         query_lengths: Sequence[int],
         keyset_of: Sequence[int],
         keyset_lengths: Sequence[int],
-        query_source: Optional[Sequence[int]] = None,
-        key_source: Optional[Sequence[int]] = None,
-    ) -> "SegmentIndex":
+        query_source: Sequence[int] | None = None,
+        key_source: Sequence[int] | None = None,
+    ) -> SegmentIndex:
         """Index segments ``s`` of ``query_lengths[s]`` queries reading key set
         ``keyset_of[s]`` of ``keyset_lengths[k]`` keys. ``query_source``/``key_source``
         (default: the identity) map packed rows to rows of the op's inputs."""
@@ -225,7 +226,10 @@ class SegmentIndex:
         for k, m in enumerate(keyset_lengths):
             keyset_classes.setdefault(length_class(m), []).append(k)
         keyset_buckets = [
-            KeysetBucket(_long(members), PaddedRows.build([keyset_starts[k] for k in members], [keyset_lengths[k] for k in members]))
+            KeysetBucket(
+                _long(members),
+                PaddedRows.build([keyset_starts[k] for k in members], [keyset_lengths[k] for k in members]),
+            )
             for members in keyset_classes.values()
         ]
         return SegmentIndex(
@@ -250,7 +254,7 @@ class SegmentIndex:
             n_keys=n_keys,
         )
 
-    def to(self, device: torch.device) -> "SegmentIndex":
+    def to(self, device: torch.device) -> SegmentIndex:
         """A copy with every tensor on ``device`` (and nothing derived yet)."""
         return replace(moved_to(self, torch.device(device)), derived={})
 
@@ -314,7 +318,7 @@ class PerIndexCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def __deepcopy__(self, memo: dict) -> "PerIndexCache":
+    def __deepcopy__(self, memo: dict) -> PerIndexCache:
         return PerIndexCache()
 
 

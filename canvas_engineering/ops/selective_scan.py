@@ -8,7 +8,7 @@ selective_scan`` (as the custom op ``canvas_engineering::selective_scan``) where
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,17 @@ SCAN_CHUNK = 64
 
 @torch.library.custom_op("canvas_engineering::selective_scan", mutates_args=())
 def _selective_scan_op(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-    cu_seqlens: torch.Tensor, checkpoint_offsets: torch.Tensor, n_checkpoints: int, chunk: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    checkpoint_offsets: torch.Tensor,
+    n_checkpoints: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, state checkpoints) of the Triton selective scan."""
     from canvas_engineering.kernels.selective_scan import selective_scan_fwd
 
@@ -39,9 +47,18 @@ def _(x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, chunk):
 
 @torch.library.custom_op("canvas_engineering::selective_scan_backward", mutates_args=())
 def _selective_scan_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor, checkpoints: torch.Tensor, cu_seqlens: torch.Tensor, checkpoint_offsets: torch.Tensor, chunk: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    checkpoints: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    checkpoint_offsets: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, ddt, dA, dB, dC, dD) of the Triton selective scan."""
     from canvas_engineering.kernels.selective_scan import selective_scan_bwd
 
@@ -50,8 +67,14 @@ def _selective_scan_backward_op(
 
 @_selective_scan_backward_op.register_fake
 def _(grad_y, x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, chunk):
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A, dtype=torch.float32), torch.empty_like(B),
-            torch.empty_like(C), torch.empty_like(D, dtype=torch.float32))
+    return (
+        torch.empty_like(x),
+        torch.empty_like(dt),
+        torch.empty_like(A, dtype=torch.float32),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D, dtype=torch.float32),
+    )
 
 
 def _scan_setup_context(ctx, inputs, output) -> None:
@@ -62,7 +85,9 @@ def _scan_setup_context(ctx, inputs, output) -> None:
 
 def _scan_backward(ctx, grad_y, grad_checkpoints):
     x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD = _selective_scan_backward_op(grad_y.contiguous(), x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, ctx.chunk)
+    dx, ddt, dA, dB, dC, dD = _selective_scan_backward_op(
+        grad_y.contiguous(), x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, ctx.chunk
+    )
     return dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), None, None, None, None
 
 
@@ -70,7 +95,7 @@ _selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_c
 _scan_tables = PerIndexCache()
 
 
-def prepare_selective_scan(index: SegmentIndex) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def prepare_selective_scan(index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(int32 key-set offsets, checkpoint offsets, checkpoint count) of ``index`` for the
     kernel, built once ahead of a forward."""
 
@@ -78,14 +103,21 @@ def prepare_selective_scan(index: SegmentIndex) -> Tuple[torch.Tensor, torch.Ten
         lengths = list(index.keyset_sizes)
         chunks = [-(-m // SCAN_CHUNK) for m in lengths]
         device = index.query_segment.device
-        offsets = lambda values: torch.tensor([0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device)  # noqa: E731
+        offsets = lambda values: torch.tensor(
+            [0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device
+        )
         return offsets(lengths), offsets(chunks), sum(chunks)
 
     return _scan_tables.get(index, tables)
 
 
 def selective_scan(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
     chunk: int = 0,
 ) -> torch.Tensor:
     """``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t``, h_0 = 0.
@@ -158,7 +190,7 @@ def _chunked(t: torch.Tensor, n_chunks: int, size: int) -> torch.Tensor:
 
 def _two_level_scan(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, size: int
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(y ``(batch, L, channels)``, per position t of a chunk the state after that step in
     every chunk, ``(batch, n_chunks, channels, state)``) of :func:`selective_scan` of a
     non-empty sequence in chunks of ``size`` steps, all inputs in one dtype;
@@ -189,9 +221,16 @@ def _two_level_scan(
 
 
 def _two_level_scan_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor, states: Sequence[torch.Tensor], needed: Tuple[bool, ...],
-) -> Tuple[Optional[torch.Tensor], ...]:
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    states: Sequence[torch.Tensor],
+    needed: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
     """(dx, ddt, dA, dB, dC, dD) of :func:`_two_level_scan` from the states it returned;
     None for those ``needed`` says no to.
 
@@ -207,9 +246,9 @@ def _two_level_scan_backward(
     n_chunks, size = states[0].shape[1], len(states)
     x_c, dt_c, B_c, C_c, grad_c = (_chunked(t, n_chunks, size) for t in (x, dt, B, C, grad_y))
     floor = _exponent_floor(x.dtype)
-    decay = lambda exponent: exponent.clamp_(min=floor).exp_()  # noqa: E731
-    step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)  # noqa: E731
-    per_step = lambda equation, tensors, other: torch.stack(  # noqa: E731
+    decay = lambda exponent: exponent.clamp_(min=floor).exp_()
+    step_decay = lambda t: decay(dt_c[:, :, t].unsqueeze(-1) * A)
+    per_step = lambda equation, tensors, other: torch.stack(
         [torch.einsum(equation, tensor, other[:, :, t]) for t, tensor in enumerate(tensors)], dim=2
     ).flatten(1, 2)[:, :length]
     need_x, need_dt, need_A, need_B, need_C, need_D = needed
@@ -242,7 +281,14 @@ def _two_level_scan_backward(
             grad_dt[:, :, t] += (through_decay * A).sum(-1)
             grad_A += torch.einsum("bcdn,bcd->dn", through_decay, dt_c[:, :, t])
             previous = states[t]
-    return grad_x, grad_dt.flatten(1, 2)[:, :length] if need_dt else None, grad_A if need_A else None, grad_B, grad_C, grad_D
+    return (
+        grad_x,
+        grad_dt.flatten(1, 2)[:, :length] if need_dt else None,
+        grad_A if need_A else None,
+        grad_B,
+        grad_C,
+        grad_D,
+    )
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -252,7 +298,16 @@ class _SelectiveScan(torch.autograd.Function):
     the composite instead, so higher derivatives are exact."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, size: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor,
+        size: int,
+    ) -> torch.Tensor:
         y, states = _two_level_scan(x, dt, A, B, C, D, size)
         ctx.save_for_backward(x, dt, A, B, C, D, *states)
         ctx.size = size
@@ -262,13 +317,18 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, dt, A, B, C, D, *states = ctx.saved_tensors
         if torch.is_grad_enabled():
-            scan = lambda *inputs: _two_level_scan(*inputs, ctx.size)[0]  # noqa: E731
+            scan = lambda *inputs: _two_level_scan(*inputs, ctx.size)[0]
             return composite_gradients(scan, (x, dt, A, B, C, D), ctx.needs_input_grad, grad_y) + (None,)
         return _two_level_scan_backward(grad_y, x, dt, A, B, C, D, states, ctx.needs_input_grad[:6]) + (None,)
 
 
 def segment_selective_scan(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
     index: SegmentIndex,
 ) -> torch.Tensor:
     """:func:`selective_scan` over each key set of ``index``, once per key set.
@@ -287,6 +347,8 @@ def segment_selective_scan(
         return y
     batches = []
     for bucket in index.keyset_buckets:
-        fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: E731
-        batches.append(selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D).unflatten(0, (x.shape[0], len(bucket.members))))
+        fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: B023 (called in this iteration)
+        batches.append(
+            selective_scan(fold(x), fold(dt), A, fold(B), fold(C), D).unflatten(0, (x.shape[0], len(bucket.members)))
+        )
     return index.assemble_keys(batches)

@@ -6,8 +6,15 @@ import torch
 
 
 def segment_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q, cu_seqlens_k, scale: float,
-    window: int = 0, top_k: int = 0, sigmoid: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    scale: float,
+    window: int = 0,
+    top_k: int = 0,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     """q ``(B, Tq, H, D)``, k, v ``(B, Tk, H, D)`` with segment offsets -> ``(B, Tq, H, D)``.
 
@@ -40,7 +47,9 @@ def segment_attention_reference(
     return out
 
 
-def linear_attention_reference(q, k, v, query_lengths, keyset_of, keyset_lengths, eps: float = 1e-6, relu: bool = False):
+def linear_attention_reference(
+    q, k, v, query_lengths, keyset_of, keyset_lengths, eps: float = 1e-6, relu: bool = False
+):
     """Linear attention per segment over its key set: phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps).
 
     q ``(B, Tq, H, D)``, k ``(B, Tk, H, D)``, v ``(B, Tk, H, E)`` packed per key set.

@@ -4,7 +4,7 @@ inverse DFT, then direct sums (use float64)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

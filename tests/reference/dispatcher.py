@@ -7,7 +7,7 @@ each connection's own frame offsets.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -16,7 +16,7 @@ from canvas_engineering.connectivity import fill_anchors
 
 
 def reference_forward(
-    dispatcher: AttentionDispatcher, x: torch.Tensor, active_regions: Optional[Iterable[str]] = None
+    dispatcher: AttentionDispatcher, x: torch.Tensor, active_regions: Iterable[str] | None = None
 ) -> torch.Tensor:
     """What ``dispatcher(x, active_regions)`` must return, computed edge by edge."""
     layout, topology = dispatcher.layout, dispatcher.topology
@@ -33,7 +33,10 @@ def reference_forward(
         weight_of[q_index] += weight
 
     real_frames = {
-        name: {t * layout.region_spec(name).period: layout.region_indices_at_t(name, t) for t in layout.region_timesteps(name)}
+        name: {
+            t * layout.region_spec(name).period: layout.region_indices_at_t(name, t)
+            for t in layout.region_timesteps(name)
+        }
         for name in layout.regions
     }
     horizon = max([layout.T] + [max(frames) + 1 for frames in real_frames.values()])
@@ -59,7 +62,9 @@ def reference_forward(
                 run(fn, queries, layout.region_indices(connection.dst), connection.weight)
                 continue
             frames = real_frames[connection.dst]
-            for real_frame, weight in fill_anchors(connection, sorted(frames), (ref + connection.t_dst) * src_period, horizon):
+            for real_frame, weight in fill_anchors(
+                connection, sorted(frames), (ref + connection.t_dst) * src_period, horizon
+            ):
                 run(fn, queries, frames[real_frame], weight)
     written = weight_of > 0
     result = x.clone()

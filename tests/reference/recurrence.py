@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def wkv_reference(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens, eps: float = 1e-6) -> torch.Tensor:
+def wkv_reference(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, cu_seqlens, eps: float = 1e-6
+) -> torch.Tensor:
     """The WKV output at every step of every packed sequence, one step at a time.
 
     k, v ``(B, T, H, D)``, w, u ``(H, D)`` -> ``(B, T, H, D)``.
