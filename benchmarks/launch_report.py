@@ -328,7 +328,7 @@ def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=to
 
     size = BYTES[dtype]
     elements = rows * channels
-    spectral = segments * fft * channels * 8
+    spectral = segments * fft * channels * 2 * BYTES[fftconv.operand_dtype(dtype)]
     cols, fft_rows = fftconv.factors(fft)
     row_flops = 4 * fft_rows * fft * segments * channels
     column_flops = 8 * max(16, cols) ** 2 * fft_rows * segments * channels
@@ -348,18 +348,23 @@ def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=to
     }
     workload = f"L{length}-S{segments}-B1-D{channels}-{SHORT[dtype]}"
     rows = rows_for("fftconv", workload, [("fwd", run, forward_costs), ("bwd", backward, backward_costs)])
-    return rows + [torch_fft_row(workload, elements, size, length)]
+    return rows + [torch_fft_row(workload, elements, size, length, phase) for phase in ("fwd", "bwd")]
 
 
-def torch_fft_row(workload: str, elements: int, size: int, length: int) -> dict:
-    """The anchor's floor: the eager forward through ``torch.fft`` (gate, rfft, product with
-    the filter, irfft, cast: each a pass over float32 data, about 3 * size + 32 bytes per
-    element; 2.5 L log2 L FLOPs per real transform of L points). Its est_us is that floor."""
-    hbm = elements * (3 * size + 32)
+def torch_fft_row(workload: str, elements: int, size: int, length: int, phase: str) -> dict:
+    """The anchor's floor: the eager forward or backward through ``torch.fft``, its inputs
+    and outputs once and each intermediate as a pass over float32 data; 2.5 L log2 L FLOPs per
+    real transform of L points, two transforms. Forward: reads mixed and gate, writes y; the
+    gated input, rfft, the product with the filter, irfft and the cast each write or read
+    float32: 3 * size + 32 bytes per element. Backward: reads dy, mixed and gate, writes both
+    gradients; rfft of dy (writes 4), the product with conj(H) (8), irfft (8), the gate's two
+    products (reading dx, then d mixed: 8), the filter gradient (reading DY and the saved
+    spectrum: 8): 5 * size + 36 bytes per element. Its est_us is that floor."""
+    hbm = elements * ((3 * size + 32) if phase == "fwd" else (5 * size + 36))
     flops = 2 * 2.5 * math.log2(length) * elements
     floor = max(hbm / BANDWIDTH, flops / RATES["none"]) * 1e6
     return {
-        "kernel": "fftconv/torch.fft[eager fwd, floor only]",
+        "kernel": f"fftconv/torch.fft[eager {phase}, floor only]",
         "workload": workload,
         "programs": None,
         "registers": None,

@@ -19,8 +19,9 @@ Segments are launched by class: all segments of one FFT length L share a launch.
 - ``L <= DENSE_MAX``: one program per (segment, channel block, batch row) holds the
   ``(L, BLOCK_C)`` tile and multiplies it by the ``L x L`` DFT matrix (padded to 16 rows).
 - Larger L, ``L = COLS * ROWS`` (:func:`factors`; ``ROWS >= 16``, pass 2 pads COLS to
-  ``BLOCK_COLS >= 16``): a three-pass Cooley-Tukey factorisation through a float32 scratch
-  buffer (``(2, B, S, L, D)``: real and imaginary parts). With ``n = n1 + COLS n2`` and
+  ``BLOCK_COLS >= 16``): a three-pass Cooley-Tukey factorisation through a pass buffer
+  (``(2, B, S, L, D)``: real and imaginary parts, in the products' operand type, since every
+  pass reads its predecessor's output only as ``tl.dot`` operands). With ``n = n1 + COLS n2`` and
   ``k = k2 + ROWS k1``,
   pass 1 (per n1): ``A[n1, k2] = w^(n1 k2) sum_n2 W_ROWS[k2, n2] x[n1 + COLS n2]``,
   pass 2 (per k2): ``X = W_COLS A`` along n1 gives ``X[k2 + ROWS k1]``; multiply by H (or form
@@ -29,10 +30,12 @@ Segments are launched by class: all segments of one FFT length L share a launch.
   with ``w = exp(-2 pi i / L)``. Passes 1 and 3 loop over the ``ROWS x ROWS`` DFT matrix in
   blocks of ``BLOCK_K`` columns; pass 2 holds the ``COLS x COLS`` one.
 The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P,
-stored in the products' operand type).
+stored in the products' operand type, :func:`operand_dtype`).
 Every matrix product takes its operands in ``DOT`` (:mod:`.operands`): for bf16 inputs on the
 GPU the DFT matrices and the transforms enter the tensor cores rounded to bf16 (float32
-accumulators and scratch), for float32 inputs they stay float32 (TF32).
+accumulators; the pass buffers hold the bf16 operands, rounded to nearest even as the
+products' own conversion would round them, so storing them as bf16 changes no result and
+halves their traffic), for float32 inputs they stay float32 (TF32; float32 pass buffers).
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ def fftconv_rows_kernel(
     MIXED,
     GATE,
     DFT_ROWS,
-    SCRATCH,
+    TRANSFORM,
     cu_seqlens,
     class_segments,
     n_segments,
@@ -267,14 +270,21 @@ def fftconv_rows_kernel(
     half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
     place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
     offsets = place[:, None] + channels[None, :]
-    tl.store(SCRATCH + offsets, ar, mask=c_mask[None, :])
-    tl.store(SCRATCH + half + offsets, ai, mask=c_mask[None, :])
+    _store_column(TRANSFORM, offsets, half, c_mask[None, :], ar, ai)
 
 
 @triton.jit
-def _load_column(SCRATCH, offsets, half, mask):
-    """(real, imaginary) parts at ``offsets`` of a scratch buffer whose halves are ``half`` apart."""
-    return tl.load(SCRATCH + offsets, mask=mask, other=0.0), tl.load(SCRATCH + half + offsets, mask=mask, other=0.0)
+def _store_column(TRANSFORM, offsets, half, mask, real, imag):
+    """``real`` and ``imag`` at ``offsets`` of a pass buffer whose halves are ``half`` apart, rounded
+    to its dtype (the products' operand type; the next pass reads them only as ``tl.dot`` operands)."""
+    tl.store(TRANSFORM + offsets, real.to(TRANSFORM.dtype.element_ty), mask=mask)
+    tl.store(TRANSFORM + half + offsets, imag.to(TRANSFORM.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_column(TRANSFORM, offsets, half, mask):
+    """(real, imaginary) parts at ``offsets`` of a pass buffer whose halves are ``half`` apart."""
+    return tl.load(TRANSFORM + offsets, mask=mask, other=0.0), tl.load(TRANSFORM + half + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -288,7 +298,7 @@ def _column_program(
     BLOCK_C: tl.constexpr,
 ):
     """What a pass-2 program works on: its k2; the n1 of its column; its channels and their
-    mask; its row ``b * n_class + segment`` of the per-segment partials; the scratch offsets
+    mask; its row ``b * n_class + segment`` of the per-segment partials; the pass buffer's offsets
     ``(BLOCK_COLS, BLOCK_C)`` of its column, their mask and the distance to the imaginary
     half; the (real, imaginary) COLS-point DFT matrix."""
     index = tl.program_id(0) // ROWS
@@ -310,7 +320,7 @@ def _column_program(
 
 @triton.jit
 def fftconv_columns_fwd_kernel(
-    SCRATCH,
+    TRANSFORM,
     SPECTRUM,
     DFT_COLS,
     n_channels,
@@ -322,24 +332,23 @@ def fftconv_columns_fwd_kernel(
     DOT: tl.constexpr,
 ):
     """Pass 2 of the forward for one k2: transform along n1, multiply by H, transform back;
-    the result replaces the column in SCRATCH (each stored value depends, through the matrix
+    the result replaces the column in TRANSFORM (each stored value depends, through the matrix
     products, on every value the program loaded)."""
     k2, n1, channels, c_mask, segment_row, offsets, mask, half, fr, fi = _column_program(
         DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
     )
-    ar, ai = _load_column(SCRATCH, offsets, half, mask)
+    ar, ai = _load_column(TRANSFORM, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     hr, hi = _filter(SPECTRUM, k2 + ROWS * n1, channels, n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True, DOT)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
-    tl.store(SCRATCH + offsets, br, mask=mask)
-    tl.store(SCRATCH + half + offsets, bi, mask=mask)
+    _store_column(TRANSFORM, offsets, half, mask, br, bi)
 
 
 @triton.jit
 def fftconv_columns_bwd_kernel(
-    SCRATCH,
-    SCRATCH_X,
+    TRANSFORM,
+    TRANSFORM_X,
     SPECTRUM,
     DFT_COLS,
     DSPECTRUM_PARTIAL,
@@ -351,14 +360,14 @@ def fftconv_columns_bwd_kernel(
     BLOCK_C: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """Pass 2 of the backward for one k2: transform both columns (of dy in SCRATCH, of x in
-    SCRATCH_X) along n1, write the filter gradient, transform ``DY conj(H)`` back into SCRATCH."""
+    """Pass 2 of the backward for one k2: transform both columns (of dy in TRANSFORM, of x in
+    TRANSFORM_X) along n1, write the filter gradient, transform ``DY conj(H)`` back into TRANSFORM."""
     k2, n1, channels, c_mask, segment_row, offsets, mask, half, fr, fi = _column_program(
         DFT_COLS, n_channels, LENGTH, ROWS, COLS, BLOCK_COLS, BLOCK_C
     )
-    ar, ai = _load_column(SCRATCH, offsets, half, mask)
+    ar, ai = _load_column(TRANSFORM, offsets, half, mask)
     gr, gi = _complex_matmul(fr, fi, ar, ai, False, DOT)
-    ar, ai = _load_column(SCRATCH_X, offsets, half, mask)
+    ar, ai = _load_column(TRANSFORM_X, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     frequencies = k2 + ROWS * n1
     _store_filter_gradient(
@@ -367,13 +376,12 @@ def fftconv_columns_bwd_kernel(
     hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True, DOT)
     br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
-    tl.store(SCRATCH + offsets, br, mask=mask)
-    tl.store(SCRATCH + half + offsets, bi, mask=mask)
+    _store_column(TRANSFORM, offsets, half, mask, br, bi)
 
 
 @triton.jit
 def fftconv_inverse_rows_kernel(
-    SCRATCH,
+    TRANSFORM,
     DFT_ROWS,
     MIXED,
     GATE,
@@ -407,7 +415,7 @@ def fftconv_inverse_rows_kernel(
     for start in range(0, ROWS, BLOCK_K):
         k2 = start + tl.arange(0, BLOCK_K)
         place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
-        br, bi = _load_column(SCRATCH, place[:, None] + channels[None, :], half, c_mask[None, :])
+        br, bi = _load_column(TRANSFORM, place[:, None] + channels[None, :], half, c_mask[None, :])
         matrix = n2[:, None] * ROWS + k2[None, :]
         acc = _product(tl.load(DFT_ROWS + matrix), br, acc, DOT)
         acc = _product(tl.load(DFT_ROWS + ROWS * ROWS + matrix), bi, acc, DOT)
@@ -443,17 +451,17 @@ def factors(length: int) -> tuple[int, int]:
     return length // rows, rows
 
 
-def _tables(rows: int, cols: int, device: torch.device, dot) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16),
-    in the matrix products' operand type ``dot``."""
-    dtype = _table_dtype(dot)
+    in ``dtype``."""
     return dft_matrix(rows, rows, device, dtype), dft_matrix(cols, max(16, cols), device, dtype)
 
 
-def _table_dtype(dot) -> torch.dtype:
-    """The DFT matrices' dtype for products with operands of type ``dot``: stored as the
-    operands, so that every program reads half the bytes of its matrix where they are bf16."""
-    return torch.bfloat16 if dot == tl.bfloat16 else torch.float32
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the matrix products' operands for inputs of ``dtype`` (bf16 where
+    :func:`.operands.dot_dtype` is, else float32): the DFT matrices and the pass buffers are
+    stored in it, so that every program reads half the bytes where the operands are bf16."""
+    return torch.bfloat16 if dot_dtype(dtype) == tl.bfloat16 else torch.float32
 
 
 def launch_config(kernel: str, length: int, n_channels: int) -> dict:
@@ -476,9 +484,9 @@ def _classes(class_segments: torch.Tensor, class_lengths: Sequence[int], class_s
         first += size
 
 
-def _scratch(batch: int, count: int, length: int, n_channels: int, device: torch.device) -> torch.Tensor:
-    """The three passes' buffer ``(2, B, count, L, D)`` float32: real and imaginary parts."""
-    return torch.empty(2, batch, count, length, n_channels, dtype=torch.float32, device=device)
+def _pass_buffer(batch: int, count: int, length: int, n_channels: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The three passes' buffer ``(2, B, count, L, D)`` in ``dtype``: real and imaginary parts."""
+    return torch.empty(2, batch, count, length, n_channels, dtype=dtype, device=device)
 
 
 def _grid(programs: int, config: dict, n_channels: int, batch: int) -> tuple[int, int, int]:
@@ -504,7 +512,7 @@ def fftconv_fwd(
     """
     batch, _, n_channels = mixed.shape
     n_segments = cu_seqlens.shape[0] - 1
-    dot = dot_dtype(mixed.dtype)
+    dot, operands = dot_dtype(mixed.dtype), operand_dtype(mixed.dtype)
     y = new_output(mixed, mixed.shape, mixed.dtype)
     for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
         if length <= DENSE_MAX:
@@ -514,7 +522,7 @@ def fftconv_fwd(
                 mixed,
                 gate,
                 spectrum,
-                dft_matrix(length, padded, mixed.device, _table_dtype(dot)),
+                dft_matrix(length, padded, mixed.device, operands),
                 y,
                 cu_seqlens,
                 segments,
@@ -527,15 +535,15 @@ def fftconv_fwd(
             )
             continue
         cols, rows = factors(length)
-        scratch = _scratch(batch, count, length, n_channels, mixed.device)
-        table_rows, table_cols = _tables(rows, cols, mixed.device, dot)
+        transform = _pass_buffer(batch, count, length, n_channels, operands, mixed.device)
+        table_rows, table_cols = _tables(rows, cols, mixed.device, operands)
         shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
         config = launch_config("rows", length, n_channels)
         fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
             mixed,
             gate,
             table_rows,
-            scratch,
+            transform,
             cu_seqlens,
             segments,
             n_segments,
@@ -548,7 +556,7 @@ def fftconv_fwd(
         )
         columns = launch_config("columns", length, n_channels)
         fftconv_columns_fwd_kernel[_grid(count * rows, columns, n_channels, batch)](
-            scratch,
+            transform,
             spectrum,
             table_cols,
             n_channels,
@@ -558,7 +566,7 @@ def fftconv_fwd(
             **columns,
         )
         fftconv_inverse_rows_kernel[_grid(count * cols, config, n_channels, batch)](
-            scratch,
+            transform,
             table_rows,
             mixed,
             gate,
@@ -590,7 +598,7 @@ def fftconv_bwd(
     """Gradients (d mixed, d gate, d spectrum ``(F, D, 2)`` float32) of :func:`fftconv_fwd`."""
     batch, _, n_channels = mixed.shape
     n_segments = cu_seqlens.shape[0] - 1
-    dot = dot_dtype(mixed.dtype)
+    dot, operands = dot_dtype(mixed.dtype), operand_dtype(mixed.dtype)
     d_mixed, d_gate = new_output(mixed, mixed.shape, mixed.dtype), new_output(gate, gate.shape, gate.dtype)
     d_spectrum = torch.zeros(spectrum.shape, dtype=torch.float32, device=spectrum.device)
     for length, segments, count in _classes(class_segments, class_lengths, class_sizes):
@@ -603,7 +611,7 @@ def fftconv_bwd(
                 mixed,
                 gate,
                 spectrum,
-                dft_matrix(length, padded, mixed.device, _table_dtype(dot)),
+                dft_matrix(length, padded, mixed.device, operands),
                 d_mixed,
                 d_gate,
                 partial,
@@ -618,8 +626,10 @@ def fftconv_bwd(
             )
         else:
             cols, rows = factors(length)
-            signal, grad_signal = (_scratch(batch, count, length, n_channels, mixed.device) for _ in range(2))
-            table_rows, table_cols = _tables(rows, cols, mixed.device, dot)
+            signal, grad_signal = (
+                _pass_buffer(batch, count, length, n_channels, operands, mixed.device) for _ in range(2)
+            )
+            table_rows, table_cols = _tables(rows, cols, mixed.device, operands)
             shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
             config = launch_config("rows", length, n_channels)
             for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):
