@@ -190,10 +190,11 @@ def attention_rows(
 
 
 def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> list[dict]:
-    """The RWKV WKV scan over one sequence of ``length`` steps. The backward recomputes each
-    step's sums from its part's: the steps it re-reads for that (on average ``(TILE - 1) / 2 +
-    steps / (2 TILE)`` per step, from the part's few kilobytes of k and v) are counted as FLOPs,
-    not as global-memory bytes."""
+    """The RWKV WKV scan over one sequence of ``length`` steps. A part's own sums are one
+    vectorised reduction over its steps, ``CARRY_BLOCK`` rows per load: ``steps / CARRY_BLOCK``
+    waits. The backward recomputes each step's sums from its part's: the steps it re-reads for
+    that (on average ``(TILE - 1) / 2 + steps / (2 TILE)`` per step, from the part's few
+    kilobytes of k and v) are counted as FLOPs, not as global-memory bytes."""
     from canvas_engineering.kernels import wkv
 
     k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(2))
@@ -212,7 +213,9 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
     carried = part_bytes * (n_parts - 1) / 2
     recomputed_steps = (wkv.TILE - 1) / 2 + steps / (2 * wkv.TILE)
     costs = {
-        "wkv_fwd_state_kernel": Cost(2 * elements * size + 3 * part_bytes, 6 * elements, steps),
+        "wkv_fwd_state_kernel": Cost(
+            2 * elements * size + 3 * part_bytes, 12 * elements, math.ceil(steps / wkv.CARRY_BLOCK)
+        ),
         "wkv_fwd_kernel": Cost(3 * elements * size + 3 * carried, 16 * elements, steps),
         "wkv_bwd_state_kernel": Cost(3 * elements * size + 3 * carried + 4 * part_bytes, 26 * elements, steps),
         "wkv_bwd_kernel": Cost(
@@ -227,7 +230,8 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
 
 
 def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtype=torch.bfloat16) -> list[dict]:
-    """The S6 selective scan over one sequence of ``length`` steps."""
+    """The S6 selective scan over one sequence of ``length`` steps. A chunk's own state (and
+    adjoint) is one vectorised reduction over its steps, ``state_rows`` rows per load."""
     from canvas_engineering.kernels import selective_scan
 
     x, dt = (torch.empty(batch, length, channels, dtype=dtype, device=META) for _ in range(2))
@@ -253,13 +257,18 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
     items = n_chunks * batch * groups
     walks = math.ceil(items / min(selective_scan.WORKERS, items)) * math.ceil(channel_blocks / groups)
     chunk = selective_scan.CHUNK
+    state_waits = chunk // selective_scan.state_rows(chunk)
     costs = {
-        "selective_scan_fwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
+        "selective_scan_fwd_state_kernel": Cost(
+            rows * (2 * channels + state) * size + chunk_bytes, 6 * states, state_waits
+        ),
         "selective_scan_group_kernel": Cost(chunk_bytes * (1 + 1 / group), 4 * batch * n_chunks * channels * state),
         "selective_scan_fwd_kernel": Cost(
             rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk
         ),
-        "selective_scan_bwd_state_kernel": Cost(rows * (2 * channels + state) * size + chunk_bytes, 4 * states, chunk),
+        "selective_scan_bwd_state_kernel": Cost(
+            rows * (2 * channels + state) * size + chunk_bytes, 6 * states, state_waits
+        ),
         "selective_scan_bwd_kernel": Cost(
             rows * (7 * channels + 3 * state) * size
             + 2 * groups * rows * state * 4

@@ -9,16 +9,18 @@ sequence (sequence ``s`` owns rows ``cu_seqlens[s] .. cu_seqlens[s+1]``); ``A (D
 Every sequence is cut into chunks of ``CHUNK`` steps (``checkpoint_offsets`` numbers them,
 sequence after sequence); a program owns one chunk, one batch row and ``BLOCK_D`` channels,
 with its ``(BLOCK_D, N)`` state in registers. The forward pass runs in two launches: each
-chunk's own state from zero and its sum of dt (``selective_scan_fwd_state_kernel``); then
-each chunk takes the state carried into it (the earlier chunks' states, each decayed by
-``exp(A * sum of dt)`` over the chunks between, in one vectorised reduction), stores it as
-the chunk's checkpoint and walks its steps (``selective_scan_fwd_kernel``). The backward pass
-mirrors it: each chunk's adjoint of its entering state from zero (``dh_{t-1} = exp(dt_t A)
-(dh_t + g_t C_t)``, ``selective_scan_bwd_state_kernel``); then each chunk takes the later
-chunks' adjoints, recomputes its states from its checkpoint into a worker's scratch and
-walks its steps in reverse (``selective_scan_bwd_kernel``, a fixed number of worker
-programs taking items in turn; an item is a chunk, a batch row and a group of channel
-blocks, which it walks one block after the other). Gradients that sum over channels (of Bm
+chunk's own state from zero and its sum of dt (``selective_scan_fwd_state_kernel``, one
+vectorised reduction over its steps, ``STATE_ROWS`` at a time: no step waits on the one
+before); then each chunk takes the state carried into it (the earlier chunks' states, each
+decayed by ``exp(A * sum of dt)`` over the chunks between, in one vectorised reduction),
+stores it as the chunk's checkpoint and walks its steps (``selective_scan_fwd_kernel``). The
+backward pass mirrors it: each chunk's adjoint of its entering state from zero
+(``dh_{t-1} = exp(dt_t A) (dh_t + g_t C_t)``, ``selective_scan_bwd_state_kernel``, a
+vectorised reduction too); then each chunk takes the later chunks' adjoints, recomputes its
+states from its checkpoint into a worker's scratch and walks its steps in reverse
+(``selective_scan_bwd_kernel``, a fixed number of worker programs taking items in turn; an
+item is a chunk, a batch row and a group of channel blocks, which it walks one block after
+the other). Gradients that sum over channels (of Bm
 and C) are accumulated per group of channel blocks (``n_groups = WORKERS // (chunks * B)``
 groups, at least 1 and at most the blocks: ``n_groups * B * T * N`` floats, which does not
 grow with D), those that sum over time (A, Dskip) per chunk, and summed by the launcher.
@@ -27,6 +29,8 @@ Scratch: O(chunks * B * D * N) floats and the workers' ``WORKERS * CHUNK * BLOCK
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +38,8 @@ import triton.language as tl
 from .buffers import new_output
 
 CHUNK = 64
+STATE_ROWS = 8
+"""Steps the chunk-state kernels read at a time (at most; a power of two that divides the chunk)."""
 CARRY_BLOCK = 1
 """Chunks the carry reduction reads at a time (more only costs registers: the loads of
 successive chunks do not wait on each other)."""
@@ -57,6 +63,22 @@ def _step_inputs(X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_
     dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
     bm = tl.load(BM + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
     return valid, state_valid, x, dt, bm
+
+
+@triton.jit
+def _rows(P, rows, valid, columns, column_mask, width):
+    """Packed rows ``rows (ROWS,)`` of a ``(B * T, width)`` input at ``columns``, float32
+    ``(ROWS, columns)``; zeros where not ``valid`` (past the sequence's end)."""
+    mask = valid[:, None] & column_mask[None, :]
+    return tl.load(P + rows[:, None] * width + columns[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decayed_rows(h, a, exponents, weights, vectors):
+    """``h (BLOCK_D, BLOCK_N)`` plus, over rows r, ``exp(exponents[r, d] a[d, n]) weights[r, d]
+    vectors[r, n]`` (exponents and weights ``(ROWS, BLOCK_D)``, vectors ``(ROWS, BLOCK_N)``)."""
+    terms = tl.exp(exponents[:, :, None] * a[None, :, :]) * (weights[:, :, None] * vectors[:, None, :])
+    return h + tl.sum(terms, axis=0)
 
 
 @triton.jit
@@ -342,8 +364,11 @@ def selective_scan_fwd_state_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     SEARCH: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """A chunk's own state at its end, from zero, and its sum of dt."""
+    """A chunk's own state at its end, from zero, and its sum of dt: ``sum_t exp(A * dt summed
+    over the steps after t) dt_t x_t Bm_t``, one vectorised reduction over its steps, ROWS at
+    a time from the last (no step waits on the one before)."""
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
@@ -353,13 +378,20 @@ def selective_scan_fwd_state_kernel(
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(0, CHUNK):
-        t = first_step + i
-        valid, state_valid, x, dt, bm = _step_inputs(
-            X, DT, BM, b * total + begin + t, t, length, channels, states, c_mask, n_mask, n_channels, n_state
+    for back in range(0, CHUNK // ROWS):
+        t = first_step + CHUNK - (back + 1) * ROWS + tl.arange(0, ROWS)
+        valid = t < length
+        row = b * total + begin + t
+        dt = _rows(DT, row, valid, channels, c_mask, n_channels)
+        after = dt_sum[None, :] + tl.sum(dt, axis=0)[None, :] - tl.cumsum(dt, axis=0)
+        h = _decayed_rows(
+            h,
+            a,
+            after,
+            dt * _rows(X, row, valid, channels, c_mask, n_channels),
+            _rows(BM, row, valid, states, n_mask, n_state),
         )
-        h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
-        dt_sum += dt
+        dt_sum += tl.sum(dt, axis=0)
     tl.store(
         CHUNK_STATE + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask
     )
@@ -459,9 +491,12 @@ def selective_scan_bwd_state_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     SEARCH: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """A chunk's own adjoint of the state entering it, from zero at its end
-    (``dh_{t-1} = exp(dt_t A) (dh_t + dy_t C_t)``), and its sum of dt."""
+    (``dh_{t-1} = exp(dt_t A) (dh_t + dy_t C_t)``, so ``sum_t exp(A * dt summed up to t)
+    dy_t C_t``), and its sum of dt: one vectorised reduction over its steps, ROWS at a time
+    from the first (no step waits on the one before)."""
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
@@ -471,15 +506,20 @@ def selective_scan_bwd_state_kernel(
     a = tl.load(A + channels[:, None] * n_state + states[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for reverse_i in range(0, CHUNK):
-        t = first_step + CHUNK - 1 - reverse_i
+    for i in range(0, CHUNK // ROWS):
+        t = first_step + i * ROWS + tl.arange(0, ROWS)
+        valid = t < length
         row = b * total + begin + t
-        valid = (channels * 0 + t) < length
-        dt = tl.load(DT + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-        g = tl.load(DY + row * n_channels + channels, mask=c_mask & valid, other=0.0).to(tl.float32)
-        c = tl.load(C + row * n_state + states, mask=n_mask & ((states * 0 + t) < length), other=0.0).to(tl.float32)
-        dh = tl.exp(dt[:, None] * a) * (dh + g[:, None] * c[None, :])
-        dt_sum += dt
+        dt = _rows(DT, row, valid, channels, c_mask, n_channels)
+        through = dt_sum[None, :] + tl.cumsum(dt, axis=0)
+        dh = _decayed_rows(
+            dh,
+            a,
+            through,
+            _rows(DY, row, valid, channels, c_mask, n_channels),
+            _rows(C, row, valid, states, n_mask, n_state),
+        )
+        dt_sum += tl.sum(dt, axis=0)
     tl.store(
         CHUNK_ADJOINT + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), dh, mask=tile_mask
     )
@@ -628,6 +668,11 @@ def _blocks(n_channels: int, n_state: int) -> tuple[int, int]:
     return min(32, triton.next_power_of_2(n_channels)), block_n
 
 
+def state_rows(chunk: int) -> int:
+    """Steps the chunk-state kernels read at a time for chunks of ``chunk`` steps."""
+    return math.gcd(chunk, STATE_ROWS)
+
+
 def block_groups(n_checkpoints: int, batch: int, n_blocks: int) -> int:
     """Groups of channel blocks of the backward's items: enough for every worker to take one
     (chunk, batch row, group) item, at most one per block."""
@@ -671,7 +716,7 @@ def selective_scan_fwd(
         common = dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SEARCH=SEARCH_BLOCK)
         sizes = (cu_seqlens.shape[0] - 1, n_checkpoints, n_channels, n_state)
         selective_scan_fwd_state_kernel[grid](
-            x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, **common
+            x, dt, A, Bm, chunk_state, chunk_dt, cu_seqlens, offsets, *sizes, ROWS=state_rows(chunk), **common
         )
         group_state, group_dt = torch.empty_like(chunk_state), torch.empty_like(chunk_dt)
         selective_scan_group_kernel[grid](
@@ -748,7 +793,7 @@ def selective_scan_bwd(
         sizes = (sequences, n_checkpoints, n_channels, n_state)
         grid = (n_checkpoints, batch, n_blocks)
         selective_scan_bwd_state_kernel[grid](
-            dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, *sizes, **common
+            dt, A, C, grad_y, chunk_adjoint, chunk_dt, cu_seqlens, offsets, *sizes, ROWS=state_rows(chunk), **common
         )
         group_adjoint, group_dt = torch.empty_like(chunk_adjoint), torch.empty_like(chunk_dt)
         selective_scan_group_kernel[grid](

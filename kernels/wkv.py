@@ -9,10 +9,11 @@ Per channel, with ``e_t = exp(clamp(k_t, -10, 10))``, step t outputs
 
 Every sequence is split into ``n_parts`` parts of ``ceil(length / n_parts)`` steps (the last
 shorter, trailing ones possibly empty); a program owns one part, one (batch, head) and
-``BLOCK_D`` channels. The forward pass runs in two launches: each part's own sums from a
-zero state (``wkv_fwd_state_kernel``), then each part takes the sums carried into it (the
-earlier parts' sums, decayed to its first step, in one vectorised reduction) and walks its
-steps (``wkv_fwd_kernel``). (a, b) are kept scaled by ``exp(-p)``, p a running maximum
+``BLOCK_D`` channels, one channel per thread. The forward pass runs in two launches: each
+part's own sums, one vectorised reduction over its steps (``wkv_fwd_state_kernel``: no step
+waits on the one before), then each part takes the sums carried into it (the earlier parts'
+sums, decayed to its first step, in one vectorised reduction) and walks its steps
+(``wkv_fwd_kernel``). (a, b) are kept scaled by ``exp(-p)``, p a running maximum
 exponent (the RWKV-4 kernel's trick), so no exponential overflows at any length.
 
 The forward saves only the parts' own sums, ``(3, S * parts, B * H, D)`` float32; the backward
@@ -20,9 +21,10 @@ recomputes from them what it needs at each step. It scans in reverse with four r
 adjoints, split the same way: each part's adjoints (``wkv_bwd_state_kernel``, walking its
 steps forward from the sums carried in), then each part takes the later parts' adjoints and
 walks its steps in reverse (``wkv_bwd_kernel``), in tiles of ``TILE`` steps: the sums at a
-tile's first step and at each of its steps are the carried-in sums advanced over the steps
-before, in vectorised reductions under the running maximum. It writes dk, dv and its share of
-dw and du (summed by the launcher). Scratch and saved state: O(parts * B * H * D).
+tile's first step are the carried-in sums advanced over the part's steps before it, and at
+each of its steps the tile's advanced over the tile's steps before it (from the tile's keys
+and values, loaded once), in vectorised reductions under the running maximum. It writes dk,
+dv and its share of dw and du (summed by the launcher). Scratch and saved state: O(parts * B * H * D).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ CARRY_BLOCK = 16
 """Parts, or steps, the carry reductions read at a time."""
 TILE = 16
 """Steps per tile of the backward's reverse walk: a step's sums are recomputed from its tile's
-first step (at most TILE - 1 steps), a tile's from its part's first step."""
+first step (at most TILE - 1 steps, from the tile's keys and values held in registers), a
+tile's from its part's first step."""
 
 
 @triton.jit
@@ -53,11 +56,14 @@ def _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D:
     """What a program (grid: sequence x part, batch x head, channel block) works on: (b, h,
     its channels, their mask, the sequence's first packed row, its part index, the part's
     first and end step within the sequence, the steps per part, the partial-sum slot of its
-    first channel for part 0 of its sequence)."""
+    first channel for part 0 of its sequence). The channels are hinted as not aligned, so
+    that loads are not vectorised along them: a ``(rows, BLOCK_D)`` tile is laid out one
+    channel per thread, its reductions over rows stay within a thread, and each channel's
+    running sums take one register (not one per channel of a thread's vector)."""
     sequence = tl.program_id(0) // n_parts
     part = tl.program_id(0) % n_parts
     batch_head = tl.program_id(1)
-    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    channels = tl.multiple_of(tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D), 1)
     begin = tl.load(cu_seqlens + sequence)
     length = tl.load(cu_seqlens + sequence + 1) - begin
     steps = tl.cdiv(length, n_parts)
@@ -137,6 +143,15 @@ def _carried_in(
 
 
 @triton.jit
+def _absorb_steps(numerator, denominator, exponent, k, v, rows, mask, n, w):
+    """The scaled sums plus steps ``rows`` (clamped keys and values ``(ROWS, BLOCK_D)``, where
+    ``mask``) of a run of n steps, each step r's ``e^k (v, 1)`` decayed over the ``n - 1 - r``
+    steps after it; ``exponent`` already decayed over the n steps."""
+    scaled = tl.where(mask, ((n - 1 - rows).to(tl.float32))[:, None] * w[None, :] + k, float("-inf"))
+    return _absorb(numerator, denominator, exponent, scaled, v, tl.where(mask, 1.0, 0.0))
+
+
+@triton.jit
 def _skip(
     K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr
 ):
@@ -149,15 +164,8 @@ def _skip(
         mask = (rows < n)[:, None] & c_mask[None, :]
         at = offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
         _, k = _clamped_key(K, at, mask, CLAMP)
-        scaled = tl.where(mask, ((n - 1 - rows).to(tl.float32))[:, None] * w[None, :] + k, float("-inf"))
-        numerator, denominator, exponent = _absorb(
-            numerator,
-            denominator,
-            exponent,
-            scaled,
-            tl.load(V + at, mask=mask, other=0.0).to(tl.float32),
-            tl.where(mask, 1.0, 0.0),
-        )
+        v = tl.load(V + at, mask=mask, other=0.0).to(tl.float32)
+        numerator, denominator, exponent = _absorb_steps(numerator, denominator, exponent, k, v, rows, mask, n, w)
     return numerator, denominator, exponent
 
 
@@ -189,21 +197,28 @@ def wkv_fwd_state_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr,
+    CARRY: tl.constexpr,
 ):
-    """A part's own scaled sums over its steps, from zero, at its end."""
+    """A part's own scaled sums over its steps, from zero, at its end: one vectorised
+    reduction over its steps, CARRY at a time (no step waits on the one before)."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
         cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
     )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
-    numerator = tl.zeros([BLOCK_D], dtype=tl.float32)
-    denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
-    exponent = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-    offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
-    for _ in range(start, end):
-        _, k = _clamped_key(K, offset, c_mask, CLAMP)
-        v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
-        numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
-        offset += stride_t
+    numerator, denominator, exponent = _skip(
+        K,
+        V,
+        b * stride_b + h * stride_h + channels + (begin + start) * stride_t,
+        end - start,
+        tl.zeros([BLOCK_D], dtype=tl.float32),
+        tl.zeros([BLOCK_D], dtype=tl.float32),
+        tl.full([BLOCK_D], float("-inf"), dtype=tl.float32),
+        w,
+        c_mask,
+        stride_t,
+        CLAMP,
+        CARRY,
+    )
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(PART_STATE + slot, numerator, mask=c_mask)
     tl.store(PART_STATE + part_stride + slot, denominator, mask=c_mask)
@@ -363,7 +378,7 @@ def wkv_bwd_kernel(
     from the later parts' adjoints (part j's decayed over the ``(j - part - 1) * steps`` steps
     between this part's end and its start). The walk goes back tile by tile: a tile's sums at
     its first step are the carried-in sums advanced over the part's steps before it, a step's
-    the tile's advanced over the tile's steps before it."""
+    the tile's advanced over the tile's steps before it (its keys and values loaded once)."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
         cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
     )
@@ -418,24 +433,26 @@ def wkv_bwd_kernel(
             c_mask,
             stride_t,
             CLAMP,
-            CARRY,
+            TILE,
         )
         tile_steps = tl.minimum(end - start - tile_start, TILE)
+        rows = tl.arange(0, TILE)
+        in_tile = (rows < tile_steps)[:, None] & c_mask[None, :]
+        at = tile_offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
+        _, tile_k = _clamped_key(K, at, in_tile, CLAMP)
+        tile_v = tl.load(V + at, mask=in_tile, other=0.0).to(tl.float32)
         for back in range(0, tile_steps):
             step = tile_steps - 1 - back
-            numerator, denominator, exponent = _skip(
-                K,
-                V,
-                tile_offset,
-                step,
+            numerator, denominator, exponent = _absorb_steps(
                 tile_numerator,
                 tile_denominator,
-                tile_exponent,
+                tile_exponent + step * w,
+                tile_k,
+                tile_v,
+                rows,
+                (rows < step)[:, None] & c_mask[None, :],
+                step,
                 w,
-                c_mask,
-                stride_t,
-                CLAMP,
-                TILE,
             )
             offset = tile_offset + tl.cast(step, tl.int64) * stride_t
             raw_k, k = _clamped_key(K, offset, c_mask, CLAMP)
@@ -519,23 +536,11 @@ def wkv_fwd(
     grid, n_parts, block, part_shape = _layout(k, cu_seqlens)
     part_state = new_output(k, (3, *part_shape), torch.float32)
     if grid[0] and y.numel():
-        w, common = w.float().contiguous(), dict(HEAD_DIM=k.shape[3], BLOCK_D=block, num_warps=1)
+        w = w.float().contiguous()
+        common = dict(HEAD_DIM=k.shape[3], BLOCK_D=block, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, num_warps=1)
         arguments = _launch_arguments(k, n_parts, part_shape)
-        wkv_fwd_state_kernel[grid](k, v, w, part_state, cu_seqlens, *arguments, CLAMP=KEY_CLAMP, **common)
-        wkv_fwd_kernel[grid](
-            k,
-            v,
-            w,
-            u.float().contiguous(),
-            y,
-            part_state,
-            cu_seqlens,
-            *arguments,
-            eps,
-            CLAMP=KEY_CLAMP,
-            CARRY=CARRY_BLOCK,
-            **common,
-        )
+        wkv_fwd_state_kernel[grid](k, v, w, part_state, cu_seqlens, *arguments, **common)
+        wkv_fwd_kernel[grid](k, v, w, u.float().contiguous(), y, part_state, cu_seqlens, *arguments, eps, **common)
     return y, part_state
 
 

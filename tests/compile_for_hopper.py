@@ -286,7 +286,7 @@ def attention_configs() -> list[Launch]:
 def wkv_configs():
     carry = {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}
     kernels = {
-        wkv.wkv_fwd_state_kernel: {"CLAMP": wkv.KEY_CLAMP},
+        wkv.wkv_fwd_state_kernel: carry,
         wkv.wkv_fwd_kernel: carry,
         wkv.wkv_bwd_state_kernel: carry,
         wkv.wkv_bwd_kernel: {**carry, "TILE": wkv.TILE},
@@ -299,9 +299,9 @@ def wkv_configs():
 def scan_configs():
     carry = {"CARRY": selective_scan.CARRY_BLOCK, "GROUP": selective_scan.GROUP}
     kernels = {
-        selective_scan.selective_scan_fwd_state_kernel: {},
+        selective_scan.selective_scan_fwd_state_kernel: {"ROWS": selective_scan.state_rows(selective_scan.CHUNK)},
         selective_scan.selective_scan_fwd_kernel: carry,
-        selective_scan.selective_scan_bwd_state_kernel: {},
+        selective_scan.selective_scan_bwd_state_kernel: {"ROWS": selective_scan.state_rows(selective_scan.CHUNK)},
         selective_scan.selective_scan_bwd_kernel: carry,
     }
     shape = {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK}
