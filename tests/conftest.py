@@ -1,21 +1,32 @@
-"""Shared test helpers: the relative-error checks used by every numerical comparison, and
-the grids that make top-k ties exact on every machine.
+"""Shared test fixtures and helpers, the one home of each: the device and the context that
+run the Triton kernels, the NaN-poisoned kernel outputs, a custom attention type for the
+dispatcher tests, the relative-error checks used by every numerical comparison, and the
+grids that make top-k ties exact on every machine. Tests import the helpers with
+``from conftest import ...``; pytest finds the fixtures by name.
 
 Without a GPU, the Triton kernels are defined in interpreter mode (the variable must be set
-before the kernels are imported); they then run on CPU tensors inside
-``canvas_engineering.ops.backend.interpreted_triton()`` only.
+before the kernels are imported); they then run on CPU tensors inside :func:`kernels`
+(``canvas_engineering.ops.backend.interpreted_triton()``) only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
+import torch.nn as nn
 from hypothesis import settings
 
-if not torch.cuda.is_available():
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the tests that run the Triton kernels put their tensors: the GPU when there is one,
+else the CPU (the kernels through Triton's interpreter)."""
+
+if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -42,6 +53,46 @@ def pytest_configure(config: pytest.Config) -> None:
             check_interpreter_versions(triton.__version__, numpy.__version__)
         except RuntimeError as error:
             raise pytest.UsageError(str(error)) from None
+
+
+def kernels() -> AbstractContextManager[None]:
+    """The context that runs the Triton kernels on DEVICE: as compiled on CUDA, through
+    Triton's interpreter on CPU (which needs triton installed)."""
+    if DEVICE == "cuda":
+        return contextlib.nullcontext()
+    from canvas_engineering.ops.backend import interpreted_triton
+
+    return interpreted_triton()
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel output buffer (``buffers.new_output``) starts as NaN during the test, so
+    an element a kernel fails to write cannot pass for a result."""
+    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
+
+
+class ScaledMean(nn.Module):
+    """A custom attention type with only forward(q, k, v): the dispatcher runs it segment by
+    segment. ``(B, N, D), (B, M, D), (B, M, D) -> (B, N, D)``."""
+
+    def __init__(self, d_model, n_heads=4, dropout=0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d_model))
+
+    def forward(self, queries, keys, values):
+        return (self.scale * values.mean(dim=1, keepdim=True) + queries).tanh()
+
+
+@pytest.fixture(scope="module")
+def scaled_mean_registered() -> Iterator[None]:
+    """:class:`ScaledMean` in the attention registry as ``"scaled_mean"`` for the tests of a
+    module, removed after them."""
+    from canvas_engineering import ATTENTION_REGISTRY
+
+    ATTENTION_REGISTRY["scaled_mean"] = ScaledMean
+    yield
+    del ATTENTION_REGISTRY["scaled_mean"]
 
 
 def relative_error(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float:

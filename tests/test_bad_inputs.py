@@ -31,6 +31,7 @@ from canvas_engineering import (
     create_attention,
 )
 
+pytestmark = pytest.mark.usefixtures("scaled_mean_registered")  # FNS and canvases() draw it
 D_MODEL, N_HEADS = 8, 2
 BUILTIN_FNS = sorted(BUILTIN_ATTENTION)
 

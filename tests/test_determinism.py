@@ -27,6 +27,7 @@ import torch.nn as nn
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 import triton  # noqa: E402
+from conftest import DEVICE, kernels  # noqa: E402
 from training_model import (  # noqa: E402
     D_MODEL,
     EVERY_TYPE,
@@ -42,16 +43,9 @@ from triton.runtime import interpreter  # noqa: E402
 import canvas_engineering.kernels  # noqa: E402
 from canvas_engineering.ops.backend import INTERPRETING, eager_ops, interpreted_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 KERNEL_TYPES = KERNEL_FAMILIES + ("sigmoid_attention",)
 """The kernel families and sigmoid attention (its own kernel epilogue): every kernel
 variant the canvas reaches (random_fixed among them runs eagerly)."""
-
-
-def kernels() -> AbstractContextManager[None]:
-    """The context that runs the Triton kernels on DEVICE (the interpreter on CPU)."""
-    return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
 
 
 def dispatcher_of(types: tuple[str, ...], batch: int = 1) -> tuple[nn.Module, torch.Tensor]:

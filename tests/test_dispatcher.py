@@ -26,20 +26,10 @@ from canvas_engineering import (
 )
 from canvas_engineering.recipes import RECIPES
 
-
-class ScaledMean(nn.Module):
-    """A custom type with only forward(q, k, v): the dispatcher runs it segment by segment."""
-
-    def __init__(self, d_model, n_heads=4, dropout=0.0):
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d_model))
-
-    def forward(self, queries, keys, values):
-        return (self.scale * values.mean(dim=1, keepdim=True) + queries).tanh()
-
-
-ATTENTION_REGISTRY["scaled_mean"] = ScaledMean
+pytestmark = pytest.mark.usefixtures("scaled_mean_registered")
 FNS = sorted(BUILTIN_ATTENTION) + ["scaled_mean"]
+"""Every built-in type and the custom one; a module that draws from it uses the
+``scaled_mean_registered`` fixture."""
 
 
 def assert_matches_reference(dispatcher, x, active_regions=None, tolerance=1e-10, zero_floor=1e-14):

@@ -5,11 +5,9 @@ module, and the custom op's registration."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from conftest import assert_all_close, relative_error
+from conftest import DEVICE, assert_all_close, kernels, relative_error
 from reference.convolution import gated_convolution_reference
 
 from canvas_engineering import create_attention
@@ -17,20 +15,10 @@ from canvas_engineering.ops.backend import eager_ops
 from canvas_engineering.ops.fftconv import fft_length, segment_gated_fft_conv
 from canvas_engineering.ops.segments import SegmentIndex
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUERY_LENGTHS = [5, 1, 37, 0, 100, 3, 300, 64, 2]
 """FFT lengths 8, 2, 64, 128, 4, 512, 64, 2: the dense kernel (L <= 64) and the three passes
 (128: pass 2 padded to 16; 512: two BLOCK_K steps in passes 1 and 3), and an empty segment."""
 CHANNELS = 20
-
-
-def kernels():
-    """The context that runs the Triton kernels on DEVICE."""
-    if DEVICE == "cuda":
-        return contextlib.nullcontext()
-    from canvas_engineering.ops.backend import interpreted_triton
-
-    return interpreted_triton()
 
 
 def data(dtype, lengths=QUERY_LENGTHS, channels=CHANNELS, seed=0):
@@ -64,10 +52,10 @@ def run(mixed, gate, spectrum, grad, lengths=QUERY_LENGTHS):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernels_match_the_oracle(dtype, monkeypatch):
+def test_kernels_match_the_oracle(dtype):
     pytest.importorskip("triton")
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
     mixed, gate, spectrum, grad = data(dtype)
     spectrum = spectrum.float()
     with kernels():

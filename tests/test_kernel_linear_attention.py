@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import DEVICE, relative_error
 from reference.attention import linear_attention_reference
 
 from canvas_engineering.ops.linear import segment_linear_attention
 from canvas_engineering.ops.segments import SegmentIndex
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUERY_LENGTHS, KEYSET_OF, KEYSET_LENGTHS = [5, 1, 37, 20, 3], [0, 1, 2, 2, 0], [9, 3, 40]
 
 
@@ -57,16 +56,17 @@ def kernel_errors(dtype, relu, query_lengths=QUERY_LENGTHS, keyset_of=KEYSET_OF,
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("relu", [False, True], ids=["elu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernels_match_the_oracle(dtype, relu, monkeypatch):
+def test_kernels_match_the_oracle(dtype, relu):
     pytest.importorskip("triton")
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
     tolerance = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 2e-2)
     assert max(kernel_errors(dtype, relu)) < tolerance
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("wanted", [1, 48], ids=["one-part", "several-parts"])
 def test_kernels_split_sets_into_parts(wanted, monkeypatch):
     """One part per set (each program walks several blocks), and several parts per set (at
@@ -75,7 +75,6 @@ def test_kernels_split_sets_into_parts(wanted, monkeypatch):
     pytest.importorskip("triton")
     from canvas_engineering.kernels import linear_attention
 
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
     monkeypatch.setattr(linear_attention, "PROGRAMS_WANTED", wanted)
     errors = kernel_errors(torch.float32, False, query_lengths=[150, 9], keyset_of=[0, 0], keyset_lengths=[200])
     assert max(errors) < (1e-5 if DEVICE == "cpu" else 3e-3), errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import DEVICE, relative_error
 from reference.attention import segment_attention_reference
 
 triton = pytest.importorskip("triton", reason="the kernel tests need triton (the 'triton' extra)")
@@ -19,7 +19,7 @@ from canvas_engineering.kernels.segment_attention import (  # noqa: E402
     selection_threshold,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 BLOCK = block_rows(64, torch.device(DEVICE), torch.float32)
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -135,12 +135,6 @@ CASES = {
     "sigmoid": dict(sigmoid=True),
     "sigmoid_local": dict(sigmoid=True, window=3),
 }
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every kernel output starts as NaN, so an unwritten element cannot pass."""
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
 
 
 @pytest.mark.gpu

@@ -6,20 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
+from conftest import DEVICE, relative_error
 from reference.recurrence import selective_scan_reference
 
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 from canvas_engineering.kernels.selective_scan import checkpoint_offsets, selective_scan_bwd, selective_scan_fwd  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 LENGTHS = [5, 0, 1, 19, 8]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
 
 
 def run(lengths, channels, state, dtype, chunk, seed=0):

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import DEVICE, relative_error
 from reference.recurrence import wkv_reference
 
 from canvas_engineering.attention.recurrence import RWKVAttention
 from canvas_engineering.ops.rwkv import keys_read, segment_wkv, wkv_scan
 from canvas_engineering.ops.segments import SegmentIndex
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = [5, 0, 1, 70, 17, 64]
 
 
@@ -42,14 +41,10 @@ def oracle(k, v, w, u, lengths, cotangent):
     return y, [t.grad for t in exact]
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    monkeypatch.setenv("CANVAS_POISON_OUTPUTS", "1")
-
-
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_the_oracle(dtype, poisoned, monkeypatch):
+def test_kernel_matches_the_oracle(dtype, monkeypatch):
     """Sequences in 7 parts of up to 10 steps (empty ones at the ends of the short ones),
     each part's carry read 2 parts (or steps) at a time, the backward's walk in tiles of 4 steps."""
     pytest.importorskip("triton")
@@ -91,7 +86,8 @@ def test_kernel_is_stable_where_exponentials_overflow():
 
 
 @pytest.mark.gpu
-def test_kernel_gradients_are_stable_where_exponentials_overflow(poisoned, monkeypatch):
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_kernel_gradients_are_stable_where_exponentials_overflow(monkeypatch):
     """The backward's recomputed sums under the same saturated keys and bonus of 80, over
     parts of 13 steps walked back in tiles of 4: every gradient finite, and dv (the bonus
     share of each step, near 1) matches; the others are of order e^-80 or cancel to it."""

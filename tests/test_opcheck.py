@@ -7,7 +7,6 @@ interpreter on CPU tensors (so the inputs are tiny)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import pytest
@@ -15,7 +14,8 @@ import torch
 
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
-from canvas_engineering.ops.backend import interpreted_triton  # noqa: E402
+from conftest import DEVICE, kernels  # noqa: E402
+
 from canvas_engineering.ops.fftconv import _gated_fft_conv_backward_op, _gated_fft_conv_op, prepare_fft_conv  # noqa: E402
 from canvas_engineering.ops.linear import _linear_attention_backward_op, _linear_attention_op, prepare_linear_attention  # noqa: E402
 from canvas_engineering.ops.rwkv import _wkv_backward_op, _wkv_op  # noqa: E402
@@ -28,14 +28,8 @@ from canvas_engineering.ops.selective_scan import (
     prepare_selective_scan,
 )  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INDEX = SegmentIndex.build([5, 3, 4], [0, 1, 0], [4, 6])
 """Three segments over two key sets, the first read twice; padded blocks everywhere."""
-
-
-def kernels():
-    """The context that runs the Triton kernels on DEVICE."""
-    return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
 
 
 def leaves(*shapes: Sequence[int], seed: int = 0):

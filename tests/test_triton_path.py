@@ -5,14 +5,12 @@ every top-k logit exact, so both paths keep the same keys on every machine."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
-from conftest import assert_all_close, grid_inputs, make_top_k_ties_exact  # noqa: E402
+from conftest import DEVICE, assert_all_close, grid_inputs, kernels, make_top_k_ties_exact  # noqa: E402
 
 from canvas_engineering import (
     AttentionDispatcher,
@@ -22,15 +20,9 @@ from canvas_engineering import (
     RegionSpec,
     create_attention,
 )  # noqa: E402
-from canvas_engineering.ops.backend import eager_ops, interpreted_triton  # noqa: E402
+from canvas_engineering.ops.backend import eager_ops  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-5 if DEVICE == "cpu" else 3e-3  # CUDA: TF32 matrix products
-
-
-def kernels():
-    """The context that runs the Triton kernels on DEVICE."""
-    return contextlib.nullcontext() if DEVICE == "cuda" else interpreted_triton()
 
 
 OPTIONS = {
