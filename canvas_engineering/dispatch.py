@@ -17,7 +17,7 @@ from canvas_engineering.attention import (
     type_options,
     unknown_attention_message,
 )
-from canvas_engineering.attention.dot_product import SegmentAttention
+from canvas_engineering.attention.base import SegmentAttention
 from canvas_engineering.attention.validation import check_dropout, check_heads
 from canvas_engineering.canvas import CanvasLayout
 from canvas_engineering.connectivity import CanvasTopology
@@ -34,7 +34,7 @@ def run_segment_by_segment(
     its ``forward(queries, keys, values)`` once per segment, outputs packed ``(B, Tq, D)``."""
     outputs = []
     query_start = 0
-    key_starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+    key_starts = index.keyset_offsets
     for (n, m), keyset in zip(index.shapes, index.keyset_of):
         queries = query_rows[:, index.query_source.index[query_start : query_start + n]]
         keys = key_rows[:, index.key_source.index[key_starts[keyset] : key_starts[keyset] + m]]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
-from .operands import dot_dtype
+from .operands import dot_dtype, dot_width
 
 
 @triton.jit
@@ -289,10 +289,6 @@ PROGRAMS_WANTED = 264
 MAX_PARTS = 64
 
 
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _step_rows(dtype: torch.dtype, block_d: int, block_e: int) -> int:
     """Rows a part program takes per step: BLOCK_ROWS, or 32 where float32 operands of more
     than 64 columns would overflow shared memory beside the ``D x E`` state operands."""
@@ -331,7 +327,7 @@ def linear_attention_fwd(
     batch, _, heads, head_dim = q.shape
     value_dim = v.shape[3]
     n_keysets = cu_seqlens_k.shape[0] - 1
-    block_d, block_e = _pad(head_dim), _pad(value_dim)
+    block_d, block_e = dot_width(head_dim), dot_width(value_dim)
     n_parts = parts(n_keysets, batch * heads)
     step = _step_rows(k.dtype, block_d, block_e)
     state_partial = torch.empty(
@@ -403,7 +399,7 @@ def linear_attention_bwd(
     value_dim = v.shape[3]
     n_keysets = cu_seqlens_k.shape[0] - 1
     n_segments = cu_seqlens_q.shape[0] - 1
-    block_d, block_e = _pad(head_dim), _pad(value_dim)
+    block_d, block_e = dot_width(head_dim), dot_width(value_dim)
     common = dict(
         HEAD_DIM=head_dim,
         VALUE_DIM=value_dim,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,3 +25,9 @@ def dot_dtype(dtype: torch.dtype, bounded: bool = False):
     if INTERPRETING or dtype not in (torch.bfloat16, torch.float16):
         return tl.float32
     return tl.float16 if bounded and dtype == torch.float16 else tl.bfloat16
+
+
+def dot_width(n: int) -> int:
+    """The padded size of a ``tl.dot`` operand side of n columns (a head dimension): a power
+    of two, at least 16 (tl.dot's smallest side)."""
+    return max(16, triton.next_power_of_2(n))

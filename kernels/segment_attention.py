@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
-from .operands import INTERPRETING, dot_dtype
+from .operands import INTERPRETING, dot_dtype, dot_width
 
 GPU_BLOCK = 64
 """Rows per block of the block tables on a GPU (query blocks and key blocks)."""
@@ -1290,11 +1290,6 @@ def segment_topk_bwd_dkdv_kernel(
     _store_rows(DV, dv, b, h, k_rows, offs_d, stride_vb, stride_vt, stride_vh, n_mask, d_mask)
 
 
-def _head_block(head_dim: int) -> int:
-    """The padded head dimension: a power of two, at least 16 (tl.dot's smallest side)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.stride(-1) != 1:
@@ -1315,7 +1310,7 @@ def launch_arguments(kind: str, head_dim: int, block: int, dtype: torch.dtype) -
     sides = {"BLOCK_M": inner, "BLOCK_N": block} if kind == "bwd_dkdv" else {"BLOCK_M": block, "BLOCK_N": inner}
     return {
         "HEAD_DIM": head_dim,
-        "BLOCK_D": _head_block(head_dim),
+        "BLOCK_D": dot_width(head_dim),
         "DOT": dot_dtype(dtype, bounded=True),
         **sides,
         **config,

@@ -16,16 +16,19 @@ pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
 
 from conftest import DEVICE, kernels  # noqa: E402
 
-from canvas_engineering.ops.fftconv import _gated_fft_conv_backward_op, _gated_fft_conv_op, prepare_fft_conv  # noqa: E402
-from canvas_engineering.ops.linear import _linear_attention_backward_op, _linear_attention_op, prepare_linear_attention  # noqa: E402
+from canvas_engineering.ops.fftconv import _gated_fft_conv_backward_op, _gated_fft_conv_op, gated_fft_conv_tables  # noqa: E402
+from canvas_engineering.ops.linear import _linear_attention_backward_op, _linear_attention_op, linear_attention_tables  # noqa: E402
 from canvas_engineering.ops.rwkv import _wkv_backward_op, _wkv_op  # noqa: E402
-from canvas_engineering.ops.segment_attention import KernelTables, _segment_attention_backward_op, _segment_attention_op  # noqa: E402
+from canvas_engineering.ops.segment_attention import (  # noqa: E402
+    SegmentAttentionTables,
+    _segment_attention_backward_op,
+    _segment_attention_op,
+)
 from canvas_engineering.ops.segments import SegmentIndex  # noqa: E402
 from canvas_engineering.ops.selective_scan import (
-    SCAN_CHUNK,
     _selective_scan_backward_op,
     _selective_scan_op,
-    prepare_selective_scan,
+    selective_scan_tables,
 )  # noqa: E402
 
 INDEX = SegmentIndex.build([5, 3, 4], [0, 1, 0], [4, 6])
@@ -55,7 +58,7 @@ def check_with_backward(forward_op, backward_op, args, backward_args) -> None:
 @pytest.mark.parametrize("window, top_k, sigmoid", [(0, 0, False), (3, 0, False), (0, 2, False), (0, 0, True)])
 def test_segment_attention_ops(window, top_k, sigmoid):
     index = INDEX.to(DEVICE)
-    tables = KernelTables.build(index, 16)
+    tables = SegmentAttentionTables.build(index, 16)
     q, k, v = leaves((1, index.n_queries, 2, 16), (1, index.n_keys, 2, 16), (1, index.n_keys, 2, 16))
     table_args = tables.tensors
     options = (0.25, 16, window, top_k, sigmoid)
@@ -74,7 +77,7 @@ def test_segment_attention_ops(window, top_k, sigmoid):
 @pytest.mark.parametrize("relu", [False, True])
 def test_linear_attention_ops(relu):
     index = INDEX.to(DEVICE)
-    tables = prepare_linear_attention(index)
+    tables = linear_attention_tables(index).tensors
     q, k, v = leaves((1, index.n_queries, 2, 8), (1, index.n_keys, 2, 8), (1, index.n_keys, 2, 4))
     (grad_out,) = leaves((1, index.n_queries, 2, 4), seed=1)
 
@@ -104,12 +107,12 @@ def test_wkv_ops():
 @pytest.mark.gpu
 def test_selective_scan_ops():
     index = INDEX.to(DEVICE)
-    cu_seqlens, checkpoint_offsets, n_checkpoints = prepare_selective_scan(index)
+    tables = selective_scan_tables(index)
     x, B, C, D = leaves((1, index.n_keys, 4), (1, index.n_keys, 3), (1, index.n_keys, 3), (4,))
     dt = torch.linspace(0.05, 0.5, index.n_keys * 4).view(1, index.n_keys, 4).to(DEVICE).requires_grad_(True)
     A = (-torch.linspace(0.5, 2.0, 12).view(4, 3)).to(DEVICE).requires_grad_(True)
     (grad_y,) = leaves(x.shape, seed=1)
-    args = (x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
+    args = (x, dt, A, B, C, D, *tables.tensors, tables.n_checkpoints, tables.chunk)
 
     def backward_args(outputs):
         _, checkpoints = outputs
@@ -117,9 +120,8 @@ def test_selective_scan_ops():
             grad_y.detach(),
             *(t.detach() for t in (x, dt, A, B, C, D)),
             checkpoints,
-            cu_seqlens,
-            checkpoint_offsets,
-            SCAN_CHUNK,
+            *tables.tensors,
+            tables.chunk,
         )
 
     check_with_backward(_selective_scan_op, _selective_scan_backward_op, args, backward_args)
@@ -128,13 +130,14 @@ def test_selective_scan_ops():
 @pytest.mark.gpu
 def test_gated_fft_conv_ops():
     index = INDEX.to(DEVICE)
-    tables = prepare_fft_conv(index)
+    tables = gated_fft_conv_tables(index)
+    table_args = (*tables.tensors, tables.class_lengths, tables.class_sizes)
     mixed, gate_logits, spectrum = leaves((1, index.n_queries, 3), (1, index.n_queries, 3), (5, 3, 2))
     (grad,) = leaves(mixed.shape, seed=1)
 
     def backward_args(output):
-        return (grad.detach(), mixed.detach(), gate_logits.detach(), spectrum.detach(), *tables)
+        return (grad.detach(), mixed.detach(), gate_logits.detach(), spectrum.detach(), *table_args)
 
     check_with_backward(
-        _gated_fft_conv_op, _gated_fft_conv_backward_op, (mixed, gate_logits, spectrum, *tables), backward_args
+        _gated_fft_conv_op, _gated_fft_conv_backward_op, (mixed, gate_logits, spectrum, *table_args), backward_args
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from canvas_engineering.attention.dot_product import CrossAttention, SegmentAttention
+from canvas_engineering.attention.base import SegmentAttention
+from canvas_engineering.attention.dot_product import CrossAttention
 from canvas_engineering.attention.validation import check_positive
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
@@ -45,7 +46,7 @@ class PerceiverAttention(SegmentAttention):
             key_source=index.key_source.index.tolist(),
         )
         readout = SegmentIndex.build(
-            [n for n, _ in index.shapes],
+            index.query_lengths,
             index.keyset_of,
             [n_latents] * n_keysets,
             query_source=index.query_source.index.tolist(),
@@ -53,17 +54,20 @@ class PerceiverAttention(SegmentAttention):
         device = index.query_source.index.device
         return compress.to(device), readout.to(device)
 
-    def prepare(self, index: SegmentIndex) -> tuple[SegmentIndex, SegmentIndex]:
-        """The two stages' indexes (built once), with their own preparation."""
-        stages = self._stages.get(index, lambda: self._stage_indexes(index))
-        self.compress.prepare(stages[0])
-        self.readout.prepare(stages[1])
-        return stages
+    def stages(self, index: SegmentIndex) -> tuple[SegmentIndex, SegmentIndex]:
+        """The two stages' indexes (built once): latents reading each key set, queries reading
+        their key set's latents."""
+        return self._stages.get(index, lambda: self._stage_indexes(index))
+
+    def prepare(self, index: SegmentIndex) -> None:
+        compress_index, readout_index = self.stages(index)
+        self.compress.prepare(compress_index)
+        self.readout.prepare(readout_index)
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        compress_index, readout_index = self.prepare(index)
+        compress_index, readout_index = self.stages(index)
         latents = self.latents.expand(query_rows.shape[0], -1, -1)
         compressed = self.compress.forward_segments(latents, key_rows, value_rows, compress_index)
         return self.readout.forward_segments(query_rows, compressed, compressed, readout_index)

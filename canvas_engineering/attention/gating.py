@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from canvas_engineering.attention.dot_product import CrossAttention, SegmentAttention
+from canvas_engineering.attention.base import SegmentAttention
+from canvas_engineering.attention.dot_product import CrossAttention
 from canvas_engineering.ops.segments import SegmentIndex
 
 

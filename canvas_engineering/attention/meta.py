@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from canvas_engineering.attention.dot_product import CrossAttention, ProjectedAttention, SegmentAttention
+from canvas_engineering.attention.base import ProjectedAttention, SegmentAttention
+from canvas_engineering.attention.dot_product import CrossAttention
 from canvas_engineering.attention.validation import check_positive
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
@@ -126,14 +127,14 @@ class RandomFixedAttention(ProjectedAttention):
             )
         return self._patterns[(n_queries, n_keys)].to(device)
 
-    def _row_table(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed key row read by each packed query row and slot ``(Tq, K)``, slot validity)."""
+    def _build_row_table(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables :meth:`row_table` caches, built from the drawn patterns."""
         width = min(self.n_random, max([m for _, m in index.shapes] + [0]))
         tables, valids = [], []
+        starts = index.keyset_offsets
         for (n, m), keyset in zip(index.shapes, index.keyset_of):
-            start = sum(index.keyset_sizes[:keyset])
             chosen = self.pattern(n, m, torch.device("cpu"))
-            tables.append(F.pad(chosen + start, (0, width - chosen.shape[1])))
+            tables.append(F.pad(chosen + starts[keyset], (0, width - chosen.shape[1])))
             valids.append(F.pad(torch.ones_like(chosen, dtype=torch.bool), (0, width - chosen.shape[1])))
         device = index.query_source.index.device
         return torch.cat(tables).to(device), torch.cat(valids).to(device)
@@ -147,13 +148,17 @@ class RandomFixedAttention(ProjectedAttention):
         if prefix + "pattern_seed" in missing_keys:
             missing_keys.remove(prefix + "pattern_seed")
 
-    def prepare(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-row key table of ``index`` (built once per seed)."""
+    def row_table(self, index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed key row read by each packed query row and slot ``(Tq, K)``, slot validity
+        ``(Tq, K)``) of ``index`` (built once per seed)."""
         self._forget_patterns_of_another_seed()
-        return self._row_tables.get(index, lambda: self._row_table(index))
+        return self._row_tables.get(index, lambda: self._build_row_table(index))
+
+    def prepare(self, index: SegmentIndex) -> None:
+        self.row_table(index)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex) -> torch.Tensor:
-        table, valid = self.prepare(index)
+        table, valid = self.row_table(index)
         chosen = lambda t: torch.index_select(t, 1, table.flatten()).unflatten(1, table.shape)
         logits = torch.einsum("bthd,btkhd->bthk", q, chosen(k)) * self.scale
         logits = logits.masked_fill(~valid.unsqueeze(0).unsqueeze(2), float("-inf"))
@@ -207,14 +212,14 @@ class MixtureAttention(SegmentAttention):
     def _slice_indexes(self, index: SegmentIndex) -> list[SegmentIndex]:
         """Per expert: the index whose key sets are that expert's slice of each key set."""
         key_source = index.key_source.index.tolist()
-        starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+        starts = index.keyset_offsets[:-1]
         slices = [self.expert_slices(m) for m in index.keyset_sizes]
         indexes = []
         for expert in range(self.n_experts):
             ranges = [(start + s[expert][0], start + max(s[expert])) for start, s in zip(starts, slices)]
             indexes.append(
                 SegmentIndex.build(
-                    [n for n, _ in index.shapes],
+                    index.query_lengths,
                     index.keyset_of,
                     [max(0, b - a) for a, b in ranges],
                     query_source=index.query_source.index.tolist(),
@@ -223,12 +228,13 @@ class MixtureAttention(SegmentAttention):
             )
         return indexes
 
-    def prepare(self, index: SegmentIndex) -> list[SegmentIndex]:
-        """Each expert's index (built once), with the experts' own preparation."""
-        indexes = self._expert_indexes.get(index, lambda: self._slice_indexes(index))
-        for expert, sub in zip(self.experts, indexes):
+    def expert_indexes(self, index: SegmentIndex) -> list[SegmentIndex]:
+        """Each expert's index (built once)."""
+        return self._expert_indexes.get(index, lambda: self._slice_indexes(index))
+
+    def prepare(self, index: SegmentIndex) -> None:
+        for expert, sub in zip(self.experts, self.expert_indexes(index)):
             expert.prepare(sub)
-        return indexes
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
@@ -236,7 +242,7 @@ class MixtureAttention(SegmentAttention):
         scores, chosen = index.pack_queries(self.router(query_rows)).topk(self.top_k_experts, dim=-1)
         routing = scores.new_zeros(scores.shape[:-1] + (self.n_experts,))
         routing = routing.scatter(-1, chosen, F.softmax(scores, dim=-1))
-        expert_indexes = self.prepare(index)
+        expert_indexes = self.expert_indexes(index)
         expert_outputs = torch.stack(
             [
                 expert.forward_segments(query_rows, key_rows, value_rows, sub)

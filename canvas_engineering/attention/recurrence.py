@@ -8,10 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from canvas_engineering.attention.dot_product import SegmentAttention
+from canvas_engineering.attention.base import SegmentAttention
 from canvas_engineering.attention.validation import check_heads, check_positive
-from canvas_engineering.ops.backend import HAS_TRITON
-from canvas_engineering.ops.fftconv import fft_length, prepare_fft_conv, segment_gated_fft_conv
+from canvas_engineering.ops.fftconv import fft_length, prepare_gated_fft_conv, segment_gated_fft_conv
 from canvas_engineering.ops.rwkv import keys_read, prepare_wkv, segment_wkv
 from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
@@ -70,8 +69,7 @@ class MambaAttention(SegmentAttention):
         return self.out_proj(readout.squeeze(2))
 
     def prepare(self, index: SegmentIndex) -> None:
-        if HAS_TRITON:
-            prepare_selective_scan(index)
+        prepare_selective_scan(index)
         prepare_segment_attention(index, self.d_model)
 
 
@@ -157,7 +155,7 @@ class HyenaAttention(SegmentAttention):
         self.gates = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(order)])
         self._pooling = PerIndexCache()
 
-    def _pooling_table(
+    def _build_pooling(
         self, index: SegmentIndex
     ) -> tuple[RowSelection, int] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adaptive average pooling of each key set to its segment's length: output i of a
@@ -167,7 +165,7 @@ class HyenaAttention(SegmentAttention):
         consecutive keys each: this is (the key rows of those segments in turn, k), and the
         pooling a mean over each k rows (no scatter; the identity when k = 1). Otherwise
         (packed query row, packed key row, weight) triples."""
-        starts = [sum(index.keyset_sizes[:k]) for k in range(len(index.keyset_sizes))]
+        starts = index.keyset_offsets
         ratios = {m // n if m % n == 0 else 0 for n, m in index.shapes if n}
         if len(ratios) <= 1 and 0 not in ratios:
             window = ratios.pop() if ratios else 1
@@ -190,19 +188,20 @@ class HyenaAttention(SegmentAttention):
         device = index.query_source.index.device
         return torch.cat(out_rows).to(device), torch.cat(key_rows).to(device), torch.cat(weights).to(device)
 
-    def prepare(
+    def pooling(
         self, index: SegmentIndex
     ) -> tuple[RowSelection, int] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The pooling of ``index`` (built once); the convolution kernels' tables too where
-        Triton is installed."""
-        if HAS_TRITON:
-            prepare_fft_conv(index)
-        return self._pooling.get(index, lambda: self._pooling_table(index))
+        """The pooling of ``index`` (built once; see :meth:`_build_pooling`)."""
+        return self._pooling.get(index, lambda: self._build_pooling(index))
+
+    def prepare(self, index: SegmentIndex) -> None:
+        self.pooling(index)
+        prepare_gated_fft_conv(index)
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
     ) -> torch.Tensor:
-        longest = max([n for n, _ in index.shapes] + [0])
+        longest = max(index.query_lengths, default=0)
         if fft_length(longest) // 2 + 1 > self.max_len // 2 + 1:
             raise ValueError(
                 f"HyenaAttention: {longest} queries need an FFT of length {fft_length(longest)}, longer than "
@@ -211,7 +210,7 @@ class HyenaAttention(SegmentAttention):
         if [shape for shape in index.shapes if shape[1] == 0 and shape[0] > 0]:
             raise ValueError("HyenaAttention: needs at least one key/value position, got 0")
         values = index.pack_keys(value_rows)
-        pooling = self.prepare(index)
+        pooling = self.pooling(index)
         if isinstance(pooling[0], RowSelection):
             rows, window = pooling
             pooled = rows.take(values)

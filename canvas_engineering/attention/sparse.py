@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from canvas_engineering.attention.dot_product import ProjectedAttention
+from canvas_engineering.attention.base import ProjectedAttention
 from canvas_engineering.attention.validation import check_positive
 from canvas_engineering.ops.segment_attention import prepare_segment_attention, segment_attention
 from canvas_engineering.ops.segments import SegmentIndex

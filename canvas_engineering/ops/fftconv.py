@@ -9,11 +9,11 @@ segment's FFT is at most ``MAX_KERNEL_LENGTH`` long, else the eager ``torch.fft`
 
 from __future__ import annotations
 
-from itertools import accumulate
+from dataclasses import dataclass
 
 import torch
 
-from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.composite import composite_gradients
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
@@ -158,41 +158,65 @@ def _(grad, mixed, gate_logits, spectrum, cu_seqlens, class_segments, class_leng
     return torch.empty_like(mixed), torch.empty_like(gate_logits), torch.empty_like(spectrum)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _gated_fft_conv_setup_context(ctx, inputs, output) -> None:
     mixed, gate_logits, spectrum, cu_seqlens, class_segments, class_lengths, class_sizes = inputs
     ctx.save_for_backward(mixed, gate_logits, spectrum, cu_seqlens, class_segments)
-    ctx.classes = (class_lengths, class_sizes)
+    ctx.options = (class_lengths, class_sizes)
 
 
-def _backward(ctx, grad):
-    mixed, gate_logits, spectrum, cu_seqlens, class_segments = ctx.saved_tensors
-    grads = _gated_fft_conv_backward_op(
-        grad.contiguous(), mixed, gate_logits, spectrum, cu_seqlens, class_segments, *ctx.classes
-    )
-    return grads + (None,) * 4
+def _gated_fft_conv_backward(ctx, grad):
+    mixed, gate_logits, spectrum, *tables = ctx.saved_tensors
+    grads = _gated_fft_conv_backward_op(grad.contiguous(), mixed, gate_logits, spectrum, *tables, *ctx.options)
+    return grads + (None,) * (len(tables) + len(ctx.options))
 
 
-_gated_fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
-_tables = PerIndexCache()
+_gated_fft_conv_op.register_autograd(_gated_fft_conv_backward, setup_context=_gated_fft_conv_setup_context)
 
 
-def prepare_fft_conv(index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """The kernels' tables of ``index``, built once: int32 query offsets ``(S + 1,)``, the
-    non-empty segments grouped by FFT length ``(S',)`` int32, each group's FFT length and size."""
+@dataclass(eq=False)
+class GatedFftConvTables:
+    """What the kernels need of a :class:`SegmentIndex`: int32 query offsets ``(S + 1,)``, the
+    non-empty segments grouped by FFT length ``(S',)`` int32, each group's FFT length and size
+    (Python lists, ascending lengths)."""
 
-    def tables():
-        device = index.query_segment.device
-        lengths = [n for n, _ in index.shapes]
+    cu_seqlens: torch.Tensor
+    class_segments: torch.Tensor
+    class_lengths: list[int]
+    class_sizes: list[int]
+
+    @staticmethod
+    def build(index: SegmentIndex) -> GatedFftConvTables:
         classes: dict = {}
-        for segment, n in enumerate(lengths):
+        for segment, n in enumerate(index.query_lengths):
             if n:
                 classes.setdefault(fft_length(n), []).append(segment)
         order = sorted(classes)
-        offsets = torch.tensor(list(accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
-        members = torch.tensor([s for length in order for s in classes[length]], dtype=torch.int32, device=device)
-        return offsets, members, order, [len(classes[length]) for length in order]
+        return GatedFftConvTables(
+            index.int32_table(index.query_offsets),
+            index.int32_table(s for length in order for s in classes[length]),
+            order,
+            [len(classes[length]) for length in order],
+        )
 
-    return _tables.get(index, tables)
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tables in the order the custom ops take them."""
+        return (self.cu_seqlens, self.class_segments)
+
+
+_tables = PerIndexCache()
+
+
+def gated_fft_conv_tables(index: SegmentIndex) -> GatedFftConvTables:
+    """The kernels' tables of ``index`` (cached)."""
+    return _tables.get(index, lambda: GatedFftConvTables.build(index))
+
+
+def prepare_gated_fft_conv(index: SegmentIndex) -> None:
+    """Build ahead of a forward what :func:`segment_gated_fft_conv` derives from ``index``: the
+    kernel tables, where Triton is installed."""
+    if HAS_TRITON:
+        gated_fft_conv_tables(index)
 
 
 def segment_gated_fft_conv(
@@ -212,12 +236,14 @@ def segment_gated_fft_conv(
     Returns:
         ``(B, Tq, D)`` in the dtype of ``mixed``.
     """
-    longest = fft_length(max([n for n, _ in index.shapes] + [0]))
+    longest = fft_length(max(index.query_lengths, default=0))
     if response.shape[0] < longest // 2 + 1:
         raise ValueError(
             f"segment_gated_fft_conv: the filter needs {longest // 2 + 1} frequencies, got {response.shape[0]}"
         )
     if use_triton(mixed) and index.n_queries and longest <= MAX_KERNEL_LENGTH:
         spectrum = torch.view_as_real(response).contiguous()
-        return _gated_fft_conv_op(mixed.contiguous(), gate_logits.contiguous(), spectrum, *prepare_fft_conv(index))
+        tables = gated_fft_conv_tables(index)
+        classes = (tables.class_lengths, tables.class_sizes)
+        return _gated_fft_conv_op(mixed.contiguous(), gate_logits.contiguous(), spectrum, *tables.tensors, *classes)
     return eager_gated_fft_conv(mixed, gate_logits, response, index)

@@ -4,15 +4,17 @@ normaliser ``sum phi(k)``, then per query ``phi(q) state / (phi(q) . normaliser 
 :func:`segment_linear_attention` runs the Triton kernels of
 ``canvas_engineering.kernels.linear_attention`` (the custom op
 ``canvas_engineering::linear_attention``, feature map fused) where :func:`use_triton` says
-so, else the eager version.
+so, else :func:`eager_linear_attention`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
@@ -62,13 +64,13 @@ def _linear_attention_op(
 
 @_linear_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, segment_keyset, block_segment, block_start, eps, relu):
-    from canvas_engineering.kernels.linear_attention import _pad
+    from canvas_engineering.kernels.operands import dot_width
 
     keysets, (batch, _, heads, head_dim), value_dim = cu_seqlens_k.shape[0] - 1, q.shape, v.shape[3]
     return (
         q.new_empty(q.shape[:3] + (value_dim,), dtype=v.dtype),
-        q.new_empty((batch, heads, keysets, _pad(head_dim), _pad(value_dim)), dtype=torch.float32),
-        q.new_empty((batch, heads, keysets, _pad(head_dim)), dtype=torch.float32),
+        q.new_empty((batch, heads, keysets, dot_width(head_dim), dot_width(value_dim)), dtype=torch.float32),
+        q.new_empty((batch, heads, keysets, dot_width(head_dim)), dtype=torch.float32),
     )
 
 
@@ -130,46 +132,66 @@ def _(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _linear_attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables, eps, relu = inputs
     out, state, normaliser = output
     ctx.save_for_backward(q, k, v, out, state, normaliser, *tables)
     ctx.options = (eps, relu)
 
 
-def _backward(ctx, grad_out, grad_state, grad_normaliser):
+def _linear_attention_backward(ctx, grad_out, grad_state, grad_normaliser):
     q, k, v, out, state, normaliser, *tables = ctx.saved_tensors
     dq, dk, dv = _linear_attention_backward_op(
         grad_out.contiguous(), q, k, v, out, state, normaliser, *tables, *ctx.options
     )
-    return (dq, dk, dv) + (None,) * 7
+    return (dq, dk, dv) + (None,) * (len(tables) + len(ctx.options))
 
 
-_linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_attention_op.register_autograd(_linear_attention_backward, setup_context=_linear_attention_setup_context)
+
+
+@dataclass(eq=False)
+class LinearAttentionTables:
+    """What the kernels need of a :class:`SegmentIndex` (int32): segment offsets ``(S + 1,)``,
+    key-set offsets ``(S_k + 1,)``, each segment's key set ``(S,)``, and the query-block table
+    (block's segment, its first row) of ``BLOCK_ROWS`` rows per block."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    segment_keyset: torch.Tensor
+    block_segment: torch.Tensor
+    block_start: torch.Tensor
+
+    @staticmethod
+    def build(index: SegmentIndex) -> LinearAttentionTables:
+        from canvas_engineering.kernels.linear_attention import BLOCK_ROWS
+
+        return LinearAttentionTables(
+            index.int32_table(index.query_offsets),
+            index.int32_table(index.keyset_offsets),
+            index.int32_table(index.keyset_of),
+            *index.block_table(index.query_lengths, BLOCK_ROWS),
+        )
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tables in the order the custom ops take them."""
+        return (self.cu_seqlens_q, self.cu_seqlens_k, self.segment_keyset, self.block_segment, self.block_start)
+
+
 _tables = PerIndexCache()
 
 
-def prepare_linear_attention(index: SegmentIndex):
-    """The kernels' tables of ``index`` (offsets, key set per segment, query blocks), built once."""
-    return _tables.get(index, lambda: _kernel_tables(index))
+def linear_attention_tables(index: SegmentIndex) -> LinearAttentionTables:
+    """The kernels' tables of ``index`` (cached)."""
+    return _tables.get(index, lambda: LinearAttentionTables.build(index))
 
 
-def _kernel_tables(index: SegmentIndex):
-    from canvas_engineering.kernels.linear_attention import BLOCK_ROWS
-
-    device = index.query_segment.device
-    query_lengths = [n for n, _ in index.shapes]
-    offsets = lambda values: torch.tensor(
-        [0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device
-    )
-    pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
-    return (
-        offsets(query_lengths),
-        offsets(list(index.keyset_sizes)),
-        index.segment_keyset.to(torch.int32),
-        torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device),
-        torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device),
-    )
+def prepare_linear_attention(index: SegmentIndex) -> None:
+    """Build ahead of a forward what :func:`segment_linear_attention` derives from ``index``:
+    the kernel tables, where Triton is installed."""
+    if HAS_TRITON:
+        linear_attention_tables(index)
 
 
 def segment_linear_attention(
@@ -185,17 +207,26 @@ def segment_linear_attention(
 
     Returns:
         ``(B, Tq, H, e)``. O(Tq + Tk) time, O(S_k * H * d * e) state.
-
-    The eager version appends a column of ones to the values, so that one product gives each
-    key set's state and normaliser, and one product per query gives numerator and denominator
-    (a separate one-column denominator product meets a CPU inductor bug; docs/notes.md).
     """
     if use_triton(q) and max(q.shape[-1], v.shape[-1]) <= 128 and index.n_queries:
-        tables = prepare_linear_attention(index)
+        tables = linear_attention_tables(index)
         out, _, _ = _linear_attention_op(
-            q.contiguous(), k.contiguous(), v.contiguous(), *tables, float(eps), feature_map == "relu"
+            q.contiguous(), k.contiguous(), v.contiguous(), *tables.tensors, float(eps), feature_map == "relu"
         )
         return out
+    return eager_linear_attention(q, k, v, index, eps, feature_map)
+
+
+def eager_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SegmentIndex, eps: float, feature_map: str = "elu"
+) -> torch.Tensor:
+    """:func:`segment_linear_attention` in eager PyTorch: q ``(B, Tq, H, d)``, k ``(B, Tk, H, d)``,
+    v ``(B, Tk, H, e)`` to ``(B, Tq, H, e)``.
+
+    It appends a column of ones to the values, so that one product gives each key set's
+    state and normaliser, and one product per query gives numerator and denominator (a
+    separate one-column denominator product meets a CPU inductor bug; docs/notes.md).
+    """
     phi_q, phi_k = FEATURE_MAPS[feature_map](q), FEATURE_MAPS[feature_map](k)
     states = []
     for bucket in index.keyset_buckets:

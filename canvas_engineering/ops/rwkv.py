@@ -1,17 +1,20 @@
 """The RWKV WKV recurrence over the key sets of packed segments.
 
 :func:`segment_wkv` runs the Triton scan of ``canvas_engineering.kernels.wkv`` (as the custom
-op ``canvas_engineering::wkv``) where :func:`use_triton` says so, else the chunked eager
-:func:`wkv_scan`.
+op ``canvas_engineering::wkv``) where :func:`use_triton` says so, else :func:`eager_wkv`, the
+chunked :func:`wkv_scan` of each key-set bucket.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.kernels.constants import KEY_CLAMP
+from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.segments import PerIndexCache, RowSelection, SegmentIndex
 
 
@@ -65,13 +68,37 @@ def _wkv_setup_context(ctx, inputs, output) -> None:
 
 
 def _wkv_backward(ctx, grad_y, grad_part_state):
-    k, v, w, u, part_state, cu_seqlens = ctx.saved_tensors
-    dk, dv, dw, du = _wkv_backward_op(grad_y.contiguous(), k, v, w, u, part_state, cu_seqlens)
-    return dk, dv, dw.to(ctx.dtypes[0]), du.to(ctx.dtypes[1]), None
+    k, v, w, u, part_state, *tables = ctx.saved_tensors
+    dk, dv, dw, du = _wkv_backward_op(grad_y.contiguous(), k, v, w, u, part_state, *tables)
+    return (dk, dv, dw.to(ctx.dtypes[0]), du.to(ctx.dtypes[1])) + (None,) * len(tables)
 
 
 _wkv_op.register_autograd(_wkv_backward, setup_context=_wkv_setup_context)
-_keyset_offsets = PerIndexCache()
+
+
+@dataclass(eq=False)
+class WkvTables:
+    """What the kernels need of a :class:`SegmentIndex` (int32): its key-set offsets
+    ``(S_k + 1,)``, the scanned sequences."""
+
+    cu_seqlens: torch.Tensor
+
+    @staticmethod
+    def build(index: SegmentIndex) -> WkvTables:
+        return WkvTables(index.int32_table(index.keyset_offsets))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tables in the order the custom ops take them."""
+        return (self.cu_seqlens,)
+
+
+_tables = PerIndexCache()
+
+
+def wkv_tables(scan: SegmentIndex) -> WkvTables:
+    """The kernels' tables of the key sets of ``scan`` (cached)."""
+    return _tables.get(scan, lambda: WkvTables.build(scan))
 
 
 def wkv_scan(
@@ -116,7 +143,7 @@ def _chunked_wkv(
     n_chunks = -(-length // size)
     pad = n_chunks * size - length
     channels_first = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) h d -> (h d) (b c) s", s=size)
-    k_c = channels_first(k.clamp(-10.0, 10.0))
+    k_c = channels_first(k.clamp(-KEY_CLAMP, KEY_CLAMP))
     v_c = channels_first(v)
     w_c = w.reshape(-1, 1)
     steps = torch.arange(size, device=k.device, dtype=w.dtype)
@@ -147,7 +174,7 @@ def _steps_read(index: SegmentIndex) -> tuple[list[int], list[int]]:
     needed = [0] * len(index.keyset_sizes)
     for (n, m), keyset in zip(index.shapes, index.keyset_of):
         needed[keyset] = max(needed[keyset], min(n, m))
-    starts = [sum(index.keyset_sizes[:k]) for k in range(len(needed))]
+    starts = index.keyset_offsets[:-1]
     return needed, [start + step for start, count in zip(starts, needed) for step in range(count)]
 
 
@@ -156,7 +183,7 @@ def _keys_read(index: SegmentIndex) -> tuple[RowSelection, SegmentIndex]:
     distinct, position = torch.unique(index.key_source.index[read_rows], return_inverse=True)
     rows = RowSelection.of(distinct.tolist())
     cut = SegmentIndex.build(
-        [n for n, _ in index.shapes],
+        index.query_lengths,
         index.keyset_of,
         needed,
         query_source=index.query_source.index.tolist(),
@@ -180,20 +207,34 @@ def keys_read(index: SegmentIndex) -> tuple[RowSelection, SegmentIndex]:
     return _reads.get(index, lambda: _keys_read(index))
 
 
-def _scan_plan(index: SegmentIndex) -> tuple[SegmentIndex, list[torch.Tensor], torch.Tensor]:
-    """(the key sets cut to the steps anyone reads, per key-set bucket of the cut the packed
-    key row behind each of its ``count * width`` slots, the step each packed query row reads).
+@dataclass(eq=False)
+class WkvPlan:
+    """How :func:`segment_wkv` runs over an index.
 
     A query at position i of a segment reads step ``min(i, M - 1)``, so a key set is scanned
     only up to the longest ``min(N, M)`` among the segments that read it.
+
+    Attributes:
+        scan: the key sets cut to the steps anyone reads (its packed key rows are rows of
+            the op's packed key rows).
+        bucket_rows: per key-set bucket of ``scan``, the packed key row behind each of its
+            ``count * width`` slots.
+        read: ``(Tq,)`` the packed row of ``scan`` each packed query row reads.
     """
-    needed, read_rows = _steps_read(index)
-    scan = SegmentIndex.build([n for n, _ in index.shapes], index.keyset_of, needed, key_source=read_rows).to(
-        index.query_segment.device
-    )
-    bucket_rows = [scan.key_source.index[bucket.keys.slots.index] for bucket in scan.keyset_buckets]
-    read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
-    return scan, bucket_rows, read
+
+    scan: SegmentIndex
+    bucket_rows: list[torch.Tensor]
+    read: torch.Tensor
+
+    @staticmethod
+    def build(index: SegmentIndex) -> WkvPlan:
+        needed, read_rows = _steps_read(index)
+        scan = SegmentIndex.build(index.query_lengths, index.keyset_of, needed, key_source=read_rows).to(
+            index.query_segment.device
+        )
+        bucket_rows = [scan.key_source.index[bucket.keys.slots.index] for bucket in scan.keyset_buckets]
+        read = scan.query_key_start + torch.minimum(index.query_offset, index.query_key_length - 1).clamp(min=0)
+        return WkvPlan(scan, bucket_rows, read)
 
 
 def _gather_rows(packed: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -206,17 +247,34 @@ def _gather_rows(packed: torch.Tensor, rows: torch.Tensor, count: int) -> torch.
     return torch.gather(packed, 1, index).unflatten(1, (count, -1)).flatten(0, 1)
 
 
-_scan_plans = PerIndexCache()
+_plans = PerIndexCache()
 
 
-def _keyset_offsets_of(scan: SegmentIndex) -> torch.Tensor:
-    return _keyset_offsets.get(scan, lambda: torch.cumsum(F.pad(scan.keyset_length, (1, 0)), 0).to(torch.int32))
+def wkv_plan(index: SegmentIndex) -> WkvPlan:
+    """The plan of :func:`segment_wkv` over ``index`` (cached)."""
+    return _plans.get(index, lambda: WkvPlan.build(index))
 
 
 def prepare_wkv(index: SegmentIndex) -> None:
-    """Build ahead of a forward what :func:`segment_wkv` derives from ``index``."""
-    scan, _, _ = _scan_plans.get(index, lambda: _scan_plan(index))
-    _keyset_offsets_of(scan)
+    """Build ahead of a forward what :func:`segment_wkv` derives from ``index``: its plan, and
+    where Triton is installed the kernel tables."""
+    plan = wkv_plan(index)
+    if HAS_TRITON:
+        wkv_tables(plan.scan)
+
+
+def eager_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, plan: WkvPlan) -> torch.Tensor:
+    """What the custom op computes, in eager PyTorch: the WKV of every key set of
+    ``plan.scan``, k, v ``(B, Tk, H, d)`` packed key rows to ``(B, T_scan, H, d)`` packed rows
+    of ``plan.scan``; w, u ``(H, d)``."""
+    return plan.scan.assemble_keys(
+        [
+            wkv_scan(
+                _gather_rows(k, rows, len(bucket.members)), _gather_rows(v, rows, len(bucket.members)), w, u
+            ).unflatten(0, (k.shape[0], len(bucket.members)))
+            for bucket, rows in zip(plan.scan.keyset_buckets, plan.bucket_rows)
+        ]
+    )
 
 
 def segment_wkv(
@@ -233,21 +291,13 @@ def segment_wkv(
     Returns:
         ``(B, Tq, H, d)``; zeros for queries whose key set is empty.
     """
-    scan, bucket_rows, read = _scan_plans.get(index, lambda: _scan_plan(index))
-    if scan.n_keys == 0:
+    plan = wkv_plan(index)
+    if plan.scan.n_keys == 0:
         return v.new_zeros(v.shape[:1] + (index.n_queries,) + v.shape[2:])
     if use_triton(k):
-        scanned, _ = _wkv_op(
-            scan.pack_keys(k).contiguous(), scan.pack_keys(v).contiguous(), w, u, _keyset_offsets_of(scan)
-        )
+        packed_k, packed_v = plan.scan.pack_keys(k).contiguous(), plan.scan.pack_keys(v).contiguous()
+        scanned, _ = _wkv_op(packed_k, packed_v, w, u, *wkv_tables(plan.scan).tensors)
     else:
-        scanned = scan.assemble_keys(
-            [
-                wkv_scan(
-                    _gather_rows(k, rows, len(bucket.members)), _gather_rows(v, rows, len(bucket.members)), w, u
-                ).unflatten(0, (k.shape[0], len(bucket.members)))
-                for bucket, rows in zip(scan.keyset_buckets, bucket_rows)
-            ]
-        )
+        scanned = eager_wkv(k, v, w, u, plan)
     has_keys = (index.query_key_length > 0).view(1, -1, 1, 1).to(v.dtype)
-    return torch.index_select(scanned, 1, read) * has_keys
+    return torch.index_select(scanned, 1, plan.read) * has_keys

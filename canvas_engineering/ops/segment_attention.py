@@ -7,13 +7,13 @@ own segment's key set. Outputs are ``(B, Tq, H, d)``.
 :func:`segment_attention` is the entry point. It runs the Triton kernels of
 ``canvas_engineering.kernels.segment_attention`` (through the custom op
 ``canvas_engineering::segment_attention``) where :func:`use_triton` says so, for head dims up
-to 128 and without attention dropout; otherwise the eager versions below, which pad
-segments of similar length into batches.
+to 128 and without attention dropout; otherwise :func:`eager_segment_attention`, whose
+versions pad segments of similar length into batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.local import blocked_windows, masked_softmax, segment_local_attention
-from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex
+from canvas_engineering.ops.segments import PerIndexCache, SegmentBucket, SegmentIndex, offsets
 
 KeySelector = Callable[[SegmentBucket, torch.Tensor], torch.Tensor]
 """(bucket, logits (B, n, H, Lq, Lk) with padding at -inf) -> bool keep mask, broadcastable."""
@@ -64,6 +64,23 @@ def segment_attention(
         raise ValueError(f"segment_attention: a window ({window}) and top_k ({top_k}) together are not supported")
     if use_triton(q) and q.shape[-1] <= 128 and dropout_p == 0.0:
         return _triton_segment_attention(q, k, v, index, scale, window, top_k, sigmoid)
+    return eager_segment_attention(q, k, v, index, scale, window, top_k, sigmoid, dropout_p)
+
+
+def eager_segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SegmentIndex,
+    scale: float | torch.Tensor,
+    window: int = 0,
+    top_k: int = 0,
+    sigmoid: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """:func:`segment_attention` in eager PyTorch: q ``(B, Tq, H, d)``, k, v ``(B, Tk, H, d)``
+    to ``(B, Tq, H, d)``, by the version its options call for (with ``sigmoid``, ``window``
+    and ``top_k`` not combined)."""
     if sigmoid:
         return segment_masked_attention(q, k, v, index, scale, dropout_p=dropout_p, sigmoid=True)
     if window:
@@ -88,10 +105,12 @@ def keep_top_k(top_k: int) -> KeySelector:
 
 
 @dataclass(eq=False)
-class KernelTables:
-    """What the kernels need of a :class:`SegmentIndex` (int32): segment offsets, key-set
-    offsets into the packed key rows (read in place), each segment's key set, the segments
-    grouped by key set, and the query- and key-block tables of ``block`` rows per block."""
+class SegmentAttentionTables:
+    """What the kernels need of a :class:`SegmentIndex` (int32): segment offsets ``(S + 1,)``,
+    key-set offsets into the packed key rows (read in place) ``(S_k + 1,)``, each segment's
+    key set ``(S,)``, the segments grouped by key set ``(S,)`` with the groups' offsets
+    ``(S_k + 1,)``, and the query- and key-block tables (block's segment or key set, its first
+    row) of ``block`` rows per block."""
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
@@ -105,27 +124,18 @@ class KernelTables:
     block: int
 
     @staticmethod
-    def build(index: SegmentIndex, block: int) -> KernelTables:
-        device = index.query_segment.device
-        table = lambda values: torch.tensor(list(values), dtype=torch.int32, device=device)
-        offsets = lambda lengths: table([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))])
-
-        def blocks(lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, block)]
-            return table(p[0] for p in pairs), table(p[1] for p in pairs)
-
+    def build(index: SegmentIndex, block: int) -> SegmentAttentionTables:
         readers = [
             [s for s, keyset in enumerate(index.keyset_of) if keyset == j] for j in range(len(index.keyset_sizes))
         ]
-        query_lengths = [n for n, _ in index.shapes]
-        return KernelTables(
-            offsets(query_lengths),
-            offsets(list(index.keyset_sizes)),
-            table(index.keyset_of),
-            table(s for segments in readers for s in segments),
-            offsets([len(segments) for segments in readers]),
-            *blocks(query_lengths),
-            *blocks(list(index.keyset_sizes)),
+        return SegmentAttentionTables(
+            index.int32_table(index.query_offsets),
+            index.int32_table(index.keyset_offsets),
+            index.int32_table(index.keyset_of),
+            index.int32_table(s for segments in readers for s in segments),
+            index.int32_table(offsets(len(segments) for segments in readers)),
+            *index.block_table(index.query_lengths, block),
+            *index.block_table(index.keyset_sizes, block),
             block,
         )
 
@@ -143,9 +153,6 @@ class KernelTables:
             self.k_block_keyset,
             self.k_block_start,
         )
-
-
-_kernel_tables = PerIndexCache()
 
 
 @torch.library.custom_op("canvas_engineering::segment_attention", mutates_args=())
@@ -293,44 +300,48 @@ def _(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _segment_attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables, scale, block, window, top_k, sigmoid = inputs
     out, lse, selection = output
     ctx.save_for_backward(q, k, v, out, lse, selection, *tables)
     ctx.options = (scale, block, window, top_k, sigmoid)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_selection):
+def _segment_attention_backward(ctx, grad_out, grad_lse, grad_selection):
     q, k, v, out, lse, selection, *tables = ctx.saved_tensors
     dq, dk, dv = _segment_attention_backward_op(
         grad_out.contiguous(), q, k, v, out, lse, selection, *tables, *ctx.options
     )
-    return (dq, dk, dv) + (None,) * 14
+    return (dq, dk, dv) + (None,) * (len(tables) + len(ctx.options))
 
 
-_segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_segment_attention_op.register_autograd(_segment_attention_backward, setup_context=_segment_attention_setup_context)
 
 
-def kernel_tables(index: SegmentIndex, head_dim: int, dtype: torch.dtype) -> KernelTables:
+_tables = PerIndexCache()
+
+
+def segment_attention_tables(index: SegmentIndex, head_dim: int, dtype: torch.dtype) -> SegmentAttentionTables:
     """The kernels' tables for ``index`` at the block size its device uses for inputs of
     ``dtype`` (cached)."""
     from canvas_engineering.kernels.segment_attention import block_rows
 
     block = block_rows(head_dim, index.query_segment.device, dtype)
-    by_block = _kernel_tables.get(index, dict)
+    by_block = _tables.get(index, dict)
     if block not in by_block:
-        by_block[block] = KernelTables.build(index, block)
+        by_block[block] = SegmentAttentionTables.build(index, block)
     return by_block[block]
 
 
 def prepare_segment_attention(index: SegmentIndex, head_dim: int, window: int = 0) -> None:
-    """Build ahead of a forward what :func:`segment_attention` derives from ``index`` (the
-    kernel tables at the block sizes of half-precision and float32 inputs)."""
+    """Build ahead of a forward what :func:`segment_attention` derives from ``index``: the
+    eager version's windows, and where Triton is installed the kernel tables at the block
+    sizes of half-precision and float32 inputs."""
     if window:
         blocked_windows(index, window)
     if HAS_TRITON and head_dim <= 128:
         for dtype in (torch.bfloat16, torch.float32):
-            kernel_tables(index, head_dim, dtype)
+            segment_attention_tables(index, head_dim, dtype)
 
 
 def _triton_segment_attention(
@@ -343,7 +354,7 @@ def _triton_segment_attention(
     top_k: int,
     sigmoid: bool,
 ) -> torch.Tensor:
-    tables = kernel_tables(index, q.shape[-1], q.dtype)
+    tables = segment_attention_tables(index, q.shape[-1], q.dtype)
     block = tables.block
     if isinstance(scale, torch.Tensor):
         q, scale = q * scale, 1.0

@@ -14,7 +14,7 @@ moved to a device once.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
@@ -24,6 +24,12 @@ import torch
 def length_class(n: int) -> int:
     """The bucket a length falls in: the next power of two >= n (0 for 0)."""
     return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+def offsets(lengths: Iterable[int]) -> tuple[int, ...]:
+    """``(0, l_0, l_0 + l_1, ..., sum of all)``: where each of the runs of ``lengths`` laid end
+    to end starts, then where the last ends (``len(lengths) + 1`` values)."""
+    return tuple(itertools.accumulate(lengths, initial=0))
 
 
 def moved_to(obj, device: torch.device):
@@ -206,8 +212,8 @@ class SegmentIndex:
         """Index segments ``s`` of ``query_lengths[s]`` queries reading key set
         ``keyset_of[s]`` of ``keyset_lengths[k]`` keys. ``query_source``/``key_source``
         (default: the identity) map packed rows to rows of the op's inputs."""
-        query_starts = [sum(query_lengths[:s]) for s in range(len(query_lengths))]
-        keyset_starts = [sum(keyset_lengths[:k]) for k in range(len(keyset_lengths))]
+        query_starts = offsets(query_lengths)[:-1]
+        keyset_starts = offsets(keyset_lengths)[:-1]
         n_queries, n_keys = sum(query_lengths), sum(keyset_lengths)
         segment_of_row = [s for s, n in enumerate(query_lengths) for _ in range(n)]
         shapes = tuple((n, keyset_lengths[k]) for n, k in zip(query_lengths, keyset_of))
@@ -260,6 +266,34 @@ class SegmentIndex:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "derived": {}}
+
+    @property
+    def query_lengths(self) -> tuple[int, ...]:
+        """Per segment its number of queries N (``S`` values)."""
+        return tuple(n for n, _ in self.shapes)
+
+    @property
+    def query_offsets(self) -> tuple[int, ...]:
+        """``S + 1`` values: segment s owns packed query rows ``query_offsets[s]`` to
+        ``query_offsets[s + 1] - 1``."""
+        return offsets(self.query_lengths)
+
+    @property
+    def keyset_offsets(self) -> tuple[int, ...]:
+        """``S_k + 1`` values: key set k owns packed key rows ``keyset_offsets[k]`` to
+        ``keyset_offsets[k + 1] - 1``."""
+        return offsets(self.keyset_sizes)
+
+    def int32_table(self, values: Iterable[int]) -> torch.Tensor:
+        """``values`` as a kernel table: ``(len(values),)`` int32 on the index's device."""
+        return torch.tensor(list(values), dtype=torch.int32, device=self.query_segment.device)
+
+    def block_table(self, lengths: Sequence[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sequence of each block, the block's first row within it) for the blocks of
+        ``block`` rows that cover sequences of ``lengths`` in turn: two ``(n_blocks,)`` int32
+        tables on the index's device."""
+        pairs = [(s, start) for s, n in enumerate(lengths) for start in range(0, n, block)]
+        return self.int32_table(p[0] for p in pairs), self.int32_table(p[1] for p in pairs)
 
     def pack_queries(self, query_input: torch.Tensor) -> torch.Tensor:
         """Rows of the op's query input ``(B, Rq, *f)`` in packed order: ``(B, Tq, *f)``."""

@@ -2,23 +2,22 @@
 
 :func:`segment_selective_scan` runs the Triton scan of ``canvas_engineering.kernels.
 selective_scan`` (as the custom op ``canvas_engineering::selective_scan``) where
-:func:`use_triton` says so, else the eager two-level :func:`selective_scan`.
+:func:`use_triton` says so, else :func:`eager_selective_scan`, the two-level
+:func:`selective_scan` of each key-set bucket.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from canvas_engineering.ops.backend import use_triton
+from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.composite import composite_gradients
-from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
-
-SCAN_CHUNK = 64
-"""Steps between the kernel's state checkpoints (its backward recomputes one chunk at a time)."""
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex, offsets
 
 
 @torch.library.custom_op("canvas_engineering::selective_scan", mutates_args=())
@@ -77,38 +76,66 @@ def _(grad_y, x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, ch
     )
 
 
-def _scan_setup_context(ctx, inputs, output) -> None:
+def _selective_scan_setup_context(ctx, inputs, output) -> None:
     x, dt, A, B, C, D, cu_seqlens, checkpoint_offsets, n_checkpoints, chunk = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, output[1], cu_seqlens, checkpoint_offsets)
-    ctx.chunk = chunk
+    ctx.options = (n_checkpoints, chunk)
 
 
-def _scan_backward(ctx, grad_y, grad_checkpoints):
-    x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets = ctx.saved_tensors
+def _selective_scan_backward(ctx, grad_y, grad_checkpoints):
+    x, dt, A, B, C, D, checkpoints, *tables = ctx.saved_tensors
+    _, chunk = ctx.options
     dx, ddt, dA, dB, dC, dD = _selective_scan_backward_op(
-        grad_y.contiguous(), x, dt, A, B, C, D, checkpoints, cu_seqlens, checkpoint_offsets, ctx.chunk
+        grad_y.contiguous(), x, dt, A, B, C, D, checkpoints, *tables, chunk
     )
-    return dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), None, None, None, None
+    return (dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype)) + (None,) * (len(tables) + len(ctx.options))
 
 
-_selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
-_scan_tables = PerIndexCache()
+_selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
 
 
-def prepare_selective_scan(index: SegmentIndex) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(int32 key-set offsets, checkpoint offsets, checkpoint count) of ``index`` for the
-    kernel, built once ahead of a forward."""
+@dataclass(eq=False)
+class SelectiveScanTables:
+    """What the kernels need of a :class:`SegmentIndex`: its key-set offsets ``(S_k + 1,)``
+    int32 (the scanned sequences), where each key set's state checkpoints start ``(S_k + 1,)``
+    int32 (one per ``chunk`` steps), the number of checkpoints, and ``chunk``."""
 
-    def tables():
-        lengths = list(index.keyset_sizes)
-        chunks = [-(-m // SCAN_CHUNK) for m in lengths]
-        device = index.query_segment.device
-        offsets = lambda values: torch.tensor(
-            [0] + [sum(values[: i + 1]) for i in range(len(values))], dtype=torch.int32, device=device
+    cu_seqlens: torch.Tensor
+    checkpoint_offsets: torch.Tensor
+    n_checkpoints: int
+    chunk: int
+
+    @staticmethod
+    def build(index: SegmentIndex) -> SelectiveScanTables:
+        from canvas_engineering.kernels.selective_scan import CHUNK
+
+        checkpoint_offsets = offsets(-(-m // CHUNK) for m in index.keyset_sizes)
+        return SelectiveScanTables(
+            index.int32_table(index.keyset_offsets),
+            index.int32_table(checkpoint_offsets),
+            checkpoint_offsets[-1],
+            CHUNK,
         )
-        return offsets(lengths), offsets(chunks), sum(chunks)
 
-    return _scan_tables.get(index, tables)
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tables in the order the custom ops take them."""
+        return (self.cu_seqlens, self.checkpoint_offsets)
+
+
+_tables = PerIndexCache()
+
+
+def selective_scan_tables(index: SegmentIndex) -> SelectiveScanTables:
+    """The kernels' tables of ``index`` (cached)."""
+    return _tables.get(index, lambda: SelectiveScanTables.build(index))
+
+
+def prepare_selective_scan(index: SegmentIndex) -> None:
+    """Build ahead of a forward what :func:`segment_selective_scan` derives from ``index``: the
+    kernel tables, where Triton is installed."""
+    if HAS_TRITON:
+        selective_scan_tables(index)
 
 
 def selective_scan(
@@ -341,10 +368,25 @@ def segment_selective_scan(
         ``(Bt, Tk, channels)``.
     """
     if use_triton(x) and index.n_keys:
-        cu_seqlens, checkpoint_offsets, n_checkpoints = prepare_selective_scan(index)
+        tables = selective_scan_tables(index)
         contiguous = [t.contiguous() for t in (x, dt, A, B, C, D)]
-        y, _ = _selective_scan_op(*contiguous, cu_seqlens, checkpoint_offsets, n_checkpoints, SCAN_CHUNK)
+        y, _ = _selective_scan_op(*contiguous, *tables.tensors, tables.n_checkpoints, tables.chunk)
         return y
+    return eager_selective_scan(x, dt, A, B, C, D, index)
+
+
+def eager_selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    index: SegmentIndex,
+) -> torch.Tensor:
+    """:func:`segment_selective_scan` in eager PyTorch: x, dt ``(Bt, Tk, channels)``, B, C
+    ``(Bt, Tk, state)`` to ``(Bt, Tk, channels)``, each key-set bucket's padded batch through
+    :func:`selective_scan`."""
     batches = []
     for bucket in index.keyset_buckets:
         fold = lambda t: bucket.keys.gather(t).flatten(0, 1)  # noqa: B023 (called in this iteration)
