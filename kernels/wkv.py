@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
+from .constants import KEY_CLAMP
 
-KEY_CLAMP = 10.0
 PROGRAMS_WANTED = 2048
 """Programs a launch aims for: about 16 walks per SM of an H100, so that each SM interleaves
 many one-step-at-a-time walks and their loads' latencies overlap."""
