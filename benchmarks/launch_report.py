@@ -192,9 +192,11 @@ def attention_rows(
 def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfloat16) -> list[dict]:
     """The RWKV WKV scan over one sequence of ``length`` steps. A part's own sums are one
     vectorised reduction over its steps, ``CARRY_BLOCK`` rows per load: ``steps / CARRY_BLOCK``
-    waits. The backward recomputes each step's sums from its part's: the steps it re-reads for
-    that (on average ``(TILE - 1) / 2 + steps / (2 TILE)`` per step, from the part's few
-    kilobytes of k and v) are counted as FLOPs, not as global-memory bytes."""
+    waits; the forward's walk and the backward's adjoint walk load ``TILE`` steps at a time:
+    ``steps / TILE`` waits. The backward recomputes each step's sums from its part's: the steps
+    it re-reads for that (on average ``(TILE - 1) / 2 + steps / (2 TILE)`` per step, from the
+    part's few kilobytes of k and v) are counted as FLOPs, not as global-memory bytes, and its
+    reverse walk as one wait per step."""
     from canvas_engineering.kernels import wkv
 
     k, v = (torch.empty(batch, length, heads, head_dim, dtype=dtype, device=META) for _ in range(2))
@@ -216,8 +218,10 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
         "wkv_fwd_state_kernel": Cost(
             2 * elements * size + 3 * part_bytes, 12 * elements, math.ceil(steps / wkv.CARRY_BLOCK)
         ),
-        "wkv_fwd_kernel": Cost(3 * elements * size + 3 * carried, 16 * elements, steps),
-        "wkv_bwd_state_kernel": Cost(3 * elements * size + 3 * carried + 4 * part_bytes, 26 * elements, steps),
+        "wkv_fwd_kernel": Cost(3 * elements * size + 3 * carried, 16 * elements, math.ceil(steps / wkv.TILE)),
+        "wkv_bwd_state_kernel": Cost(
+            3 * elements * size + 3 * carried + 4 * part_bytes, 26 * elements, math.ceil(steps / wkv.TILE)
+        ),
         "wkv_bwd_kernel": Cost(
             5 * elements * size + 2 * part_bytes + 7 * carried, (30 + 8 * recomputed_steps) * elements, steps
         ),
@@ -322,7 +326,9 @@ def linear_rows(length: int, head_dim: int, batch: int = 2, heads: int = 8, dtyp
 
 def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=torch.float32) -> list[dict]:
     """Hyena's gated FFT convolution: ``rows // length`` segments of ``length`` rows (a power
-    of two: the FFT length too), one batch row."""
+    of two: the FFT length too), one batch row. The backward kernels that hold the whole
+    transform (dense, fused) read mixed and gate again for the gate's chain rule, from the
+    program's own tile of a few kilobytes, counted once (an L2 hit)."""
     from canvas_engineering.kernels import fftconv
 
     segments = rows // length
@@ -345,12 +351,14 @@ def fftconv_rows(length: int, channels: int = 512, rows: int = 1 << 16, dtype=to
     filter_bytes = segments * (fft // 2 + 1) * channels * 8
     forward_costs = {
         "fftconv_dense_fwd_kernel": Cost(3 * elements * size, dense_flops),
+        "fftconv_fused_fwd_kernel": Cost(3 * elements * size, 2 * row_flops + 2 * column_flops),
         "fftconv_rows_kernel": Cost(2 * elements * size + spectral, row_flops),
         "fftconv_columns_fwd_kernel": Cost(2 * spectral, 2 * column_flops),
         "fftconv_inverse_rows_kernel": Cost(spectral + elements * size, row_flops),
     }
     backward_costs = {
         "fftconv_dense_bwd_kernel": Cost(5 * elements * size + filter_bytes, 2 * dense_flops),
+        "fftconv_fused_bwd_kernel": Cost(5 * elements * size + filter_bytes, 3 * row_flops + 3 * column_flops),
         "fftconv_rows_kernel": [Cost(elements * size + spectral, row_flops), forward_costs["fftconv_rows_kernel"]],
         "fftconv_columns_bwd_kernel": Cost(3 * spectral + filter_bytes, 3 * column_flops),
         "fftconv_inverse_rows_kernel": Cost(spectral + 4 * elements * size, row_flops),

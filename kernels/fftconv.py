@@ -18,19 +18,30 @@ launcher, so the result does not depend on scheduling.
 Segments are launched by class: all segments of one FFT length L share a launch.
 - ``L <= DENSE_MAX``: one program per (segment, channel block, batch row) holds the
   ``(L, BLOCK_C)`` tile and multiplies it by the ``L x L`` DFT matrix (padded to 16 rows).
-- Larger L, ``L = COLS * ROWS`` (:func:`factors`; ``ROWS >= 16``, pass 2 pads COLS to
-  ``BLOCK_COLS >= 16``): a three-pass Cooley-Tukey factorisation through a pass buffer
-  (``(2, B, S, L, D)``: real and imaginary parts, in the products' operand type, since every
-  pass reads its predecessor's output only as ``tl.dot`` operands). With ``n = n1 + COLS n2`` and
-  ``k = k2 + ROWS k1``,
-  pass 1 (per n1): ``A[n1, k2] = w^(n1 k2) sum_n2 W_ROWS[k2, n2] x[n1 + COLS n2]``,
-  pass 2 (per k2): ``X = W_COLS A`` along n1 gives ``X[k2 + ROWS k1]``; multiply by H (or form
-  the filter gradient and ``DY conj(H)``); the inverse ``B[n1, k2] = w^(-n1 k2) conj(W_COLS) Y``,
-  pass 3 (per n1): ``y[n1 + COLS n2] = (1/L) Re sum_k2 conj(W_ROWS)[n2, k2] B[n1, k2]``,
-  with ``w = exp(-2 pi i / L)``. Passes 1 and 3 loop over the ``ROWS x ROWS`` DFT matrix in
-  blocks of ``BLOCK_K`` columns; pass 2 holds the ``COLS x COLS`` one.
+- Larger L, ``L = COLS * ROWS`` (:func:`factors`; ``ROWS >= 16``): a Cooley-Tukey
+  factorisation in three passes. With ``n = n1 + COLS n2`` and ``k = k2 + ROWS k1``,
+  pass 1: ``A[n1, k2] = w^(n1 k2) sum_n2 W_ROWS[k2, n2] x[n1 + COLS n2]``,
+  pass 2: ``X = W_COLS A`` along n1 gives ``X[k2 + ROWS k1]``; multiply by H (or form the
+  filter gradient and ``DY conj(H)``); the inverse ``B[n1, k2] = w^(-n1 k2) conj(W_COLS) Y``,
+  pass 3: ``y[n1 + COLS n2] = (1/L) Re sum_k2 conj(W_ROWS)[n2, k2] B[n1, k2]``,
+  with ``w = exp(-2 pi i / L)``.
+- ``L <= FUSED_MAX`` with both factors >= 16 (:func:`fused`: L = 256): one program per
+  (segment, channel block of 8, batch row) runs the three passes in registers, with no
+  buffer: it holds the signal tile ``(ROWS, BLOCK_C * COLS)`` (``[n2, c * COLS + n1]``), so
+  pass 1 is one product with ``W_ROWS`` from the left; the same values read as ``(ROWS *
+  BLOCK_C, COLS)`` (``[k2 * BLOCK_C + c, n1]``, a reshape that moves nothing) make pass 2
+  one complex product with ``W_COLS`` from the right (the DFT matrices are symmetric), and the
+  inverse retraces both. The backward transforms dy and x in the same program.
+- Longer L (and L = 128, whose COLS = 8 is below ``tl.dot``'s 16): one launch per pass,
+  through a pass buffer (``(2, B, S, L, D)``: real and imaginary parts, in the products'
+  operand type, since every pass reads its predecessor's output only as ``tl.dot``
+  operands). Passes 1 and 3 run one program per n1 and loop over the ``ROWS x ROWS`` DFT
+  matrix in blocks of ``BLOCK_K`` columns; pass 2 runs one program per k2 and holds the
+  ``COLS x COLS`` one, padded to ``BLOCK_COLS >= 16`` rows.
 The DFT matrices come from :func:`dft_matrix` (``(2, P, P)``: cos and -sin, zero-padded to P,
-stored in the products' operand type, :func:`operand_dtype`).
+stored in the products' operand type, :func:`operand_dtype`); the twiddle factors
+``w^(n1 k2)`` from :func:`twiddle_table` (float32, computed in float64 on the host, so no
+kernel evaluates a sine).
 Every matrix product takes its operands in ``DOT`` (:mod:`.operands`): for bf16 inputs on the
 GPU the DFT matrices and the transforms enter the tensor cores rounded to bf16 (float32
 accumulators; the pass buffers hold the bf16 operands, rounded to nearest even as the
@@ -53,6 +64,9 @@ from .operands import dot_dtype
 
 DENSE_MAX = 64
 """Longest FFT run as one dense DFT per program; longer ones use the three passes."""
+FUSED_MAX = 256
+"""Longest FFT whose three passes run in one program (:func:`fused`); longer ones go through
+the pass buffer."""
 BLOCK_K = 16
 """Columns of the ``ROWS x ROWS`` DFT matrix that passes 1 and 3 multiply at a time."""
 TWO_PI = 2.0 * math.pi
@@ -69,14 +83,15 @@ def _gated(MIXED, GATE, offsets, mask, GATED: tl.constexpr):
 
 @triton.jit
 def _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH: tl.constexpr):
-    """(real, imaginary) ``(R, C)`` of the filter at ``frequencies (R,)`` of an FFT of LENGTH,
-    the upper half read as the conjugate of the lower half."""
+    """(real, imaginary) of the filter at ``frequencies`` of an FFT of LENGTH and ``channels``
+    (broadcast together, to the shape of the result), the upper half read as the conjugate of
+    the lower half."""
     mirrored = frequencies > LENGTH // 2
     stored = tl.where(mirrored, LENGTH - frequencies, frequencies)
-    offsets = (stored[:, None] * n_channels + channels[None, :]) * 2
+    offsets = (stored * n_channels + channels) * 2
     real = tl.load(SPECTRUM + offsets, mask=mask, other=0.0)
     imag = tl.load(SPECTRUM + offsets + 1, mask=mask, other=0.0)
-    return real, tl.where(mirrored[:, None], -imag, imag)
+    return real, tl.where(mirrored, -imag, imag)
 
 
 @triton.jit
@@ -94,12 +109,21 @@ def _store_filter_gradient(
     LENGTH: tl.constexpr,
 ):
     """``c_k / L * G conj(X)`` at the ``frequencies <= L/2`` into the partial sum ``slot``
-    (``(L/2 + 1, D, 2)`` floats per slot)."""
+    (``(L/2 + 1, D, 2)`` floats per slot); ``frequencies``, ``channels`` and ``c_mask``
+    broadcast to the shape of G and X."""
     weight = tl.where((frequencies == 0) | (frequencies == LENGTH // 2), 1.0, 2.0) / LENGTH
-    offsets = ((slot * (LENGTH // 2 + 1) + frequencies[:, None]) * n_channels + channels[None, :]) * 2
-    mask = (frequencies <= LENGTH // 2)[:, None] & c_mask[None, :]
-    tl.store(PARTIAL + offsets, (gr * xr + gi * xi) * weight[:, None], mask=mask)
-    tl.store(PARTIAL + offsets + 1, (gi * xr - gr * xi) * weight[:, None], mask=mask)
+    offsets = ((slot * (LENGTH // 2 + 1) + frequencies) * n_channels + channels) * 2
+    mask = (frequencies <= LENGTH // 2) & c_mask
+    tl.store(PARTIAL + offsets, (gr * xr + gi * xi) * weight, mask=mask)
+    tl.store(PARTIAL + offsets + 1, (gi * xr - gr * xi) * weight, mask=mask)
+
+
+@triton.jit
+def _store_input_gradients(DMIXED, DGATE, offsets, mask, dx, mixed, gate):
+    """The gate's chain rule: ``dx * s`` and ``dx * mixed * s * (1 - s)`` at ``offsets``, with
+    ``dx`` the gradient of the gated input and ``s = sigmoid(gate logits)``."""
+    tl.store(DMIXED + offsets, (dx * gate).to(DMIXED.dtype.element_ty), mask=mask)
+    tl.store(DGATE + offsets, (dx * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,11 +145,12 @@ def _complex_matmul(ar, ai, br, bi, CONJUGATE: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _twiddle(real, imag, n1, k2, SIGN: tl.constexpr, LENGTH: tl.constexpr):
-    """``(real + i imag) * exp(SIGN * 2 pi i n1 k2 / LENGTH)`` elementwise (n1, k2 broadcast)."""
-    angle = ((n1 * k2) % LENGTH).to(tl.float32) * (6.283185307179586 / LENGTH)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle) * SIGN
+def _twiddle(real, imag, TWIDDLE, n1, k2, SIGN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``(real + i imag) * exp(SIGN * 2 pi i n1 k2 / (ROWS COLS))`` elementwise (``n1 < COLS``
+    and ``k2 < ROWS`` broadcast), the factors read from TWIDDLE (:func:`twiddle_table`)."""
+    at = k2 * COLS + n1
+    cos = tl.load(TWIDDLE + at)
+    sin = tl.load(TWIDDLE + ROWS * COLS + at) * SIGN
     return real * cos - imag * sin, real * sin + imag * cos
 
 
@@ -185,7 +210,9 @@ def fftconv_dense_fwd_kernel(
     x = _gated(MIXED, GATE, offsets, mask, True)
     xr = _product(fr, x, zeros, DOT)
     xi = _product(fi, x, zeros, DOT)
-    hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
+    hr, hi = _filter(
+        SPECTRUM, rows[:, None], channels[None, :], n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH
+    )
     y = _product(fr, xr * hr - xi * hi, _product(fi, xr * hi + xi * hr, zeros, DOT), DOT) / LENGTH
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -221,11 +248,206 @@ def fftconv_dense_bwd_kernel(
     gi = _product(fi, grad, zeros, DOT)
     xr = _product(fr, mixed * gate, zeros, DOT)
     xi = _product(fi, mixed * gate, zeros, DOT)
-    _store_filter_gradient(DSPECTRUM_PARTIAL, segment_row, rows, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH)
-    hr, hi = _filter(SPECTRUM, rows, channels, n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH)
+    _store_filter_gradient(
+        DSPECTRUM_PARTIAL,
+        segment_row,
+        rows[:, None],
+        channels[None, :],
+        n_channels,
+        c_mask[None, :],
+        gr,
+        gi,
+        xr,
+        xi,
+        LENGTH,
+    )
+    hr, hi = _filter(
+        SPECTRUM, rows[:, None], channels[None, :], n_channels, (rows < LENGTH)[:, None] & c_mask[None, :], LENGTH
+    )
     dx = _product(fr, gr * hr + gi * hi, _product(fi, gi * hr - gr * hi, zeros, DOT), DOT) / LENGTH
-    tl.store(DMIXED + offsets, (dx * gate).to(DMIXED.dtype.element_ty), mask=mask)
-    tl.store(DGATE + offsets, (dx * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
+    _store_input_gradients(DMIXED, DGATE, offsets, mask, dx, mixed, gate)
+
+
+@triton.jit
+def _dft(TABLE, SIZE: tl.constexpr):
+    """(real, imaginary) ``(SIZE, SIZE)`` of a DFT matrix from :func:`dft_matrix`."""
+    k = tl.arange(0, SIZE)
+    matrix = k[:, None] * SIZE + k[None, :]
+    return tl.load(TABLE + matrix), tl.load(TABLE + SIZE * SIZE + matrix)
+
+
+@triton.jit
+def _fused_program(
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """What a fused program works on: its row ``b * n_class + segment`` of the per-segment
+    partials; the offset of its segment's first row (int64) and, from there, the offsets
+    (int32) and mask of its signal tile ``(ROWS, BLOCK_C * COLS)``, whose ``[n2, c * COLS +
+    n1]`` is row ``n1 + COLS n2`` of channel c; the frequency ``k2 + ROWS k1`` of each
+    element ``[k2 * BLOCK_C + c, k1]`` of its spectrum tile ``(ROWS * BLOCK_C, COLS)``, with
+    that element's channel and channel mask."""
+    index = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    first = tl.program_id(1) * BLOCK_C
+    begin, length, total = _segment(cu_seqlens, class_segments, index, n_segments)
+    column = tl.arange(0, BLOCK_C * COLS)
+    t = tl.arange(0, ROWS)[:, None] * COLS + (column % COLS)[None, :]
+    channels = first + column // COLS
+    tile = t * n_channels + channels[None, :]
+    mask = (t < length) & (channels < n_channels)[None, :]
+    spectral = tl.arange(0, ROWS * BLOCK_C)
+    frequencies = (spectral // BLOCK_C)[:, None] + ROWS * tl.arange(0, COLS)[None, :]
+    spectral_channels = (first + spectral % BLOCK_C)[:, None]
+    return (
+        b * tl.num_programs(0) + index,
+        (b * total + begin) * n_channels,
+        tile,
+        mask,
+        frequencies,
+        spectral_channels,
+        spectral_channels < n_channels,
+    )
+
+
+@triton.jit
+def _fused_spectrum(
+    x,
+    DFT_ROWS,
+    DFT_COLS,
+    TWIDDLE,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """(real, imaginary) spectrum tile of the signal tile ``x`` (layouts of
+    :func:`_fused_program`): pass 1 as one product from the left, the twiddle, pass 2 as one
+    complex product from the right (the DFT matrices are symmetric)."""
+    rows_r, rows_i = _dft(DFT_ROWS, ROWS)
+    zeros = tl.zeros([ROWS, BLOCK_C * COLS], dtype=tl.float32)
+    n1 = tl.arange(0, BLOCK_C * COLS) % COLS
+    ar, ai = _twiddle(
+        _product(rows_r, x, zeros, DOT),
+        _product(rows_i, x, zeros, DOT),
+        TWIDDLE,
+        n1[None, :],
+        tl.arange(0, ROWS)[:, None],
+        -1.0,
+        ROWS,
+        COLS,
+    )
+    shape: tl.constexpr = (ROWS * BLOCK_C, COLS)
+    cols_r, cols_i = _dft(DFT_COLS, COLS)
+    return _complex_matmul(tl.reshape(ar, shape), tl.reshape(ai, shape), cols_r, cols_i, False, DOT)
+
+
+@triton.jit
+def _fused_inverse(
+    yr,
+    yi,
+    DFT_ROWS,
+    DFT_COLS,
+    TWIDDLE,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """``(1/L) Re`` of the inverse transform of the spectrum tile ``(yr, yi)``, as a signal
+    tile (layouts of :func:`_fused_program`): the inverse of pass 2, the twiddle, pass 3."""
+    cols_r, cols_i = _dft(DFT_COLS, COLS)
+    br, bi = _complex_matmul(yr, yi, cols_r, -cols_i, False, DOT)
+    k2 = tl.arange(0, ROWS * BLOCK_C) // BLOCK_C
+    br, bi = _twiddle(br, bi, TWIDDLE, tl.arange(0, COLS)[None, :], k2[:, None], 1.0, ROWS, COLS)
+    shape: tl.constexpr = (ROWS, BLOCK_C * COLS)
+    zeros = tl.zeros(shape, dtype=tl.float32)
+    rows_r, rows_i = _dft(DFT_ROWS, ROWS)
+    acc = _product(rows_i, tl.reshape(bi, shape), zeros, DOT)
+    return _product(rows_r, tl.reshape(br, shape), acc, DOT) / LENGTH
+
+
+@triton.jit
+def fftconv_fused_fwd_kernel(
+    MIXED,
+    GATE,
+    SPECTRUM,
+    DFT_ROWS,
+    DFT_COLS,
+    TWIDDLE,
+    Y,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """y of one segment and channel block, the three passes in registers."""
+    segment_row, base, tile, mask, frequencies, channels, c_mask = _fused_program(
+        cu_seqlens, class_segments, n_segments, n_channels, ROWS, COLS, BLOCK_C
+    )
+    x = _gated(MIXED + base, GATE + base, tile, mask, True)
+    xr, xi = _fused_spectrum(x, DFT_ROWS, DFT_COLS, TWIDDLE, LENGTH, ROWS, COLS, BLOCK_C, DOT)
+    hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, c_mask, LENGTH)
+    y = _fused_inverse(
+        xr * hr - xi * hi, xr * hi + xi * hr, DFT_ROWS, DFT_COLS, TWIDDLE, LENGTH, ROWS, COLS, BLOCK_C, DOT
+    )
+    tl.store(Y + base + tile, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fftconv_fused_bwd_kernel(
+    GRAD,
+    MIXED,
+    GATE,
+    SPECTRUM,
+    DFT_ROWS,
+    DFT_COLS,
+    TWIDDLE,
+    DMIXED,
+    DGATE,
+    DSPECTRUM_PARTIAL,
+    cu_seqlens,
+    class_segments,
+    n_segments,
+    n_channels,
+    LENGTH: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Gradients of one segment and channel block, the three passes in registers: the
+    spectra of dy and x give the filter gradient's share; dx is the inverse transform of
+    ``DY conj(H)``, then the gate's chain rule."""
+    segment_row, base, tile, mask, frequencies, channels, c_mask = _fused_program(
+        cu_seqlens, class_segments, n_segments, n_channels, ROWS, COLS, BLOCK_C
+    )
+    grad = tl.load(GRAD + base + tile, mask=mask, other=0.0).to(tl.float32)
+    gr, gi = _fused_spectrum(grad, DFT_ROWS, DFT_COLS, TWIDDLE, LENGTH, ROWS, COLS, BLOCK_C, DOT)
+    x = _gated(MIXED + base, GATE + base, tile, mask, True)
+    xr, xi = _fused_spectrum(x, DFT_ROWS, DFT_COLS, TWIDDLE, LENGTH, ROWS, COLS, BLOCK_C, DOT)
+    _store_filter_gradient(
+        DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH
+    )
+    hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, c_mask, LENGTH)
+    dx = _fused_inverse(
+        gr * hr + gi * hi, gi * hr - gr * hi, DFT_ROWS, DFT_COLS, TWIDDLE, LENGTH, ROWS, COLS, BLOCK_C, DOT
+    )
+    mixed = tl.load(MIXED + base + tile, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.sigmoid(tl.load(GATE + base + tile, mask=mask, other=0.0).to(tl.float32))
+    _store_input_gradients(DMIXED + base, DGATE + base, tile, mask, dx, mixed, gate)
 
 
 @triton.jit
@@ -233,6 +455,7 @@ def fftconv_rows_kernel(
     MIXED,
     GATE,
     DFT_ROWS,
+    TWIDDLE,
     TRANSFORM,
     cu_seqlens,
     class_segments,
@@ -265,7 +488,7 @@ def fftconv_rows_kernel(
         matrix = k2[:, None] * ROWS + n2[None, :]
         acc_r = _product(tl.load(DFT_ROWS + matrix), x, acc_r, DOT)
         acc_i = _product(tl.load(DFT_ROWS + ROWS * ROWS + matrix), x, acc_i, DOT)
-    ar, ai = _twiddle(acc_r, acc_i, n1, k2[:, None], -1.0, LENGTH)
+    ar, ai = _twiddle(acc_r, acc_i, TWIDDLE, n1, k2[:, None], -1.0, ROWS, COLS)
     n_class = tl.num_programs(0) // COLS
     half = tl.num_programs(2).to(tl.int64) * n_class * LENGTH * n_channels
     place = ((b * n_class + index) * LENGTH + n1 * ROWS + k2) * n_channels
@@ -297,10 +520,12 @@ def _column_program(
     BLOCK_COLS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """What a pass-2 program works on: its k2; the n1 of its column; its channels and their
-    mask; its row ``b * n_class + segment`` of the per-segment partials; the pass buffer's offsets
-    ``(BLOCK_COLS, BLOCK_C)`` of its column, their mask and the distance to the imaginary
-    half; the (real, imaginary) COLS-point DFT matrix."""
+    """What a pass-2 program works on: its k2; the n1 of its column (``BLOCK_COLS`` of them:
+    past COLS, the padding, where the zero rows of the padded DFT matrix make every product
+    zero, so that the twiddle may take any factor there, ``n1 % COLS``'s); its channels and
+    their mask; its row ``b * n_class + segment`` of the per-segment partials; the pass
+    buffer's offsets ``(BLOCK_COLS, BLOCK_C)`` of its column, their mask and the distance to
+    the imaginary half; the (real, imaginary) COLS-point DFT matrix."""
     index = tl.program_id(0) // ROWS
     k2 = tl.program_id(0) % ROWS
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -323,6 +548,7 @@ def fftconv_columns_fwd_kernel(
     TRANSFORM,
     SPECTRUM,
     DFT_COLS,
+    TWIDDLE,
     n_channels,
     LENGTH: tl.constexpr,
     ROWS: tl.constexpr,
@@ -339,9 +565,9 @@ def fftconv_columns_fwd_kernel(
     )
     ar, ai = _load_column(TRANSFORM, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
-    hr, hi = _filter(SPECTRUM, k2 + ROWS * n1, channels, n_channels, mask, LENGTH)
+    hr, hi = _filter(SPECTRUM, (k2 + ROWS * n1)[:, None], channels[None, :], n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, xr * hr - xi * hi, xr * hi + xi * hr, True, DOT)
-    br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
+    br, bi = _twiddle(br, bi, TWIDDLE, (n1 % COLS)[:, None], k2, 1.0, ROWS, COLS)
     _store_column(TRANSFORM, offsets, half, mask, br, bi)
 
 
@@ -351,6 +577,7 @@ def fftconv_columns_bwd_kernel(
     TRANSFORM_X,
     SPECTRUM,
     DFT_COLS,
+    TWIDDLE,
     DSPECTRUM_PARTIAL,
     n_channels,
     LENGTH: tl.constexpr,
@@ -369,13 +596,23 @@ def fftconv_columns_bwd_kernel(
     gr, gi = _complex_matmul(fr, fi, ar, ai, False, DOT)
     ar, ai = _load_column(TRANSFORM_X, offsets, half, mask)
     xr, xi = _complex_matmul(fr, fi, ar, ai, False, DOT)
-    frequencies = k2 + ROWS * n1
+    frequencies = (k2 + ROWS * n1)[:, None]
     _store_filter_gradient(
-        DSPECTRUM_PARTIAL, segment_row, frequencies, channels, n_channels, c_mask, gr, gi, xr, xi, LENGTH
+        DSPECTRUM_PARTIAL,
+        segment_row,
+        frequencies,
+        channels[None, :],
+        n_channels,
+        c_mask[None, :],
+        gr,
+        gi,
+        xr,
+        xi,
+        LENGTH,
     )
-    hr, hi = _filter(SPECTRUM, frequencies, channels, n_channels, mask, LENGTH)
+    hr, hi = _filter(SPECTRUM, frequencies, channels[None, :], n_channels, mask, LENGTH)
     br, bi = _complex_matmul(fr, fi, gr * hr + gi * hi, gi * hr - gr * hi, True, DOT)
-    br, bi = _twiddle(br, bi, n1[:, None], k2, 1.0, LENGTH)
+    br, bi = _twiddle(br, bi, TWIDDLE, (n1 % COLS)[:, None], k2, 1.0, ROWS, COLS)
     _store_column(TRANSFORM, offsets, half, mask, br, bi)
 
 
@@ -421,15 +658,15 @@ def fftconv_inverse_rows_kernel(
         acc = _product(tl.load(DFT_ROWS + ROWS * ROWS + matrix), bi, acc, DOT)
     result = acc / LENGTH
     t = n1 + COLS * n2
-    offsets = ((b * total + begin + t) * n_channels)[:, None] + channels[None, :]
+    base = (b * total + begin) * n_channels
+    tile = (t * n_channels)[:, None] + channels[None, :]
     mask = (t < length)[:, None] & c_mask[None, :]
     if BACKWARD:
-        mixed = tl.load(MIXED + offsets, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.sigmoid(tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32))
-        tl.store(OUT + offsets, (result * gate).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(DGATE + offsets, (result * mixed * gate * (1.0 - gate)).to(DGATE.dtype.element_ty), mask=mask)
+        mixed = tl.load(MIXED + base + tile, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(tl.load(GATE + base + tile, mask=mask, other=0.0).to(tl.float32))
+        _store_input_gradients(OUT + base, DGATE + base, tile, mask, result, mixed, gate)
     else:
-        tl.store(OUT + offsets, result.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + base + tile, result.to(OUT.dtype.element_ty), mask=mask)
 
 
 @cache
@@ -451,10 +688,28 @@ def factors(length: int) -> tuple[int, int]:
     return length // rows, rows
 
 
-def _tables(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DFT matrices of passes 1 and 3 (``ROWS``) and of pass 2 (``COLS``, padded to 16),
-    in ``dtype``."""
-    return dft_matrix(rows, rows, device, dtype), dft_matrix(cols, max(16, cols), device, dtype)
+@cache
+def twiddle_table(length: int, device: torch.device) -> torch.Tensor:
+    """``(2, ROWS, COLS)`` float32, with ``(COLS, ROWS) = factors(length)``: ``cos`` and ``sin``
+    of ``2 pi n1 k2 / length`` at ``[k2, n1]``."""
+    cols, rows = factors(length)
+    angle = (torch.outer(torch.arange(rows), torch.arange(cols)) % length).double() * (TWO_PI / length)
+    return torch.stack([torch.cos(angle), torch.sin(angle)]).to(device=device, dtype=torch.float32)
+
+
+def _factored(length: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """For an FFT of ``length`` above DENSE_MAX: the DFT matrices of passes 1 and 3 (``ROWS``)
+    and of pass 2 (``COLS``, padded to 16), in ``dtype``; the twiddle factors
+    (:func:`twiddle_table`); the kernels' ``LENGTH``, ``ROWS`` and ``COLS``."""
+    cols, rows = factors(length)
+    tables = dft_matrix(rows, rows, device, dtype), dft_matrix(cols, max(16, cols), device, dtype)
+    return *tables, twiddle_table(length, device), dict(LENGTH=length, ROWS=rows, COLS=cols)
+
+
+def fused(length: int) -> bool:
+    """Whether an FFT of ``length`` above DENSE_MAX runs its three passes in one program: up to
+    FUSED_MAX, where both :func:`factors` are at least 16 (``tl.dot``'s least dimension)."""
+    return length <= FUSED_MAX and min(factors(length)) >= 16
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -465,14 +720,15 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def launch_config(kernel: str, length: int, n_channels: int) -> dict:
-    """``BLOCK_C`` and ``num_warps`` of ``kernel`` (``"dense"``, ``"rows"`` for passes 1 and 3,
-    ``"columns"`` for pass 2) at FFT length ``length``: the widest channel blocks (each
-    program reads its whole DFT matrix, so wider blocks read it for more channels) whose sm_90
-    build keeps its tiles in registers (at most a 32-byte stack frame): 64 channels in passes
-    1 and 3, 32 in pass 2, with 8 warps from 32 DFT rows (pass 2: 64 columns) on."""
+    """``BLOCK_C`` and ``num_warps`` of ``kernel`` (``"dense"``, ``"fused"``, ``"rows"`` for
+    passes 1 and 3, ``"columns"`` for pass 2) at FFT length ``length``: the widest channel
+    blocks (each program reads its whole DFT matrix, so wider blocks read it for more
+    channels) whose sm_90 build keeps its tiles in registers: 64 channels in passes 1 and 3,
+    32 in pass 2, with 8 warps from 32 DFT rows (pass 2: 64 columns) on; the fused kernels,
+    which hold the whole transform, 8 channels (32 bytes of float32 a row) with 8 warps."""
     cols, rows = factors(length)
-    widest = {"dense": 32, "rows": 64, "columns": 32}[kernel]
-    warps = 8 if (kernel == "rows" and rows >= 32) or (kernel == "columns" and cols >= 64) else 4
+    widest = {"dense": 32, "rows": 64, "columns": 32, "fused": 8}[kernel]
+    warps = 8 if kernel == "fused" or (kernel == "rows" and rows >= 32) or (kernel == "columns" and cols >= 64) else 4
     return dict(BLOCK_C=min(widest, max(16, triton.next_power_of_2(n_channels))), num_warps=warps)
 
 
@@ -534,15 +790,34 @@ def fftconv_fwd(
                 **config,
             )
             continue
-        cols, rows = factors(length)
+        table_rows, table_cols, twiddle, shape = _factored(length, mixed.device, operands)
+        if fused(length):
+            config = launch_config("fused", length, n_channels)
+            fftconv_fused_fwd_kernel[_grid(count, config, n_channels, batch)](
+                mixed,
+                gate,
+                spectrum,
+                table_rows,
+                table_cols,
+                twiddle,
+                y,
+                cu_seqlens,
+                segments,
+                n_segments,
+                n_channels,
+                DOT=dot,
+                **shape,
+                **config,
+            )
+            continue
+        cols, rows = shape["COLS"], shape["ROWS"]
         transform = _pass_buffer(batch, count, length, n_channels, operands, mixed.device)
-        table_rows, table_cols = _tables(rows, cols, mixed.device, operands)
-        shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
         config = launch_config("rows", length, n_channels)
         fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
             mixed,
             gate,
             table_rows,
+            twiddle,
             transform,
             cu_seqlens,
             segments,
@@ -559,6 +834,7 @@ def fftconv_fwd(
             transform,
             spectrum,
             table_cols,
+            twiddle,
             n_channels,
             BLOCK_COLS=table_cols.shape[1],
             DOT=dot,
@@ -624,19 +900,41 @@ def fftconv_bwd(
                 DOT=dot,
                 **config,
             )
+        elif fused(length):
+            table_rows, table_cols, twiddle, shape = _factored(length, mixed.device, operands)
+            config = launch_config("fused", length, n_channels)
+            fftconv_fused_bwd_kernel[_grid(count, config, n_channels, batch)](
+                grad,
+                mixed,
+                gate,
+                spectrum,
+                table_rows,
+                table_cols,
+                twiddle,
+                d_mixed,
+                d_gate,
+                partial,
+                cu_seqlens,
+                segments,
+                n_segments,
+                n_channels,
+                DOT=dot,
+                **shape,
+                **config,
+            )
         else:
-            cols, rows = factors(length)
+            table_rows, table_cols, twiddle, shape = _factored(length, mixed.device, operands)
+            cols, rows = shape["COLS"], shape["ROWS"]
             signal, grad_signal = (
                 _pass_buffer(batch, count, length, n_channels, operands, mixed.device) for _ in range(2)
             )
-            table_rows, table_cols = _tables(rows, cols, mixed.device, operands)
-            shape = dict(LENGTH=length, ROWS=rows, COLS=cols)
             config = launch_config("rows", length, n_channels)
             for source, target, gated in ((grad, grad_signal, False), (mixed, signal, True)):
                 fftconv_rows_kernel[_grid(count * cols, config, n_channels, batch)](
                     source,
                     gate,
                     table_rows,
+                    twiddle,
                     target,
                     cu_seqlens,
                     segments,
@@ -654,6 +952,7 @@ def fftconv_bwd(
                 signal,
                 spectrum,
                 table_cols,
+                twiddle,
                 partial,
                 n_channels,
                 BLOCK_COLS=table_cols.shape[1],

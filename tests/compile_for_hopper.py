@@ -73,6 +73,7 @@ STATISTICS = {
     "DSTATE_PARTIAL",
     "DNORMALISER_PARTIAL",
     "SPECTRUM",
+    "TWIDDLE",
     "DSPECTRUM_PARTIAL",
 }
 INT_POINTERS = {
@@ -287,8 +288,8 @@ def wkv_configs():
     carry = {"CLAMP": wkv.KEY_CLAMP, "CARRY": wkv.CARRY_BLOCK}
     kernels = {
         wkv.wkv_fwd_state_kernel: carry,
-        wkv.wkv_fwd_kernel: carry,
-        wkv.wkv_bwd_state_kernel: carry,
+        wkv.wkv_fwd_kernel: {**carry, "TILE": wkv.TILE},
+        wkv.wkv_bwd_state_kernel: {**carry, "TILE": wkv.TILE},
         wkv.wkv_bwd_kernel: {**carry, "TILE": wkv.TILE},
     }
     for kernel, flags in kernels.items():
@@ -345,8 +346,9 @@ def linear_configs():
 
 
 def fftconv_configs():
-    """The dense kernels at L = 16 and 64; the three passes at L = 256 and 8192 (both variants
-    of the row passes at 8192), with the launchers' block sizes and warps for 1024 channels."""
+    """The dense kernels at L = 16 and 64; the fused kernels at L = 256; the three passes at
+    L = 1024 and 8192 (both variants of the row passes at 8192), with the launchers' block sizes
+    and warps for 1024 channels."""
     for data_type, length in (("bf16", 16), ("fp32", 64)):
         launch = fftconv.launch_config("dense", length, 1024)
         for kernel in (fftconv.fftconv_dense_fwd_kernel, fftconv.fftconv_dense_bwd_kernel):
@@ -356,7 +358,17 @@ def fftconv_configs():
                 {"LENGTH": length, "PADDED": max(16, length), "BLOCK_C": launch["BLOCK_C"], "DOT": DOTS[data_type]},
                 launch["num_warps"],
             )
-    for data_type, length, flags in (("fp32", 256, (True,)), ("bf16", 8192, (True, False))):
+    cols, rows = fftconv.factors(256)
+    launch = fftconv.launch_config("fused", 256, 1024)
+    for data_type in ("bf16", "fp32"):
+        for kernel in (fftconv.fftconv_fused_fwd_kernel, fftconv.fftconv_fused_bwd_kernel):
+            yield (
+                kernel,
+                data_type,
+                {"LENGTH": 256, "ROWS": rows, "COLS": cols, "BLOCK_C": launch["BLOCK_C"], "DOT": DOTS[data_type]},
+                launch["num_warps"],
+            )
+    for data_type, length, flags in (("fp32", 1024, (True,)), ("bf16", 8192, (True, False))):
         cols, rows = fftconv.factors(length)
         shape = {"LENGTH": length, "ROWS": rows, "COLS": cols, "DOT": DOTS[data_type]}
         launch = fftconv.launch_config("rows", length, 1024)

@@ -57,17 +57,21 @@ def dispatcher_of(types: tuple[str, ...], batch: int = 1) -> tuple[nn.Module, to
 
 
 def long_convolution() -> tuple[nn.Module, torch.Tensor]:
-    """A dispatcher with one Hyena edge over 80 positions (FFT length 128, above the dense
-    kernels' 64: the three-pass FFT kernels), and its input."""
+    """A dispatcher with two Hyena edges, over 80 positions (FFT length 128, above the dense
+    kernels' 64: the three-pass FFT kernels) and over 200 (FFT length 256: the fused FFT
+    kernels), and its input."""
     spec = {
         "T": 1,
-        "spatial_shape": (80,),
+        "spatial_shape": (280,),
         "d_model": D_MODEL,
-        "regions": {"line": {"bounds": (0, 1, 0, 80)}},
-        "connections": [{"src": "line", "dst": "line", "fn": "hyena"}],
+        "regions": {"short": {"bounds": (0, 1, 0, 80)}, "long": {"bounds": (0, 1, 80, 280)}},
+        "connections": [
+            {"src": "short", "dst": "short", "fn": "hyena"},
+            {"src": "long", "dst": "long", "fn": "hyena"},
+        ],
     }
     torch.manual_seed(0)
-    return build_dispatcher(spec), torch.randn(1, 80, D_MODEL, generator=torch.Generator().manual_seed(1))
+    return build_dispatcher(spec), torch.randn(1, 280, D_MODEL, generator=torch.Generator().manual_seed(1))
 
 
 def test_cpu_forward_backward_is_bitwise_repeatable():

@@ -15,9 +15,11 @@ from canvas_engineering.ops.backend import eager_ops
 from canvas_engineering.ops.fftconv import fft_length, segment_gated_fft_conv
 from canvas_engineering.ops.segments import SegmentIndex
 
-QUERY_LENGTHS = [5, 1, 37, 0, 100, 3, 300, 64, 2]
-"""FFT lengths 8, 2, 64, 128, 4, 512, 64, 2: the dense kernel (L <= 64) and the three passes
-(128: pass 2 padded to 16; 512: two BLOCK_K steps in passes 1 and 3), and an empty segment."""
+QUERY_LENGTHS = [5, 1, 37, 0, 100, 3, 300, 64, 200, 2, 129]
+"""FFT lengths 8, 2, 64, 128, 4, 512, 64, 256, 2, 256: the dense kernel (L <= 64), the fused
+kernels (256, two segments, channel blocks of 8: 20 channels leave a partial block) and the
+three passes (128: pass 2 padded to 16; 512: two BLOCK_K steps in passes 1 and 3), and an
+empty segment."""
 CHANNELS = 20
 
 
