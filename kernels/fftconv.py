@@ -29,9 +29,9 @@ Segments are launched by class: all segments of one FFT length L share a launch.
   (segment, channel block of 8, batch row) runs the three passes in registers, with no
   buffer: it holds the signal tile ``(ROWS, BLOCK_C * COLS)`` (``[n2, c * COLS + n1]``), so
   pass 1 is one product with ``W_ROWS`` from the left; the same values read as ``(ROWS *
-  BLOCK_C, COLS)`` (``[k2 * BLOCK_C + c, n1]``, a reshape that moves nothing) make pass 2
-  one complex product with ``W_COLS`` from the right (the DFT matrices are symmetric), and the
-  inverse retraces both. The backward transforms dy and x in the same program.
+  BLOCK_C, COLS)`` (``[k2 * BLOCK_C + c, n1]``: a reshape in the same element order, no
+  transposition) make pass 2 one complex product with ``W_COLS`` from the right (the DFT
+  matrices are symmetric), and the inverse retraces both. The backward transforms dy and x in the same program.
 - Longer L (and L = 128, whose COLS = 8 is below ``tl.dot``'s 16): one launch per pass,
   through a pass buffer (``(2, B, S, L, D)``: real and imaginary parts, in the products'
   operand type, since every pass reads its predecessor's output only as ``tl.dot``
