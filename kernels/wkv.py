@@ -13,18 +13,20 @@ shorter, trailing ones possibly empty); a program owns one part, one (batch, hea
 part's own sums, one vectorised reduction over its steps (``wkv_fwd_state_kernel``: no step
 waits on the one before), then each part takes the sums carried into it (the earlier parts'
 sums, decayed to its first step, in one vectorised reduction) and walks its steps
-(``wkv_fwd_kernel``). (a, b) are kept scaled by ``exp(-p)``, p a running maximum
+(``wkv_fwd_kernel``, loading ``TILE`` steps at a time, so that the walk waits on a load once
+a tile, not at every step). (a, b) are kept scaled by ``exp(-p)``, p a running maximum
 exponent (the RWKV-4 kernel's trick), so no exponential overflows at any length.
 
 The forward saves only the parts' own sums, ``(3, S * parts, B * H, D)`` float32; the backward
 recomputes from them what it needs at each step. It scans in reverse with four running
 adjoints, split the same way: each part's adjoints (``wkv_bwd_state_kernel``, walking its
-steps forward from the sums carried in), then each part takes the later parts' adjoints and
-walks its steps in reverse (``wkv_bwd_kernel``), in tiles of ``TILE`` steps: the sums at a
-tile's first step are the carried-in sums advanced over the part's steps before it, and at
-each of its steps the tile's advanced over the tile's steps before it (from the tile's keys
-and values, loaded once), in vectorised reductions under the running maximum. It writes dk,
-dv and its share of dw and du (summed by the launcher). Scratch and saved state: O(parts * B * H * D).
+steps forward from the sums carried in, ``TILE`` steps loaded at a time), then each part
+takes the later parts' adjoints and walks its steps in reverse (``wkv_bwd_kernel``), in
+tiles of ``TILE`` steps: the sums at a tile's first step are the carried-in sums advanced
+over the part's steps before it, and at each of its steps the tile's advanced over the
+tile's steps before it (from the tile's keys and values, loaded once), in vectorised
+reductions under the running maximum. It writes dk, dv and its share of dw and du (summed by
+the launcher). Scratch and saved state: O(parts * B * H * D).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ MIN_STEPS = 16
 CARRY_BLOCK = 16
 """Parts, or steps, the carry reductions read at a time."""
 TILE = 16
-"""Steps per tile of the backward's reverse walk: a step's sums are recomputed from its tile's
-first step (at most TILE - 1 steps, from the tile's keys and values held in registers), a
-tile's from its part's first step."""
+"""Steps the walks load at a time (one load wait per tile, then the tile's steps from
+registers), and per tile of the backward's reverse walk: a step's sums are recomputed from its
+tile's first step (at most TILE - 1 steps, from the tile's keys and values), a tile's from its
+part's first step."""
 
 
 @triton.jit
@@ -152,6 +155,24 @@ def _absorb_steps(numerator, denominator, exponent, k, v, rows, mask, n, w):
 
 
 @triton.jit
+def _steps(K, V, offset, first, n, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr):
+    """Steps ``rows = first .. first + ROWS - 1`` of a run of n steps from the channels' offset
+    ``offset``: (rows, their mask and offsets ``(ROWS, BLOCK_D)``, clamped keys and values in
+    float32, zeros past the run), in one load each."""
+    rows = first + tl.arange(0, ROWS)
+    mask = (rows < n)[:, None] & c_mask[None, :]
+    at = offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
+    _, k = _clamped_key(K, at, mask, CLAMP)
+    return rows, mask, at, k, tl.load(V + at, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(tile, rows, step):
+    """Row ``step`` of ``tile (ROWS, BLOCK_D)`` (its rows numbered ``rows``), from registers."""
+    return tl.sum(tl.where((rows == step)[:, None], tile, 0.0), axis=0)
+
+
+@triton.jit
 def _skip(
     K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr
 ):
@@ -160,11 +181,7 @@ def _skip(
     the ``n - 1 - r`` steps after it, read ``ROWS`` steps at a time."""
     exponent = exponent + n * w
     for first in range(0, n, ROWS):
-        rows = first + tl.arange(0, ROWS)
-        mask = (rows < n)[:, None] & c_mask[None, :]
-        at = offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
-        _, k = _clamped_key(K, at, mask, CLAMP)
-        v = tl.load(V + at, mask=mask, other=0.0).to(tl.float32)
+        rows, mask, _, k, v = _steps(K, V, offset, first, n, c_mask, stride_t, CLAMP, ROWS)
         numerator, denominator, exponent = _absorb_steps(numerator, denominator, exponent, k, v, rows, mask, n, w)
     return numerator, denominator, exponent
 
@@ -245,8 +262,10 @@ def wkv_fwd_kernel(
     BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr,
     CARRY: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    """A part's outputs: the sums carried in, then the walk over its steps."""
+    """A part's outputs: the sums carried in, then the walk over its steps, TILE steps loaded
+    at a time (one load wait per tile, not per step)."""
     b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
         cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
     )
@@ -255,14 +274,15 @@ def wkv_fwd_kernel(
     numerator, denominator, exponent = _carried_in(
         PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY
     )
-    offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
-    for _ in range(start, end):
-        _, k = _clamped_key(K, offset, c_mask, CLAMP)
-        v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
-        y, _, _ = _output(numerator, denominator, exponent, k, v, u, eps)
-        tl.store(Y + offset, y.to(Y.dtype.element_ty), mask=c_mask)
-        numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
-        offset += stride_t
+    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
+    for first in range(0, end - start, TILE):
+        rows, _, _, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
+        for step in range(first, tl.minimum(first + TILE, end - start)):
+            k = _row(tile_k, rows, step)
+            v = _row(tile_v, rows, step)
+            y = _output(numerator, denominator, exponent, k, v, u, eps)[0]
+            tl.store(Y + part_offset + tl.cast(step, tl.int64) * stride_t, y.to(Y.dtype.element_ty), mask=c_mask)
+            numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
 
 
 @triton.jit
@@ -295,6 +315,7 @@ def wkv_bwd_state_kernel(
     BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr,
     CARRY: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """A part's own running adjoints at its first step: with r = s - start, alpha_s =
     dy_s / den_s and beta_s = -dy_s y_s / den_s (the adjoints of a_s and b_s, recomputed by
@@ -312,21 +333,22 @@ def wkv_bwd_state_kernel(
     sum_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
-    lag = 0.0
-    offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
-    for _ in range(start, end):
-        _, k = _clamped_key(K, offset, c_mask, CLAMP)
-        v = tl.load(V + offset, mask=c_mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offset, mask=c_mask, other=0.0).to(tl.float32)
-        y, inv_den, _ = _output(numerator, denominator, exponent, k, v, u, eps)
-        weight = tl.exp(lag * w)
-        sum_alpha += weight * dy * inv_den
-        sum_beta -= weight * dy * y * inv_den
-        lagged_alpha += lag * weight * dy * inv_den
-        lagged_beta -= lag * weight * dy * y * inv_den
-        numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
-        lag += 1.0
-        offset += stride_t
+    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
+    for first in range(0, end - start, TILE):
+        rows, mask, at, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
+        tile_dy = tl.load(DY + at, mask=mask, other=0.0).to(tl.float32)
+        for step in range(first, tl.minimum(first + TILE, end - start)):
+            k = _row(tile_k, rows, step)
+            v = _row(tile_v, rows, step)
+            dy = _row(tile_dy, rows, step)
+            y, inv_den, _ = _output(numerator, denominator, exponent, k, v, u, eps)
+            lag = tl.cast(step, tl.float32)
+            weight = tl.exp(lag * w)
+            sum_alpha += weight * dy * inv_den
+            sum_beta -= weight * dy * y * inv_den
+            lagged_alpha += lag * weight * dy * inv_den
+            lagged_beta -= lag * weight * dy * y * inv_den
+            numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
     slot = first_slot + part * tl.num_programs(1) * HEAD_DIM + channels
     tl.store(PART_ADJOINT + slot, sum_alpha, mask=c_mask)
     tl.store(PART_ADJOINT + part_stride + slot, sum_beta, mask=c_mask)
@@ -436,11 +458,7 @@ def wkv_bwd_kernel(
             TILE,
         )
         tile_steps = tl.minimum(end - start - tile_start, TILE)
-        rows = tl.arange(0, TILE)
-        in_tile = (rows < tile_steps)[:, None] & c_mask[None, :]
-        at = tile_offset[None, :] + (tl.cast(rows, tl.int64) * stride_t)[:, None]
-        _, tile_k = _clamped_key(K, at, in_tile, CLAMP)
-        tile_v = tl.load(V + at, mask=in_tile, other=0.0).to(tl.float32)
+        rows, _, _, tile_k, tile_v = _steps(K, V, tile_offset, 0, tile_steps, c_mask, stride_t, CLAMP, TILE)
         for back in range(0, tile_steps):
             step = tile_steps - 1 - back
             numerator, denominator, exponent = _absorb_steps(
@@ -540,7 +558,9 @@ def wkv_fwd(
         common = dict(HEAD_DIM=k.shape[3], BLOCK_D=block, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, num_warps=1)
         arguments = _launch_arguments(k, n_parts, part_shape)
         wkv_fwd_state_kernel[grid](k, v, w, part_state, cu_seqlens, *arguments, **common)
-        wkv_fwd_kernel[grid](k, v, w, u.float().contiguous(), y, part_state, cu_seqlens, *arguments, eps, **common)
+        wkv_fwd_kernel[grid](
+            k, v, w, u.float().contiguous(), y, part_state, cu_seqlens, *arguments, eps, TILE=TILE, **common
+        )
     return y, part_state
 
 
@@ -568,7 +588,7 @@ def wkv_bwd(
     du_partial = torch.zeros_like(dw_partial)
     if grid[0] and k.numel():
         w, u = w.float().contiguous(), u.float().contiguous()
-        common = dict(HEAD_DIM=head_dim, BLOCK_D=block, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, num_warps=1)
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=block, CLAMP=KEY_CLAMP, CARRY=CARRY_BLOCK, TILE=TILE, num_warps=1)
         arguments = (*_launch_arguments(k, n_parts, part_shape), eps)
         wkv_bwd_state_kernel[grid](k, v, w, u, grad_y, part_state, part_adjoint, cu_seqlens, *arguments, **common)
         wkv_bwd_kernel[grid](
@@ -585,7 +605,6 @@ def wkv_bwd(
             part_adjoint,
             cu_seqlens,
             *arguments,
-            TILE=TILE,
             **common,
         )
     fold = lambda partial: partial.view(-1, batch, heads, head_dim).sum(dim=(0, 1))
