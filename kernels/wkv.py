@@ -55,14 +55,17 @@ part's first step."""
 
 
 @triton.jit
-def _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What a program (grid: sequence x part, batch x head, channel block) works on: (b, h,
-    its channels, their mask, the sequence's first packed row, its part index, the part's
-    first and end step within the sequence, the steps per part, the partial-sum slot of its
-    first channel for part 0 of its sequence). The channels are hinted as not aligned, so
-    that loads are not vectorised along them: a ``(rows, BLOCK_D)`` tile is laid out one
-    channel per thread, its reductions over rows stay within a thread, and each channel's
-    running sums take one register (not one per channel of a thread's vector)."""
+def _part_program(
+    cu_seqlens, n_parts, n_heads, stride_b, stride_t, stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """What a program (grid: sequence x part, batch x head, channel block) works on: (h, its
+    channels, their mask, its part index, the part's first and end step within the sequence,
+    the steps per part, the partial-sum slot of its first channel for part 0 of its sequence,
+    the offsets of its channels at the part's first step in k, v and their gradients). The
+    channels are hinted as not aligned, so that loads are not vectorised along them: a
+    ``(rows, BLOCK_D)`` tile is laid out one channel per thread, its reductions over rows stay
+    within a thread, and each channel's running sums take one register (not one per channel
+    of a thread's vector)."""
     sequence = tl.program_id(0) // n_parts
     part = tl.program_id(0) % n_parts
     batch_head = tl.program_id(1)
@@ -72,17 +75,18 @@ def _part_program(cu_seqlens, n_parts, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D:
     steps = tl.cdiv(length, n_parts)
     start = part * steps
     first_slot = ((sequence * n_parts).to(tl.int64) * tl.num_programs(1) + batch_head) * HEAD_DIM
+    h = (batch_head % n_heads).to(tl.int64)
+    offset = (batch_head // n_heads).to(tl.int64) * stride_b + h * stride_h + channels
     return (
-        (batch_head // n_heads).to(tl.int64),
-        (batch_head % n_heads).to(tl.int64),
+        h,
         channels,
         channels < HEAD_DIM,
-        begin.to(tl.int64),
         part,
         start,
         tl.minimum(start + steps, length),
         steps,
         first_slot,
+        offset + (begin.to(tl.int64) + start) * stride_t,
     )
 
 
@@ -218,14 +222,14 @@ def wkv_fwd_state_kernel(
 ):
     """A part's own scaled sums over its steps, from zero, at its end: one vectorised
     reduction over its steps, CARRY at a time (no step waits on the one before)."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
-        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    h, channels, c_mask, part, start, end, steps, first_slot, part_offset = _part_program(
+        cu_seqlens, n_parts, n_heads, stride_b, stride_t, stride_h, HEAD_DIM, BLOCK_D
     )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     numerator, denominator, exponent = _skip(
         K,
         V,
-        b * stride_b + h * stride_h + channels + (begin + start) * stride_t,
+        part_offset,
         end - start,
         tl.zeros([BLOCK_D], dtype=tl.float32),
         tl.zeros([BLOCK_D], dtype=tl.float32),
@@ -266,15 +270,14 @@ def wkv_fwd_kernel(
 ):
     """A part's outputs: the sums carried in, then the walk over its steps, TILE steps loaded
     at a time (one load wait per tile, not per step)."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
-        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    h, channels, c_mask, part, start, end, steps, first_slot, part_offset = _part_program(
+        cu_seqlens, n_parts, n_heads, stride_b, stride_t, stride_h, HEAD_DIM, BLOCK_D
     )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     numerator, denominator, exponent = _carried_in(
         PART_STATE, part_stride, first_slot, part, steps, w, channels, c_mask, HEAD_DIM, CARRY
     )
-    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     for first in range(0, end - start, TILE):
         rows, _, _, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
         for step in range(first, tl.minimum(first + TILE, end - start)):
@@ -321,8 +324,8 @@ def wkv_bwd_state_kernel(
     dy_s / den_s and beta_s = -dy_s y_s / den_s (the adjoints of a_s and b_s, recomputed by
     walking the part's steps forward from the sums carried in), ``sum_s exp(r w) alpha_s``,
     ``sum_s r exp(r w) alpha_s`` and beta's (``PART_ADJOINT``, ``part_stride`` apart)."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
-        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    h, channels, c_mask, part, start, end, steps, first_slot, part_offset = _part_program(
+        cu_seqlens, n_parts, n_heads, stride_b, stride_t, stride_h, HEAD_DIM, BLOCK_D
     )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
@@ -333,7 +336,6 @@ def wkv_bwd_state_kernel(
     sum_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_alpha = tl.zeros([BLOCK_D], dtype=tl.float32)
     lagged_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
-    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     for first in range(0, end - start, TILE):
         rows, mask, at, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
         tile_dy = tl.load(DY + at, mask=mask, other=0.0).to(tl.float32)
@@ -401,8 +403,8 @@ def wkv_bwd_kernel(
     between this part's end and its start). The walk goes back tile by tile: a tile's sums at
     its first step are the carried-in sums advanced over the part's steps before it, a step's
     the tile's advanced over the tile's steps before it (its keys and values loaded once)."""
-    b, h, channels, c_mask, begin, part, start, end, steps, first_slot = _part_program(
-        cu_seqlens, n_parts, n_heads, HEAD_DIM, BLOCK_D
+    h, channels, c_mask, part, start, end, steps, first_slot, part_offset = _part_program(
+        cu_seqlens, n_parts, n_heads, stride_b, stride_t, stride_h, HEAD_DIM, BLOCK_D
     )
     w = tl.load(W + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
     u = tl.load(U + h * HEAD_DIM + channels, mask=c_mask, other=0.0).to(tl.float32)
@@ -438,7 +440,6 @@ def wkv_bwd_kernel(
     )
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
-    part_offset = b * stride_b + h * stride_h + channels + (begin + start) * stride_t
     n_tiles = tl.cdiv(tl.maximum(end - start, 0), TILE)
     for tile in range(0, n_tiles):
         tile_start = (n_tiles - 1 - tile) * TILE
