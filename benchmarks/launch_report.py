@@ -235,7 +235,8 @@ def wkv_rows(length: int, batch: int, heads: int, head_dim: int, dtype=torch.bfl
 
 def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtype=torch.bfloat16) -> list[dict]:
     """The S6 selective scan over one sequence of ``length`` steps. A chunk's own state (and
-    adjoint) is one vectorised reduction over its steps, ``state_rows`` rows per load."""
+    adjoint) is one vectorised reduction over its steps, ``state_rows`` rows per load; the
+    forward's walk loads as many steps at a time."""
     from canvas_engineering.kernels import selective_scan
 
     x, dt = (torch.empty(batch, length, channels, dtype=dtype, device=META) for _ in range(2))
@@ -268,7 +269,7 @@ def selective_scan_rows(length: int, batch: int, channels: int, state: int, dtyp
         ),
         "selective_scan_group_kernel": Cost(chunk_bytes * (1 + 1 / group), 4 * batch * n_chunks * channels * state),
         "selective_scan_fwd_kernel": Cost(
-            rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, chunk
+            rows * (3 * channels + 2 * state) * size + carried + 2 * chunk_bytes, 6 * states, state_waits
         ),
         "selective_scan_bwd_state_kernel": Cost(
             rows * (2 * channels + state) * size + chunk_bytes, 6 * states, state_waits

@@ -13,7 +13,8 @@ chunk's own state from zero and its sum of dt (``selective_scan_fwd_state_kernel
 vectorised reduction over its steps, ``STATE_ROWS`` at a time: no step waits on the one
 before); then each chunk takes the state carried into it (the earlier chunks' states, each
 decayed by ``exp(A * sum of dt)`` over the chunks between, in one vectorised reduction),
-stores it as the chunk's checkpoint and walks its steps (``selective_scan_fwd_kernel``). The
+stores it as the chunk's checkpoint and walks its steps (``selective_scan_fwd_kernel``,
+loading ``STATE_ROWS`` steps at a time: the walk waits on a load once a tile). The
 backward pass mirrors it: each chunk's adjoint of its entering state from zero
 (``dh_{t-1} = exp(dt_t A) (dh_t + g_t C_t)``, ``selective_scan_bwd_state_kernel``, a
 vectorised reduction too); then each chunk takes the later chunks' adjoints, recomputes its
@@ -36,10 +37,12 @@ import triton
 import triton.language as tl
 
 from .buffers import new_output
+from .tiles import tile_row
 
 CHUNK = 64
 STATE_ROWS = 8
-"""Steps the chunk-state kernels read at a time (at most; a power of two that divides the chunk)."""
+"""Steps the forward's walk and the chunk-state kernels load at a time (at most; a power of two
+that divides the chunk)."""
 CARRY_BLOCK = 1
 """Chunks the carry reduction reads at a time (more only costs registers: the loads of
 successive chunks do not wait on each other)."""
@@ -424,9 +427,11 @@ def selective_scan_fwd_kernel(
     SEARCH: tl.constexpr,
     CARRY: tl.constexpr,
     GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """A chunk's outputs: the state carried in from the earlier chunks of its sequence
-    (stored as its checkpoint), then the walk over its steps."""
+    (stored as its checkpoint), then the walk over its steps, ROWS loaded at a time and taken
+    from registers one by one."""
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channels, states, c_mask, n_mask, tile_mask = _tiles(tl.program_id(2), n_channels, n_state, BLOCK_D, BLOCK_N)
@@ -461,16 +466,25 @@ def selective_scan_fwd_kernel(
     tl.store(
         CHECKPOINTS + _chunk_slot(b, n_checkpoints, chunk, channels, states, n_channels, n_state), h, mask=tile_mask
     )
-    for i in range(0, CHUNK):
-        t = first_step + i
-        row = b * total + begin + t
-        valid, state_valid, x, dt, bm = _step_inputs(
-            X, DT, BM, row, t, length, channels, states, c_mask, n_mask, n_channels, n_state
-        )
-        c = tl.load(C + row * n_state + states, mask=n_mask & state_valid, other=0.0).to(tl.float32)
-        h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
-        y = tl.sum(h * c[None, :], axis=1) + skip * x
-        tl.store(Y + row * n_channels + channels, y.to(Y.dtype.element_ty), mask=c_mask & valid)
+    for first in range(0, CHUNK, ROWS):
+        steps = first + tl.arange(0, ROWS)
+        valid = first_step + steps < length
+        rows = b * total + begin + first_step + steps
+        tile_x = _rows(X, rows, valid, channels, c_mask, n_channels)
+        tile_dt = _rows(DT, rows, valid, channels, c_mask, n_channels)
+        tile_bm = _rows(BM, rows, valid, states, n_mask, n_state)
+        tile_c = _rows(C, rows, valid, states, n_mask, n_state)
+        for i in range(first, first + ROWS):
+            x = tile_row(tile_x, steps, i)
+            dt = tile_row(tile_dt, steps, i)
+            h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * tile_row(tile_bm, steps, i)[None, :]
+            y = tl.sum(h * tile_row(tile_c, steps, i)[None, :], axis=1) + skip * x
+            row = b * total + begin + first_step + i
+            tl.store(
+                Y + row * n_channels + channels,
+                y.to(Y.dtype.element_ty),
+                mask=c_mask & (channels * 0 + first_step + i < length),
+            )
 
 
 @triton.jit
@@ -751,6 +765,7 @@ def selective_scan_fwd(
             *sizes,
             CARRY=CARRY_BLOCK,
             GROUP=GROUP,
+            ROWS=state_rows(chunk),
             **common,
         )
     return y, checkpoints

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from .buffers import new_output
 from .constants import KEY_CLAMP
+from .tiles import tile_row
 
 PROGRAMS_WANTED = 2048
 """Programs a launch aims for: about 16 walks per SM of an H100, so that each SM interleaves
@@ -171,12 +172,6 @@ def _steps(K, V, offset, first, n, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: 
 
 
 @triton.jit
-def _row(tile, rows, step):
-    """Row ``step`` of ``tile (ROWS, BLOCK_D)`` (its rows numbered ``rows``), from registers."""
-    return tl.sum(tl.where((rows == step)[:, None], tile, 0.0), axis=0)
-
-
-@triton.jit
 def _skip(
     K, V, offset, n, numerator, denominator, exponent, w, c_mask, stride_t, CLAMP: tl.constexpr, ROWS: tl.constexpr
 ):
@@ -281,8 +276,8 @@ def wkv_fwd_kernel(
     for first in range(0, end - start, TILE):
         rows, _, _, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
         for step in range(first, tl.minimum(first + TILE, end - start)):
-            k = _row(tile_k, rows, step)
-            v = _row(tile_v, rows, step)
+            k = tile_row(tile_k, rows, step)
+            v = tile_row(tile_v, rows, step)
             y = _output(numerator, denominator, exponent, k, v, u, eps)[0]
             tl.store(Y + part_offset + tl.cast(step, tl.int64) * stride_t, y.to(Y.dtype.element_ty), mask=c_mask)
             numerator, denominator, exponent = _advance(numerator, denominator, exponent, k, v, w)
@@ -340,9 +335,9 @@ def wkv_bwd_state_kernel(
         rows, mask, at, tile_k, tile_v = _steps(K, V, part_offset, first, end - start, c_mask, stride_t, CLAMP, TILE)
         tile_dy = tl.load(DY + at, mask=mask, other=0.0).to(tl.float32)
         for step in range(first, tl.minimum(first + TILE, end - start)):
-            k = _row(tile_k, rows, step)
-            v = _row(tile_v, rows, step)
-            dy = _row(tile_dy, rows, step)
+            k = tile_row(tile_k, rows, step)
+            v = tile_row(tile_v, rows, step)
+            dy = tile_row(tile_dy, rows, step)
             y, inv_den, _ = _output(numerator, denominator, exponent, k, v, u, eps)
             lag = tl.cast(step, tl.float32)
             weight = tl.exp(lag * w)

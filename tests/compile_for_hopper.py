@@ -299,10 +299,11 @@ def wkv_configs():
 
 def scan_configs():
     carry = {"CARRY": selective_scan.CARRY_BLOCK, "GROUP": selective_scan.GROUP}
+    rows = {"ROWS": selective_scan.state_rows(selective_scan.CHUNK)}
     kernels = {
-        selective_scan.selective_scan_fwd_state_kernel: {"ROWS": selective_scan.state_rows(selective_scan.CHUNK)},
-        selective_scan.selective_scan_fwd_kernel: carry,
-        selective_scan.selective_scan_bwd_state_kernel: {"ROWS": selective_scan.state_rows(selective_scan.CHUNK)},
+        selective_scan.selective_scan_fwd_state_kernel: rows,
+        selective_scan.selective_scan_fwd_kernel: {**carry, **rows},
+        selective_scan.selective_scan_bwd_state_kernel: rows,
         selective_scan.selective_scan_bwd_kernel: carry,
     }
     shape = {"BLOCK_D": 32, "BLOCK_N": 16, "CHUNK": selective_scan.CHUNK, "SEARCH": selective_scan.SEARCH_BLOCK}
