@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -93,6 +94,22 @@ def scaled_mean_registered() -> Iterator[None]:
     ATTENTION_REGISTRY["scaled_mean"] = ScaledMean
     yield
     del ATTENTION_REGISTRY["scaled_mean"]
+
+
+def cu_seqlens(lengths: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(len(lengths) + 1,)`` int32: where each of the sequences of ``lengths`` laid end to
+    end starts, then where the last ends."""
+    return torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
+
+
+def region(bounds: tuple[int, ...], **fields) -> dict:
+    """A region's description as both packages' layouts take it: ``bounds`` and any other fields."""
+    return {"bounds": bounds, **fields}
+
+
+def compared_tensors(result: dict) -> dict:
+    """name -> tensor (or None) of everything a peer comparison checks: output and all gradients."""
+    return {"output": result["output"], **result["input_grads"], **result["param_grads"]}
 
 
 def relative_error(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float:

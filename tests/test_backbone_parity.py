@@ -16,7 +16,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import assert_all_close, relative_error
+from conftest import assert_all_close, compared_tensors, region, relative_error
 from peer import run_peer
 from peer_runner import build_declarations, run_case
 
@@ -92,10 +92,6 @@ def stack_cases():
     return cases
 
 
-def region(bounds, **fields):
-    return {"bounds": bounds, **fields}
-
-
 def canvas_cases():
     """SpatiotemporalCanvas on a 2-D and a 3-D canvas with overlapping regions, periods in
     several buckets, a region name that needs sanitising, and placed data shorter than,
@@ -153,10 +149,6 @@ CASES = GRAFT_CASES + STACK_CASES + CANVAS_CASES
 def peer_results():
     """The peer's results for every case, from one subprocess."""
     return run_peer(CASES)
-
-
-def compared_tensors(result):
-    return {"output": result["output"], **result["input_grads"], **result["param_grads"]}
 
 
 def assert_matches(ours, peer, approximate_state=()):

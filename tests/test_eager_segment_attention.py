@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import cu_seqlens, relative_error
 from reference.attention import segment_attention_reference
 
 import canvas_engineering.ops.segment_attention as segment_ops
@@ -36,11 +36,11 @@ def ragged(dtype=torch.float64, seed=0):
 
 def expanded_reference(index, q, k, v, scale, **mode):
     """The oracle on each segment's own copy of its key set."""
-    starts = [sum(KEYSET_LENGTHS[:i]) for i in range(len(KEYSET_LENGTHS))]
+    starts = cu_seqlens(KEYSET_LENGTHS).tolist()
     rows = [starts[s] + i for s in KEYSET_OF for i in range(KEYSET_LENGTHS[s])]
-    cu_q = [0] + [sum(QUERY_LENGTHS[: i + 1]) for i in range(len(QUERY_LENGTHS))]
+    cu_q = cu_seqlens(QUERY_LENGTHS).tolist()
     key_lengths = [KEYSET_LENGTHS[s] for s in KEYSET_OF]
-    cu_k = [0] + [sum(key_lengths[: i + 1]) for i in range(len(key_lengths))]
+    cu_k = cu_seqlens(key_lengths).tolist()
     return segment_attention_reference(q, k[:, rows], v[:, rows], cu_q, cu_k, scale, **mode)
 
 

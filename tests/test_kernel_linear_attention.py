@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, relative_error
+from conftest import DEVICE, cu_seqlens, relative_error
 from reference.attention import linear_attention_reference
 
 from canvas_engineering.ops.linear import segment_linear_attention
@@ -35,13 +35,10 @@ def kernel_errors(dtype, relu, query_lengths=QUERY_LENGTHS, keyset_of=KEYSET_OF,
     from canvas_engineering.kernels.linear_attention import BLOCK_ROWS, linear_attention_bwd, linear_attention_fwd
 
     q, k, v, grad = data(dtype, query_lengths=query_lengths, keyset_lengths=keyset_lengths)
-    offsets = lambda lengths: torch.tensor(
-        [0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE
-    )
     pairs = [(s, start) for s, n in enumerate(query_lengths) for start in range(0, n, BLOCK_ROWS)]
     tables = (
-        offsets(query_lengths),
-        offsets(keyset_lengths),
+        cu_seqlens(query_lengths, DEVICE),
+        cu_seqlens(keyset_lengths, DEVICE),
         torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
         torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE),
         torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE),

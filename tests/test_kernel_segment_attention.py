@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, relative_error
+from conftest import DEVICE, cu_seqlens, relative_error
 from reference.attention import segment_attention_reference
 
 triton = pytest.importorskip("triton", reason="the kernel tests need triton (the 'triton' extra)")
@@ -22,10 +22,6 @@ from canvas_engineering.kernels.segment_attention import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 BLOCK = block_rows(64, torch.device(DEVICE), torch.float32)
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def offsets(lengths):
-    return torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=DEVICE)
 
 
 def blocks(lengths, size):
@@ -90,16 +86,16 @@ def run_case(
     v = torch.randn(batch, sum(key_lengths), heads, head_dim, generator=generator)
     grad_out = torch.randn(batch, sum(query_lengths), heads, head_dim, generator=generator)
     q, k, v, grad_out = (t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out))
-    cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
+    cu_q, cu_k = cu_seqlens(query_lengths, DEVICE), cu_seqlens(key_lengths, DEVICE)
     q_blocks, k_blocks = blocks(query_lengths, block), blocks(key_lengths, block)
     readers = [[s for s, keyset in enumerate(keyset_of) if keyset == j] for j in range(len(key_lengths))]
     keysets = (
         torch.tensor(keyset_of, dtype=torch.int32, device=DEVICE),
         torch.tensor(sum(readers, []), dtype=torch.int32, device=DEVICE),
-        offsets([len(r) for r in readers]),
+        cu_seqlens([len(r) for r in readers], DEVICE),
     )
     read = torch.tensor([row for j in keyset_of for row in range(cu_k[j], cu_k[j + 1])], dtype=torch.long)
-    cu_read = offsets([key_lengths[j] for j in keyset_of]).cpu()
+    cu_read = cu_seqlens([key_lengths[j] for j in keyset_of], DEVICE).cpu()
     scale = head_dim**-0.5
     if top_k:
         assert_no_near_ties(q.cpu(), k.cpu()[:, read], cu_q.tolist(), cu_read.tolist(), scale, top_k)
@@ -193,7 +189,16 @@ def test_threshold_is_the_kth_largest_logit():
     k = torch.randn(1, 25, 1, 16, generator=generator).to(DEVICE)
     keysets = torch.arange(2, dtype=torch.int32, device=DEVICE)
     _, _, selection = segment_topk_attention_fwd(
-        q, k, k, offsets(query_lengths), offsets(key_lengths), keysets, *blocks(query_lengths, BLOCK), 0.5, BLOCK, 4
+        q,
+        k,
+        k,
+        cu_seqlens(query_lengths, DEVICE),
+        cu_seqlens(key_lengths, DEVICE),
+        keysets,
+        *blocks(query_lengths, BLOCK),
+        0.5,
+        BLOCK,
+        4,
     )
     threshold = selection_threshold(selection)
     for s, (start_q, start_k) in enumerate([(0, 0), (3, 7)]):
@@ -231,9 +236,9 @@ def test_topk_backward_keeps_the_forward_selection():
     for start, length in ((0, 40), (40, 35)):
         v[:, start : start + length, :, :length] = torch.eye(length)[:, None, :]
     grad_out = torch.randn(2, sum(query_lengths), heads, head_dim, generator=generator)
-    keysets = (torch.arange(2, dtype=torch.int32, device=DEVICE),) * 2 + (offsets([1, 1]),)
+    keysets = (torch.arange(2, dtype=torch.int32, device=DEVICE),) * 2 + (cu_seqlens([1, 1], DEVICE),)
     inputs = [t.to(DEVICE) for t in (q, k, v, grad_out)]
-    cu_q, cu_k = offsets(query_lengths), offsets(key_lengths)
+    cu_q, cu_k = cu_seqlens(query_lengths, DEVICE), cu_seqlens(key_lengths, DEVICE)
     out, lse, selection = segment_topk_attention_fwd(
         *inputs[:3], cu_q, cu_k, keysets[0], *blocks(query_lengths, BLOCK), scale, BLOCK, top_k
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, relative_error
+from conftest import DEVICE, cu_seqlens, relative_error
 from reference.recurrence import selective_scan_reference
 
 pytest.importorskip("triton", reason="needs triton (the 'triton' extra)")
@@ -25,7 +25,7 @@ def run(lengths, channels, state, dtype, chunk, seed=0):
     A = -torch.rand(channels, state, generator=generator) * 3
     B, C, D = draw(2, total, state), draw(2, total, state), draw(channels)
     x, dt, B, C = (t.to(dtype) for t in (x, dt, B, C))
-    cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
+    cu = cu_seqlens(lengths)
     offsets = checkpoint_offsets(cu, chunk)
     device = lambda t: t.to(DEVICE)
     y, checkpoints = selective_scan_fwd(*map(device, (x, dt, A, B, C, D, cu, offsets)), int(offsets[-1]), chunk)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, relative_error
+from conftest import DEVICE, cu_seqlens, relative_error
 from reference.recurrence import wkv_reference
 
 from canvas_engineering.attention.recurrence import RWKVAttention
@@ -14,10 +14,6 @@ from canvas_engineering.ops.rwkv import keys_read, segment_wkv, wkv_scan
 from canvas_engineering.ops.segments import SegmentIndex
 
 LENGTHS = [5, 0, 1, 70, 17, 64]
-
-
-def offsets(lengths):
-    return torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
 
 
 def inputs(lengths, heads=3, head_dim=20, key_scale=4.0, seed=0, decay=None, bonus=None):
@@ -36,7 +32,7 @@ def inputs(lengths, heads=3, head_dim=20, key_scale=4.0, seed=0, decay=None, bon
 
 def oracle(k, v, w, u, lengths, cotangent):
     exact = [t.double().requires_grad_(True) for t in (k, v, w, u)]
-    y = wkv_reference(*exact, offsets(lengths))
+    y = wkv_reference(*exact, cu_seqlens(lengths))
     y.backward(cotangent.double())
     return y, [t.grad for t in exact]
 
@@ -60,7 +56,7 @@ def test_kernel_matches_the_oracle(dtype, monkeypatch):
     k, v = k.to(dtype), v.to(dtype)
     cotangent = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
     on_device = lambda t: t.to(DEVICE)
-    cu = on_device(offsets(LENGTHS))
+    cu = on_device(cu_seqlens(LENGTHS))
     y, part_state = wkv_fwd(on_device(k), on_device(v), on_device(w), on_device(u), cu)
     dk, dv, dw, du = wkv_bwd(
         on_device(cotangent.to(dtype)), on_device(k), on_device(v), on_device(w), on_device(u), part_state, cu
@@ -79,8 +75,8 @@ def test_kernel_is_stable_where_exponentials_overflow():
 
     lengths = [4096]
     k, v, w, u = inputs(lengths, heads=1, head_dim=16, key_scale=50.0, decay=-1e-4, bonus=80.0)
-    y, _ = wkv_fwd(k.to(DEVICE), v.to(DEVICE), w.to(DEVICE), u.to(DEVICE), offsets(lengths).to(DEVICE))
-    expected = wkv_reference(k.double(), v.double(), w.double(), u.double(), offsets(lengths))
+    y, _ = wkv_fwd(k.to(DEVICE), v.to(DEVICE), w.to(DEVICE), u.to(DEVICE), cu_seqlens(lengths).to(DEVICE))
+    expected = wkv_reference(k.double(), v.double(), w.double(), u.double(), cu_seqlens(lengths))
     assert torch.isfinite(y).all()
     assert relative_error(y.cpu(), expected) < 1e-5
 
@@ -99,7 +95,7 @@ def test_kernel_gradients_are_stable_where_exponentials_overflow(monkeypatch):
     lengths = [200]
     k, v, w, u = inputs(lengths, heads=1, head_dim=16, key_scale=50.0, decay=-1e-4, bonus=80.0)
     cotangent = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
-    cu = offsets(lengths).to(DEVICE)
+    cu = cu_seqlens(lengths).to(DEVICE)
     y, part_state = wkv_fwd(k.to(DEVICE), v.to(DEVICE), w.to(DEVICE), u.to(DEVICE), cu)
     grads = wkv_bwd(cotangent.to(DEVICE), k.to(DEVICE), v.to(DEVICE), w.to(DEVICE), u.to(DEVICE), part_state, cu)
     _, expected = oracle(k, v, w, u, lengths, cotangent)
@@ -111,7 +107,7 @@ def test_eager_scan_matches_the_oracle():
     k, v, w, u = inputs(LENGTHS)
     cotangent = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
     leaves = [t.clone().requires_grad_(True) for t in (k, v, w, u)]
-    bounds = offsets(LENGTHS).tolist()
+    bounds = cu_seqlens(LENGTHS).tolist()
     y = torch.cat(
         [wkv_scan(leaves[0][:, a:b], leaves[1][:, a:b], leaves[2], leaves[3]) for a, b in zip(bounds[:-1], bounds[1:])],
         dim=1,

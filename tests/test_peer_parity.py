@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_all_close
+from conftest import assert_all_close, compared_tensors, region
 from peer import PEER_ATTENTION_NAMES, run_peer
 from peer_runner import run_case
 
@@ -57,10 +57,6 @@ def module_cases():
                     }
                 )
     return cases
-
-
-def region(bounds, **fields):
-    return {"bounds": bounds, **fields}
 
 
 CANVASES = {
@@ -221,11 +217,6 @@ def case_id(case):
     return f"{case['canvas']}-" + (
         "skip_temporal" if case.get("skip_temporal") else "active" if case.get("active_regions") else "plain"
     )
-
-
-def compared_tensors(result):
-    """name -> tensor (or None) of everything a case compares: output and all gradients."""
-    return {"output": result["output"], **result["input_grads"], **result["param_grads"]}
 
 
 def assert_matches_peer(case, peer32, peer64):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from canvas_engineering.ops.backend import HAS_TRITON, use_triton
 from canvas_engineering.ops.composite import composite_gradients
-from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex, offsets
+from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
 @torch.library.custom_op("canvas_engineering::selective_scan", mutates_args=())
@@ -107,15 +107,11 @@ class SelectiveScanTables:
 
     @staticmethod
     def build(index: SegmentIndex) -> SelectiveScanTables:
-        from canvas_engineering.kernels.selective_scan import CHUNK
+        from canvas_engineering.kernels.selective_scan import CHUNK, checkpoint_offsets
 
-        checkpoint_offsets = offsets(-(-m // CHUNK) for m in index.keyset_sizes)
-        return SelectiveScanTables(
-            index.int32_table(index.keyset_offsets),
-            index.int32_table(checkpoint_offsets),
-            checkpoint_offsets[-1],
-            CHUNK,
-        )
+        cu_seqlens = index.int32_table(index.keyset_offsets)
+        starts = checkpoint_offsets(cu_seqlens, CHUNK)
+        return SelectiveScanTables(cu_seqlens, starts, int(starts[-1]), CHUNK)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
