@@ -116,6 +116,40 @@ def flex_sliding_window(q, k, v, window: int) -> Callable[[], torch.Tensor] | No
     return lambda: compiled(q, k, v, block_mask=mask)
 
 
+def shape_of(segments: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """A variant's shape fields in its JSON row."""
+    dtype_name = str(dtype).replace("torch.", "")
+    return {"segments": segments, "length": length, "heads": heads, "head_dim": head_dim, "dtype": dtype_name}
+
+
+def measured_row(
+    name: str,
+    shape: dict,
+    kernel: dict,
+    eager_ms: float,
+    anchor: str,
+    anchor_ms: float,
+    flops: float,
+    moved: int | None = None,
+) -> dict:
+    """A variant's JSON row: its name and ``shape`` fields, the kernels' timings, the eager
+    path's and the anchor's forward times, and the kernel forward's rates: TFLOP/s of
+    ``flops`` and, given the bytes it must have ``moved``, GB/s."""
+    kernel_ms = kernel["kernel_fwd_ms"]
+    bandwidth = {} if moved is None else {"kernel_fwd_GBps": moved / kernel_ms / 1e6}
+    return {
+        "variant": name,
+        **shape,
+        **kernel,
+        "eager_fwd_ms": eager_ms,
+        "anchor": anchor,
+        "anchor_fwd_ms": anchor_ms,
+        **bandwidth,
+        "kernel_fwd_TFLOPs": flops / kernel_ms / 1e9,
+        "speedup_vs_anchor": anchor_ms / kernel_ms,
+    }
+
+
 def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype: torch.dtype, **mode) -> dict:
     """One variant: ``segments`` segments of ``length`` queries and keys each."""
     batch = 1
@@ -134,7 +168,6 @@ def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype
         return lambda: torch.autograd.grad(run(), (q, k, v), grad)
 
     kernel = kernel_timings(ours, backward_of(ours))
-    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(ours)
     dense = lambda t: (
@@ -149,21 +182,8 @@ def case(name: str, segments: int, length: int, heads: int, head_dim: int, dtype
     anchor_ms = timed(anchor)
     pairs = segments * length * (min(length, mode["window"] + 1) if mode.get("window") else length)
     flops = 4 * batch * heads * head_dim * pairs
-    return {
-        "variant": name,
-        "segments": segments,
-        "length": length,
-        "heads": heads,
-        "head_dim": head_dim,
-        "dtype": str(dtype).replace("torch.", ""),
-        **mode,
-        **kernel,
-        "eager_fwd_ms": eager_ms,
-        "anchor": anchor_name,
-        "anchor_fwd_ms": anchor_ms,
-        "kernel_fwd_TFLOPs": flops / kernel_ms / 1e9,
-        "speedup_vs_anchor": anchor_ms / kernel_ms,
-    }
+    shape = {**shape_of(segments, length, heads, head_dim, dtype), **mode}
+    return measured_row(name, shape, kernel, eager_ms, anchor_name, anchor_ms, flops)
 
 
 def scan_case(name: str, sequences: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -180,25 +200,12 @@ def scan_case(name: str, sequences: int, length: int, heads: int, head_dim: int,
     run = lambda: segment_wkv(k, v, w, u, index)
     grad = torch.randn_like(k)
     kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (k, v), grad))
-    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = k.numel() * (3 * k.element_size() + 8)
-    return {
-        "variant": name,
-        "segments": sequences,
-        "length": length,
-        "heads": heads,
-        "head_dim": head_dim,
-        "dtype": str(dtype).replace("torch.", ""),
-        **kernel,
-        "eager_fwd_ms": eager_ms,
-        "anchor": "eager",
-        "anchor_fwd_ms": eager_ms,
-        "kernel_fwd_GBps": moved / kernel_ms / 1e6,
-        "kernel_fwd_TFLOPs": 0.0,
-        "speedup_vs_anchor": eager_ms / kernel_ms,
-    }
+    return measured_row(
+        name, shape_of(sequences, length, heads, head_dim, dtype), kernel, eager_ms, "eager", eager_ms, 0.0, moved
+    )
 
 
 def selective_scan_case(name: str, sequences: int, length: int, channels: int, state: int, dtype: torch.dtype) -> dict:
@@ -216,25 +223,12 @@ def selective_scan_case(name: str, sequences: int, length: int, channels: int, s
     run = lambda: segment_selective_scan(x, dt, A, B, C, D, index)
     grad = torch.randn_like(x)
     kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (x, dt, B, C), grad))
-    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = rows * (3 * channels + 2 * state) * x.element_size()
-    return {
-        "variant": name,
-        "segments": sequences,
-        "length": length,
-        "heads": 1,
-        "head_dim": channels,
-        "dtype": str(dtype).replace("torch.", ""),
-        **kernel,
-        "eager_fwd_ms": eager_ms,
-        "anchor": "eager",
-        "anchor_fwd_ms": eager_ms,
-        "kernel_fwd_GBps": moved / kernel_ms / 1e6,
-        "kernel_fwd_TFLOPs": 0.0,
-        "speedup_vs_anchor": eager_ms / kernel_ms,
-    }
+    return measured_row(
+        name, shape_of(sequences, length, 1, channels, dtype), kernel, eager_ms, "eager", eager_ms, 0.0, moved
+    )
 
 
 def linear_case(name: str, sequences: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -248,25 +242,12 @@ def linear_case(name: str, sequences: int, length: int, heads: int, head_dim: in
     run = lambda: segment_linear_attention(q, k, v, index, 1e-6)
     grad = torch.randn_like(q)
     kernel = kernel_timings(run, lambda: torch.autograd.grad(run(), (q, k, v), grad))
-    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
     moved = 4 * q.numel() * q.element_size()
-    return {
-        "variant": name,
-        "segments": sequences,
-        "length": length,
-        "heads": heads,
-        "head_dim": head_dim,
-        "dtype": str(dtype).replace("torch.", ""),
-        **kernel,
-        "eager_fwd_ms": eager_ms,
-        "anchor": "eager matmul form",
-        "anchor_fwd_ms": eager_ms,
-        "kernel_fwd_GBps": moved / kernel_ms / 1e6,
-        "kernel_fwd_TFLOPs": 4 * q.numel() * head_dim / kernel_ms / 1e9,
-        "speedup_vs_anchor": eager_ms / kernel_ms,
-    }
+    shape = shape_of(sequences, length, heads, head_dim, dtype)
+    flops = 4 * q.numel() * head_dim
+    return measured_row(name, shape, kernel, eager_ms, "eager matmul form", eager_ms, flops, moved)
 
 
 def dft_flops(length: int) -> int:
@@ -296,27 +277,15 @@ def hyena_case(name: str, sequences: int, length: int, channels: int, dtype: tor
     grad = torch.randn_like(mixed)
     backward = lambda: torch.autograd.grad(run(), (mixed, gate, spectrum), grad)
     kernel = kernel_timings(run, backward)
-    kernel_ms = kernel["kernel_fwd_ms"]
     with eager_ops():
         eager_ms = timed(run)
         eager_bwd_ms = timed(backward)
     moved = 3 * mixed.numel() * mixed.element_size()
-    return {
-        "variant": name,
-        "segments": sequences,
-        "length": length,
-        "heads": 1,
-        "head_dim": channels,
-        "dtype": str(dtype).replace("torch.", ""),
-        **kernel,
-        "eager_fwd_ms": eager_ms,
-        "eager_fwd_bwd_ms": eager_bwd_ms,
-        "anchor": "torch.fft",
-        "anchor_fwd_ms": eager_ms,
-        "kernel_fwd_GBps": moved / kernel_ms / 1e6,
-        "kernel_fwd_TFLOPs": dft_flops(fft_length(length)) * sequences * channels / kernel_ms / 1e9,
-        "speedup_vs_anchor": eager_ms / kernel_ms,
-    }
+    flops = dft_flops(fft_length(length)) * sequences * channels
+    row = measured_row(
+        name, shape_of(sequences, length, 1, channels, dtype), kernel, eager_ms, "torch.fft", eager_ms, flops, moved
+    )
+    return {**row, "eager_fwd_bwd_ms": eager_bwd_ms}
 
 
 def hyena_cases() -> list[Case]:
