@@ -282,23 +282,24 @@ def linear_key_bwd_kernel(
 
 
 BLOCK_ROWS = 64
-"""Rows per query block (the block tables), and per step of a part except for float32 head
-dims above 64 (:func:`_step_rows`)."""
+"""Rows per query block (the block tables), and per step of a part program except where
+:func:`launch_config` takes 32."""
 PROGRAMS_WANTED = 264
 """Programs a part launch aims for: two per SM of an H100."""
 MAX_PARTS = 64
 
 
-def _step_rows(dtype: torch.dtype, block_d: int, block_e: int) -> int:
-    """Rows a part program takes per step: BLOCK_ROWS, or 32 where float32 operands of more
-    than 64 columns would overflow shared memory beside the ``D x E`` state operands."""
-    return 32 if dtype == torch.float32 and max(block_d, block_e) > 64 else BLOCK_ROWS
-
-
-def _warps(block_d: int, block_e: int) -> int:
-    """Warps per program: 8 above 64 columns, where the ``D x E`` state and its gradient
-    would not fit the registers of 4."""
-    return 8 if max(block_d, block_e) > 64 else 4
+def launch_config(kernel: str, dtype: torch.dtype, block_d: int, block_e: int) -> dict:
+    """``BLOCK`` and ``num_warps`` of ``kernel`` (``"state"``, ``"apply"``, ``"query_bwd"``,
+    ``"key_bwd"``) for inputs of ``dtype`` and a ``block_d x block_e`` state. Above 64
+    columns: 8 warps (the state and its gradient would not fit the registers of 4), and part
+    programs take 32 rows per step instead of BLOCK_ROWS where float32 operands would
+    overflow shared memory beside the state operands, and in the query backward at any
+    type (its dS accumulator beside tiles of q, O and dO of 64 rows spills registers at bf16
+    d 128). The apply kernel's blocks are the block tables' BLOCK_ROWS."""
+    wide = max(block_d, block_e) > 64
+    halved = wide and (kernel == "query_bwd" or (kernel != "apply" and dtype == torch.float32))
+    return dict(BLOCK=32 if halved else BLOCK_ROWS, num_warps=8 if wide else 4)
 
 
 def parts(n_sets: int, batch_heads: int) -> int:
@@ -329,7 +330,6 @@ def linear_attention_fwd(
     n_keysets = cu_seqlens_k.shape[0] - 1
     block_d, block_e = dot_width(head_dim), dot_width(value_dim)
     n_parts = parts(n_keysets, batch * heads)
-    step = _step_rows(k.dtype, block_d, block_e)
     state_partial = torch.empty(
         batch, heads, n_keysets, n_parts, block_d, block_e, dtype=torch.float32, device=q.device
     )
@@ -340,10 +340,8 @@ def linear_attention_fwd(
         VALUE_DIM=value_dim,
         BLOCK_D=block_d,
         BLOCK_E=block_e,
-        BLOCK=BLOCK_ROWS,
         RELU=relu,
         DOT=dot_dtype(q.dtype),
-        num_warps=_warps(block_d, block_e),
     )
     if n_keysets:
         linear_state_kernel[(n_keysets * n_parts, batch * heads)](
@@ -355,7 +353,8 @@ def linear_attention_fwd(
             heads,
             n_keysets,
             n_parts,
-            **{**common, "BLOCK": step},
+            **common,
+            **launch_config("state", k.dtype, block_d, block_e),
         )
     state, normaliser = state_partial.sum(3), normaliser_partial.sum(3)
     if block_segment.shape[0]:
@@ -373,6 +372,7 @@ def linear_attention_fwd(
             cu_seqlens_q.shape[0] - 1,
             eps,
             **common,
+            **launch_config("apply", q.dtype, block_d, block_e),
         )
     return out, state, normaliser
 
@@ -405,15 +405,12 @@ def linear_attention_bwd(
         VALUE_DIM=value_dim,
         BLOCK_D=block_d,
         BLOCK_E=block_e,
-        BLOCK=BLOCK_ROWS,
         RELU=relu,
         DOT=dot_dtype(q.dtype),
-        num_warps=_warps(block_d, block_e),
     )
     grad_out = grad_out.contiguous()
     dq, dk, dv = new_output(q, q.shape, q.dtype), new_output(k, k.shape, k.dtype), new_output(v, v.shape, v.dtype)
     query_parts = parts(n_segments, batch * heads)
-    step = {**common, "BLOCK": _step_rows(q.dtype, block_d, block_e)}
     d_state_partial = torch.empty(
         batch * heads, n_segments, query_parts, block_d, block_e, dtype=torch.float32, device=q.device
     )
@@ -437,7 +434,8 @@ def linear_attention_bwd(
             n_segments,
             query_parts,
             eps,
-            **step,
+            **common,
+            **launch_config("query_bwd", q.dtype, block_d, block_e),
         )
     keyset_of_segment = segment_keyset.long()
     d_state = torch.zeros(batch * heads, n_keysets, block_d, block_e, dtype=torch.float32, device=q.device)
@@ -457,6 +455,7 @@ def linear_attention_bwd(
             heads,
             n_keysets,
             key_parts,
-            **step,
+            **common,
+            **launch_config("key_bwd", q.dtype, block_d, block_e),
         )
     return dq, dk, dv

@@ -315,34 +315,31 @@ def scan_configs():
 
 
 def linear_configs():
-    kernels = (
-        linear_attention.linear_state_kernel,
-        linear_attention.linear_apply_kernel,
-        linear_attention.linear_query_bwd_kernel,
-        linear_attention.linear_key_bwd_kernel,
-    )
-    for kernel in kernels:
-        for data_type, head_dim, relu in (("bf16", 64, False), ("fp32", 128, True)):
-            rows = (
-                linear_attention.BLOCK_ROWS
-                if kernel is linear_attention.linear_apply_kernel
-                else 32
-                if data_type == "fp32"
-                else 64
-            )
+    """The four kernels at bf16 d 64 and d 128 and float32 d 128 (relu), with the launcher's
+    rows per step and warps."""
+    kernels = {
+        linear_attention.linear_state_kernel: "state",
+        linear_attention.linear_apply_kernel: "apply",
+        linear_attention.linear_query_bwd_kernel: "query_bwd",
+        linear_attention.linear_key_bwd_kernel: "key_bwd",
+    }
+    variants = ((torch.bfloat16, 64, False), (torch.bfloat16, 128, False), (torch.float32, 128, True))
+    for kernel, kind in kernels.items():
+        for dtype, head_dim, relu in variants:
+            launch = linear_attention.launch_config(kind, dtype, head_dim, head_dim)
             yield (
                 kernel,
-                data_type,
+                TYPES[dtype],
                 {
                     "HEAD_DIM": head_dim,
                     "VALUE_DIM": head_dim,
                     "BLOCK_D": head_dim,
                     "BLOCK_E": head_dim,
-                    "BLOCK": rows,
+                    "BLOCK": launch["BLOCK"],
                     "RELU": relu,
-                    "DOT": DOTS[data_type],
+                    "DOT": DOTS[TYPES[dtype]],
                 },
-                linear_attention._warps(head_dim, head_dim),
+                launch["num_warps"],
             )
 
 
