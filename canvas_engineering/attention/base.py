@@ -45,6 +45,15 @@ class SegmentAttention(nn.Module):
         Returns nothing: a forward looks the built values up."""
 
 
+class ParameterFreeAttention(SegmentAttention):
+    """A type without parameters: ``d_model``, ``n_heads`` and ``dropout`` are accepted for a
+    uniform constructor (only ``d_model`` is kept)."""
+
+    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.d_model = d_model
+
+
 class ProjectedAttention(SegmentAttention):
     """Shared parts of the multi-head types: the q/k/v/out projections and the head split.
 

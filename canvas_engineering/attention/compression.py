@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from canvas_engineering.attention.base import SegmentAttention
+from canvas_engineering.attention.base import ParameterFreeAttention, SegmentAttention
 from canvas_engineering.attention.dot_product import CrossAttention
 from canvas_engineering.attention.validation import check_positive
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
@@ -99,18 +99,11 @@ class PoolingAttention(SegmentAttention):
         return index.broadcast_keysets(self.proj(means))
 
 
-class CopyAttention(SegmentAttention):
-    """The first N value rows, zero-padded when M < N. No parameters.
-
-    ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
-    """
+class CopyAttention(ParameterFreeAttention):
+    """The first N value rows, zero-padded when M < N. No parameters."""
 
     complexity = "O(N)"
     description = "first N dst rows, zero-padded"
-
-    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.d_model = d_model
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex

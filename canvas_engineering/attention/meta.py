@@ -6,24 +6,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from canvas_engineering.attention.base import ProjectedAttention, SegmentAttention
+from canvas_engineering.attention.base import ParameterFreeAttention, ProjectedAttention, SegmentAttention
 from canvas_engineering.attention.dot_product import CrossAttention
 from canvas_engineering.attention.validation import check_positive
 from canvas_engineering.ops.segments import PerIndexCache, SegmentIndex
 
 
-class NoneAttention(SegmentAttention):
-    """A declared but disabled edge: returns zeros shaped like the queries.
-
-    ``d_model``, ``n_heads`` and ``dropout`` are accepted for a uniform constructor.
-    """
+class NoneAttention(ParameterFreeAttention):
+    """A declared but disabled edge: returns zeros shaped like the queries. No parameters."""
 
     complexity = "O(0)"
     description = "zeros"
-
-    def __init__(self, d_model: int, n_heads: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.d_model = d_model
 
     def forward_segments(
         self, query_rows: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, index: SegmentIndex
