@@ -33,13 +33,11 @@ def run_segment_by_segment(
     """The grouped call for a type without ``forward_segments`` (a custom registered one):
     its ``forward(queries, keys, values)`` once per segment, outputs packed ``(B, Tq, D)``."""
     outputs = []
-    query_start = 0
-    key_starts = index.keyset_offsets
-    for (n, m), keyset in zip(index.shapes, index.keyset_of):
+    query_starts, key_starts = index.query_offsets, index.keyset_offsets
+    for (n, m), query_start, keyset in zip(index.shapes, query_starts, index.keyset_of):
         queries = query_rows[:, index.query_source.index[query_start : query_start + n]]
         keys = key_rows[:, index.key_source.index[key_starts[keyset] : key_starts[keyset] + m]]
         outputs.append(module(queries, keys, keys))
-        query_start += n
     return torch.cat(outputs, dim=1) if outputs else query_rows[:, :0]
 
 
